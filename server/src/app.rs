@@ -1,0 +1,174 @@
+//! Assembles the HTTP application: shared state, extractor settings, middlewares and the route
+//! tables of every module, and runs the server until SIGTERM/Ctrl-C.
+//!
+//! Middleware order (outermost first): access log → default response headers → routes. Later
+//! middlewares (the replica read-only guard) go between the headers and the routes.
+
+use std::net::TcpListener;
+use std::sync::Arc;
+
+use actix_web::http::StatusCode;
+use actix_web::middleware::{DefaultHeaders, Logger};
+use actix_web::{App, HttpRequest, HttpResponse, HttpServer, web};
+
+use crate::auth::token::TokenKeys;
+use crate::collections::model::Collection;
+use crate::collections::store::{SUPERUSERS, SchemaCache, bootstrap};
+use crate::config::ServeConfig;
+use crate::db::{DEFAULT_DB, Database, Registry, is_valid_db_name};
+use crate::error::{ApiError, ApiResult, error_body};
+
+/// Settings handlers need, copied from the configuration once.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub auth_token_ttl: u64,
+    pub admin_token_ttl: u64,
+    pub body_limit: usize,
+}
+
+/// State shared by every worker thread.
+pub struct AppState {
+    pub dbs: Registry,
+    pub schemas: SchemaCache,
+    pub tokens: TokenKeys,
+    pub settings: Settings,
+}
+
+impl AppState {
+    /// Opens the data directory and bootstraps every database in it.
+    pub async fn open(config: &ServeConfig, secret: &str) -> ApiResult<Self> {
+        let dbs = Registry::open(&config.data_dir, config.read_pool_size, None)?;
+        let state = AppState {
+            dbs,
+            schemas: SchemaCache::default(),
+            tokens: TokenKeys::new(secret),
+            settings: Settings {
+                auth_token_ttl: config.auth_token_ttl,
+                admin_token_ttl: config.admin_token_ttl,
+                body_limit: config.body_limit,
+            },
+        };
+        for db in state.dbs.list() {
+            state.bootstrap(&db).await?;
+        }
+        Ok(state)
+    }
+
+    /// Creates the system tables of `db` and loads its schema.
+    pub async fn bootstrap(&self, db: &Database) -> ApiResult<()> {
+        let name = db.name.clone();
+        db.write(move |conn| bootstrap(conn, &name)).await?;
+        self.schemas.reload(db).await?;
+        Ok(())
+    }
+
+    /// The database a request addresses: header `X-Dbname`, else query `db`, else `default`.
+    pub fn db(&self, req: &HttpRequest) -> ApiResult<Arc<Database>> {
+        let from_header = req.headers().get("x-dbname").and_then(|v| v.to_str().ok()).map(str::to_string);
+        let name = from_header
+            .or_else(|| {
+                web::Query::<std::collections::HashMap<String, String>>::from_query(req.query_string())
+                    .ok()
+                    .and_then(|q| q.get("db").cloned())
+            })
+            .filter(|s| !s.is_empty())
+            .unwrap_or_else(|| DEFAULT_DB.to_string());
+        if !is_valid_db_name(&name) {
+            return Err(ApiError::not_found(format!("Database '{name}' not found.")));
+        }
+        self.dbs.get(&name).ok_or_else(|| ApiError::not_found(format!("Database '{name}' not found.")))
+    }
+
+    /// A live collection of `db` by id or name.
+    pub async fn collection(&self, db: &Database, id_or_name: &str) -> ApiResult<Arc<Collection>> {
+        let schema = self.schemas.get(db).await?;
+        schema
+            .get(id_or_name)
+            .ok_or_else(|| ApiError::not_found(format!("Collection '{id_or_name}' not found.")))
+    }
+
+    /// Whether at least one admin exists.
+    pub async fn has_admins(&self) -> ApiResult<bool> {
+        let db = self.dbs.get(DEFAULT_DB).ok_or_else(|| ApiError::internal("admins", "default database missing"))?;
+        let c = self.collection(&db, SUPERUSERS).await?;
+        db.read(move |conn| {
+            let n: i64 = conn.query_row(&format!("SELECT COUNT(*) FROM {}", crate::util::quote_ident(&c.name)), [], |r| r.get(0))?;
+            Ok(n > 0)
+        })
+        .await
+    }
+}
+
+/// A resource whose unmatched methods get a JSON 405 instead of an empty one.
+pub fn resource(path: &str) -> actix_web::Resource {
+    web::resource(path).default_service(web::to(|| async { Err::<HttpResponse, _>(ApiError::MethodNotAllowed("Method not allowed for this route.".into())) }))
+}
+
+async fn not_found() -> HttpResponse {
+    error_body(StatusCode::NOT_FOUND, "The requested resource wasn't found.", serde_json::json!({}))
+}
+
+fn json_config(limit: usize) -> web::JsonConfig {
+    web::JsonConfig::default().limit(limit).content_type_required(false).error_handler(move |err, _| {
+        use actix_web::error::JsonPayloadError as E;
+        match err {
+            E::Overflow { .. } | E::OverflowKnownLength { .. } => ApiError::PayloadTooLarge(limit).into(),
+            E::Deserialize(e) => ApiError::bad_request(format!("Malformed JSON body: {e}")).into(),
+            other => ApiError::bad_request(format!("Could not read the JSON body: {other}")).into(),
+        }
+    })
+}
+
+fn query_config() -> web::QueryConfig {
+    web::QueryConfig::default().error_handler(|err, _| ApiError::bad_request(format!("Invalid query parameters: {err}")).into())
+}
+
+/// Registers every route table. Used by [`run`] and usable by tests of the app in-process.
+pub fn configure(cfg: &mut web::ServiceConfig) {
+    crate::health::configure(cfg);
+    crate::databases::configure(cfg);
+    crate::auth::configure(cfg);
+    crate::records::configure(cfg);
+    crate::collections::configure(cfg);
+}
+
+/// Serves the API on `listener` until SIGTERM or Ctrl-C, then lets in-flight requests finish
+/// and closes every database cleanly.
+pub async fn run(config: ServeConfig, secret: String, listener: TcpListener) -> std::io::Result<()> {
+    let state = AppState::open(&config, &secret)
+        .await
+        .map_err(|e| std::io::Error::other(format!("cannot open the data directory: {e}")))?;
+    let state = web::Data::new(state);
+    match state.has_admins().await {
+        Ok(false) => log::warn!(
+            "no admin exists yet: create one with `vski admin create EMAIL PASSWORD --data-dir {}` or POST /api/admins/init",
+            config.data_dir.display()
+        ),
+        Ok(true) => {}
+        Err(e) => log::error!("cannot count admins: {e}"),
+    }
+    let limit = config.body_limit;
+    let app_state = state.clone();
+    let mut server = HttpServer::new(move || {
+        App::new()
+            .app_data(app_state.clone())
+            .app_data(json_config(limit))
+            .app_data(web::PayloadConfig::default().limit(limit))
+            .app_data(query_config())
+            .wrap(DefaultHeaders::new().add(("X-Replica-Mode", "master")))
+            .wrap(Logger::new("%a \"%r\" %s %b %Dms").log_target("vski::access"))
+            .configure(configure)
+            .default_service(web::to(not_found))
+    })
+    .shutdown_timeout(30);
+    if let Some(w) = config.workers {
+        server = server.workers(w.max(1));
+    }
+    log::info!("listening on http://{}", listener.local_addr()?);
+    server.listen(listener)?.run().await?;
+    log::info!("server stopped; closing databases");
+    let closing = state.clone();
+    tokio::task::spawn_blocking(move || closing.dbs.close_all()).await.map_err(std::io::Error::other)?;
+    log::info!("databases closed");
+    Ok(())
+}

@@ -1,0 +1,489 @@
+//! Collection definitions inside each database (`_collections`), the DDL that goes with them,
+//! and an in-memory cache of the live definitions per database.
+//!
+//! Architecture invariant: a collection's definition and its SQL objects change in the same
+//! write transaction, so a copy of the database file is always self-consistent.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, RwLock};
+
+use rusqlite::{Connection, OptionalExtension, params};
+
+use super::model::{Collection, CollectionInput, CollectionType, Field, FieldInput, IndexDef, check_field_name, check_field_options};
+use crate::db::{DEFAULT_DB, Database};
+use crate::error::{ApiError, ApiResult, FieldErrors, field_error};
+use crate::util::{is_identifier, now_string, quote_ident, random_id};
+
+/// Name of the built-in admins collection (in `default` only).
+pub const SUPERUSERS: &str = "_superusers";
+/// Name of the default auth collection (in `default`).
+pub const USERS: &str = "users";
+
+const CREATE_COLLECTIONS_TABLE: &str = "CREATE TABLE IF NOT EXISTS _collections (
+    id TEXT PRIMARY KEY NOT NULL,
+    name TEXT NOT NULL UNIQUE COLLATE NOCASE,
+    type TEXT NOT NULL,
+    system INTEGER NOT NULL DEFAULT 0,
+    deleted INTEGER NOT NULL DEFAULT 0,
+    definition TEXT NOT NULL,
+    created TEXT NOT NULL,
+    updated TEXT NOT NULL
+)";
+
+/// The live collections of one database.
+#[derive(Debug, Default)]
+pub struct Schema {
+    by_name: HashMap<String, Arc<Collection>>,
+    by_id: HashMap<String, Arc<Collection>>,
+}
+
+impl Schema {
+    pub fn get(&self, id_or_name: &str) -> Option<Arc<Collection>> {
+        self.by_name.get(id_or_name).or_else(|| self.by_id.get(id_or_name)).cloned()
+    }
+
+    pub fn by_id(&self, id: &str) -> Option<Arc<Collection>> {
+        self.by_id.get(id).cloned()
+    }
+
+    /// Every live collection, sorted by name.
+    pub fn all(&self) -> Vec<Arc<Collection>> {
+        let mut v: Vec<_> = self.by_name.values().cloned().collect();
+        v.sort_by(|a, b| a.name.cmp(&b.name));
+        v
+    }
+}
+
+/// Cached [`Schema`] per database name.
+#[derive(Default)]
+pub struct SchemaCache {
+    /// A std lock held only to clone or replace an `Arc`, never across `.await`.
+    map: RwLock<HashMap<String, Arc<Schema>>>,
+    /// Serializes reloads so a slower, older reload cannot overwrite a newer one.
+    reload_lock: tokio::sync::Mutex<()>,
+}
+
+impl SchemaCache {
+    /// The schema of `db`, loaded on first use.
+    pub async fn get(&self, db: &Database) -> ApiResult<Arc<Schema>> {
+        if let Some(s) = self.map.read().ok().and_then(|m| m.get(&db.name).cloned()) {
+            return Ok(s);
+        }
+        self.reload(db).await
+    }
+
+    /// Reads the definitions again; call after every committed change to `_collections`.
+    pub async fn reload(&self, db: &Database) -> ApiResult<Arc<Schema>> {
+        let _guard = self.reload_lock.lock().await;
+        let schema = Arc::new(db.read(|conn| load(conn)).await?);
+        if let Ok(mut m) = self.map.write() {
+            m.insert(db.name.clone(), schema.clone());
+        }
+        Ok(schema)
+    }
+
+    pub fn forget(&self, db_name: &str) {
+        if let Ok(mut m) = self.map.write() {
+            m.remove(db_name);
+        }
+    }
+}
+
+fn load(conn: &Connection) -> ApiResult<Schema> {
+    let mut schema = Schema::default();
+    let has_table: bool = conn
+        .query_row("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = '_collections'", [], |_| Ok(true))
+        .optional()?
+        .unwrap_or(false);
+    if !has_table {
+        return Ok(schema);
+    }
+    let mut stmt = conn.prepare("SELECT definition FROM _collections WHERE deleted = 0")?;
+    let rows = stmt.query_map([], |r| r.get::<_, String>(0))?;
+    for row in rows {
+        let c: Collection = serde_json::from_str(&row?).map_err(|e| ApiError::internal("collection definition", e))?;
+        let c = Arc::new(c);
+        schema.by_id.insert(c.id.clone(), c.clone());
+        schema.by_name.insert(c.name.clone(), c);
+    }
+    Ok(schema)
+}
+
+/// Creates `_collections` and, in `default`, the built-in `_superusers` and `users`.
+pub fn bootstrap(conn: &Connection, db_name: &str) -> ApiResult<()> {
+    conn.execute_batch(CREATE_COLLECTIONS_TABLE)?;
+    if db_name != DEFAULT_DB {
+        return Ok(());
+    }
+    for (name, system, create_rule) in [(SUPERUSERS, true, None), (USERS, false, Some(String::new()))] {
+        if find_any(conn, name)?.is_some() {
+            continue;
+        }
+        let input = CollectionInput {
+            name: Some(name.to_string()),
+            kind: Some(CollectionType::Auth),
+            rules: [Some(None), Some(None), Some(create_rule), Some(None), Some(None)],
+            ..Default::default()
+        };
+        create_in(conn, input, system)?;
+    }
+    Ok(())
+}
+
+/// A collection by id or name, including soft-deleted ones, with its `deleted` flag.
+fn find_any(conn: &Connection, id_or_name: &str) -> ApiResult<Option<(Collection, bool)>> {
+    let row: Option<(String, bool)> = conn
+        .query_row(
+            "SELECT definition, deleted FROM _collections WHERE id = ?1 OR name = ?1 ORDER BY deleted LIMIT 1",
+            [id_or_name],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .optional()?;
+    row.map(|(def, deleted)| {
+        serde_json::from_str(&def)
+            .map(|c| (c, deleted))
+            .map_err(|e| ApiError::internal("collection definition", e))
+    })
+    .transpose()
+}
+
+/// A live collection by id or name, read inside the current transaction.
+pub fn find_live(conn: &Connection, id_or_name: &str) -> ApiResult<Option<Collection>> {
+    Ok(find_any(conn, id_or_name)?.filter(|(_, deleted)| !deleted).map(|(c, _)| c))
+}
+
+/// Writer job: creates a collection from `input`.
+pub fn create(conn: &Connection, input: CollectionInput) -> ApiResult<Collection> {
+    create_in(conn, input, false)
+}
+
+fn create_in(conn: &Connection, input: CollectionInput, system: bool) -> ApiResult<Collection> {
+    let mut errors = FieldErrors::new();
+    let name = input.name.clone().unwrap_or_default();
+    if name.is_empty() {
+        field_error(&mut errors, "name", "validation_required", "Missing required value.");
+    } else if !is_identifier(&name) || (name.starts_with('_') && !system) {
+        field_error(&mut errors, "name", "validation_invalid_name", "Use letters, digits and _, starting with a letter.");
+    } else if let Some((_, deleted)) = find_any(conn, &name)? {
+        let msg = if deleted {
+            "A deleted collection keeps this name (its table is kept); choose another name."
+        } else {
+            "A collection with this name already exists."
+        };
+        field_error(&mut errors, "name", "validation_not_unique", msg);
+    } else if sqlite_object_exists(conn, &name)? {
+        field_error(&mut errors, "name", "validation_not_unique", "This name is taken by an internal table.");
+    }
+    let kind = input.kind.unwrap_or(CollectionType::Base);
+    let id = random_id(15);
+    let now = now_string();
+    let mut collection = Collection {
+        id: id.clone(),
+        name: name.clone(),
+        kind,
+        system,
+        fields: Vec::new(),
+        indexes: Vec::new(),
+        list_rule: None,
+        view_rule: None,
+        create_rule: None,
+        update_rule: None,
+        delete_rule: None,
+        created: now.clone(),
+        updated: now,
+    };
+    apply_rules(&mut collection, &input, &mut errors);
+    let mut seen = HashSet::new();
+    for (i, f) in input.fields.into_iter().flatten().enumerate() {
+        if f.system && is_system_column(&f.name, kind) {
+            continue; // a system field echoed back by a PocketBase client
+        }
+        match check_new_field(conn, &f, kind, &name, &id, &mut seen) {
+            Ok(f) => collection.fields.push(f.into_field(random_id(10))),
+            Err(msg) => field_error(&mut errors, &format!("fields.{i}"), "validation_invalid", msg),
+        }
+    }
+    let indexes = check_indexes(&collection, input.indexes.as_deref().unwrap_or_default(), &mut errors);
+    if !errors.is_empty() {
+        return Err(ApiError::validation(errors));
+    }
+    conn.execute_batch(&collection.create_table_sql())?;
+    for (_, sql) in collection.system_indexes() {
+        conn.execute_batch(&sql)?;
+    }
+    create_user_indexes(conn, &collection, &indexes)?;
+    collection.indexes = indexes.iter().map(|d| d.to_sql(&collection.name)).collect();
+    save(conn, &collection, true)?;
+    Ok(collection)
+}
+
+/// Writer job: applies an update (append-only for fields) to the collection `id_or_name`.
+pub fn update(conn: &Connection, id_or_name: &str, input: CollectionInput) -> ApiResult<Collection> {
+    let mut c = find_live(conn, id_or_name)?.ok_or_else(|| ApiError::not_found("Collection not found."))?;
+    let old = c.clone();
+    let mut errors = FieldErrors::new();
+    if let Some(name) = &input.name {
+        if name != &c.name {
+            field_error(&mut errors, "name", "validation_immutable", "Collections cannot be renamed.");
+        }
+    }
+    if let Some(kind) = input.kind {
+        if kind != c.kind {
+            field_error(&mut errors, "type", "validation_immutable", "The type of a collection cannot change.");
+        }
+    }
+    apply_rules(&mut c, &input, &mut errors);
+    let mut new_columns = Vec::new();
+    if let Some(inputs) = input.fields {
+        let mut kept = HashSet::new();
+        let mut seen: HashSet<String> = HashSet::new();
+        for (i, f) in inputs.into_iter().enumerate() {
+            if f.system && is_system_column(&f.name, c.kind) {
+                continue;
+            }
+            let key = format!("fields.{i}");
+            if !seen.insert(f.name.to_ascii_lowercase()) {
+                field_error(&mut errors, &key, "validation_invalid", format!("Duplicate field name '{}'.", f.name));
+                continue;
+            }
+            let existing = f
+                .id
+                .as_ref()
+                .and_then(|id| c.fields.iter().position(|x| &x.id == id))
+                .or_else(|| c.fields.iter().position(|x| x.name.eq_ignore_ascii_case(&f.name)));
+            match existing {
+                Some(pos) => {
+                    let cur = &c.fields[pos];
+                    if cur.name != f.name {
+                        field_error(&mut errors, &key, "validation_immutable", format!("Field '{}' cannot be renamed.", cur.name));
+                    } else if cur.kind != f.kind || cur.is_multi() != f.is_multi() {
+                        field_error(&mut errors, &key, "validation_immutable", format!("The type of field '{}' cannot change.", cur.name));
+                    } else if let Err(msg) = check_relation_target(conn, &f, &c).and_then(|()| check_field_options(&f)) {
+                        field_error(&mut errors, &key, "validation_invalid", msg);
+                    } else {
+                        let id = cur.id.clone();
+                        let mut f = f;
+                        resolve_relation(conn, &mut f, &c)?;
+                        c.fields[pos] = f.into_field(id.clone());
+                        kept.insert(id);
+                    }
+                }
+                None => {
+                    let mut names = HashSet::new();
+                    match check_new_field(conn, &f, c.kind, &c.name, &c.id, &mut names) {
+                        Ok(f) => {
+                            let field = f.into_field(random_id(10));
+                            kept.insert(field.id.clone());
+                            new_columns.push(field.column_sql());
+                            c.fields.push(field);
+                        }
+                        Err(msg) => field_error(&mut errors, &key, "validation_invalid", msg),
+                    }
+                }
+            }
+        }
+        for f in c.fields.iter_mut() {
+            if !kept.contains(&f.id) {
+                f.deleted = true;
+            }
+        }
+    }
+    let indexes = match &input.indexes {
+        Some(list) => Some(check_indexes(&c, list, &mut errors)),
+        None => None,
+    };
+    if !errors.is_empty() {
+        return Err(ApiError::validation(errors));
+    }
+    for col in new_columns {
+        conn.execute_batch(&format!("ALTER TABLE {} ADD COLUMN {col}", quote_ident(&c.name)))?;
+    }
+    // Unique-field indexes: create the new ones, drop the ones no longer wanted.
+    let before: HashMap<String, String> = old.system_indexes().into_iter().collect();
+    let after: HashMap<String, String> = c.system_indexes().into_iter().collect();
+    for name in before.keys().filter(|n| !after.contains_key(*n)) {
+        conn.execute_batch(&format!("DROP INDEX IF EXISTS {}", quote_ident(name)))?;
+    }
+    for (name, sql) in after.iter().filter(|(n, _)| !before.contains_key(*n)) {
+        if let Err(e) = conn.execute_batch(sql) {
+            return Err(constraint_or(e, || {
+                let field = name.rsplit('_').next().unwrap_or_default();
+                ApiError::invalid_field(field, "validation_not_unique", "Existing records have duplicate values; the field cannot be unique.")
+            }));
+        }
+    }
+    if let Some(indexes) = indexes {
+        let old_defs: Vec<IndexDef> = old.indexes.iter().filter_map(|s| IndexDef::parse(s).ok()).collect();
+        let new_sql: HashSet<String> = indexes.iter().map(|d| d.to_sql(&c.name)).collect();
+        for d in &old_defs {
+            if !new_sql.contains(&d.to_sql(&c.name)) {
+                conn.execute_batch(&format!("DROP INDEX IF EXISTS {}", quote_ident(&d.name)))?;
+            }
+        }
+        let old_sql: HashSet<String> = old_defs.iter().map(|d| d.to_sql(&c.name)).collect();
+        let fresh: Vec<IndexDef> = indexes.iter().filter(|d| !old_sql.contains(&d.to_sql(&c.name))).cloned().collect();
+        create_user_indexes(conn, &c, &fresh)?;
+        c.indexes = indexes.iter().map(|d| d.to_sql(&c.name)).collect();
+    }
+    c.updated = now_string();
+    save(conn, &c, false)?;
+    Ok(c)
+}
+
+/// Writer job: soft-deletes a collection (the table and its rows stay in the file).
+pub fn delete(conn: &Connection, id_or_name: &str) -> ApiResult<()> {
+    let c = find_live(conn, id_or_name)?.ok_or_else(|| ApiError::not_found("Collection not found."))?;
+    if c.system {
+        return Err(ApiError::bad_request("System collections cannot be deleted."));
+    }
+    let mut stmt = conn.prepare("SELECT definition FROM _collections WHERE deleted = 0 AND id != ?1")?;
+    let others = stmt.query_map([&c.id], |r| r.get::<_, String>(0))?;
+    for def in others {
+        let other: Collection = serde_json::from_str(&def?).map_err(|e| ApiError::internal("collection definition", e))?;
+        if other.live_fields().any(|f| f.options.collection_id.as_deref() == Some(c.id.as_str())) {
+            return Err(ApiError::bad_request(format!(
+                "Collection '{}' is referenced by a relation field of '{}'; remove that field first.",
+                c.name, other.name
+            )));
+        }
+    }
+    conn.execute("UPDATE _collections SET deleted = 1, updated = ?2 WHERE id = ?1", params![c.id, now_string()])?;
+    Ok(())
+}
+
+fn save(conn: &Connection, c: &Collection, insert: bool) -> ApiResult<()> {
+    let def = serde_json::to_string(c).map_err(|e| ApiError::internal("collection definition", e))?;
+    let kind = if c.is_auth() { "auth" } else { "base" };
+    if insert {
+        conn.execute(
+            "INSERT INTO _collections (id, name, type, system, deleted, definition, created, updated) VALUES (?1, ?2, ?3, ?4, 0, ?5, ?6, ?7)",
+            params![c.id, c.name, kind, c.system, def, c.created, c.updated],
+        )?;
+    } else {
+        conn.execute("UPDATE _collections SET definition = ?2, updated = ?3 WHERE id = ?1", params![c.id, def, c.updated])?;
+    }
+    Ok(())
+}
+
+fn apply_rules(c: &mut Collection, input: &CollectionInput, errors: &mut FieldErrors) {
+    let targets = [&mut c.list_rule, &mut c.view_rule, &mut c.create_rule, &mut c.update_rule, &mut c.delete_rule];
+    for ((slot, given), key) in targets.into_iter().zip(&input.rules).zip(super::model::RULE_KEYS) {
+        if let Some(rule) = given {
+            match crate::records::rules::check_rule(rule.as_deref()) {
+                Ok(()) => *slot = rule.clone(),
+                Err(msg) => field_error(errors, key, "validation_invalid_rule", msg),
+            }
+        }
+    }
+}
+
+fn is_system_column(name: &str, kind: CollectionType) -> bool {
+    super::model::BASE_COLUMNS.contains(&name) || (kind == CollectionType::Auth && super::model::AUTH_COLUMNS.contains(&name))
+}
+
+fn check_new_field(
+    conn: &Connection,
+    f: &FieldInput,
+    kind: CollectionType,
+    coll_name: &str,
+    coll_id: &str,
+    seen: &mut HashSet<String>,
+) -> Result<FieldInput, String> {
+    check_field_name(&f.name, kind)?;
+    if !seen.insert(f.name.to_ascii_lowercase()) {
+        return Err(format!("Duplicate field name '{}'.", f.name));
+    }
+    check_field_options(f)?;
+    let mut f = f.clone();
+    f.system = false;
+    if f.kind == crate::collections::model::FieldType::Relation {
+        let target = f.options.collection_id.clone().unwrap_or_default();
+        if target == coll_name || target == coll_id {
+            f.options.collection_id = Some(coll_id.to_string());
+        } else {
+            match find_live(conn, &target).map_err(|_| "Could not read collections.".to_string())? {
+                Some(t) => f.options.collection_id = Some(t.id),
+                None => return Err(format!("Field '{}': relation target '{target}' does not exist.", f.name)),
+            }
+        }
+    }
+    Ok(f)
+}
+
+fn check_relation_target(conn: &Connection, f: &FieldInput, c: &Collection) -> Result<(), String> {
+    if f.kind != crate::collections::model::FieldType::Relation {
+        return Ok(());
+    }
+    let target = f.options.collection_id.clone().unwrap_or_default();
+    if target == c.id || target == c.name {
+        return Ok(());
+    }
+    match find_live(conn, &target) {
+        Ok(Some(_)) => Ok(()),
+        _ => Err(format!("Field '{}': relation target '{target}' does not exist.", f.name)),
+    }
+}
+
+fn resolve_relation(conn: &Connection, f: &mut FieldInput, c: &Collection) -> ApiResult<()> {
+    if f.kind == crate::collections::model::FieldType::Relation {
+        let target = f.options.collection_id.clone().unwrap_or_default();
+        let id = if target == c.id || target == c.name { c.id.clone() } else { find_live(conn, &target)?.map(|t| t.id).unwrap_or(target) };
+        f.options.collection_id = Some(id);
+    }
+    Ok(())
+}
+
+fn check_indexes(c: &Collection, list: &[String], errors: &mut FieldErrors) -> Vec<IndexDef> {
+    let mut out = Vec::new();
+    let mut names = HashSet::new();
+    for (i, sql) in list.iter().enumerate() {
+        let key = format!("indexes.{i}");
+        match IndexDef::parse(sql) {
+            Ok(d) => {
+                if let Some((col, _)) = d.columns.iter().find(|(col, _)| !c.has_column(col)) {
+                    field_error(errors, &key, "validation_invalid_index", format!("Unknown column '{col}'."));
+                } else if !names.insert(d.name.to_ascii_lowercase()) {
+                    field_error(errors, &key, "validation_invalid_index", format!("Duplicate index name '{}'.", d.name));
+                } else {
+                    out.push(d);
+                }
+            }
+            Err(msg) => field_error(errors, &key, "validation_invalid_index", msg),
+        }
+    }
+    out
+}
+
+fn create_user_indexes(conn: &Connection, c: &Collection, defs: &[IndexDef]) -> ApiResult<()> {
+    for (i, d) in defs.iter().enumerate() {
+        if sqlite_object_exists(conn, &d.name)? {
+            return Err(ApiError::invalid_field(&format!("indexes.{i}"), "validation_invalid_index", format!("The name '{}' is already used in this database.", d.name)));
+        }
+        if let Err(e) = conn.execute_batch(&d.to_sql(&c.name)) {
+            return Err(constraint_or(e, || {
+                ApiError::invalid_field(&format!("indexes.{i}"), "validation_invalid_index", "Existing records have duplicate values for this unique index.")
+            }));
+        }
+    }
+    Ok(())
+}
+
+fn sqlite_object_exists(conn: &Connection, name: &str) -> ApiResult<bool> {
+    Ok(conn
+        .query_row("SELECT 1 FROM sqlite_master WHERE name = ?1 COLLATE NOCASE", [name], |_| Ok(()))
+        .optional()?
+        .is_some())
+}
+
+/// Maps a constraint violation to `f()`, anything else to an internal error.
+pub fn constraint_or(e: rusqlite::Error, f: impl FnOnce() -> ApiError) -> ApiError {
+    match e.sqlite_error_code() {
+        Some(rusqlite::ErrorCode::ConstraintViolation) => f(),
+        _ => e.into(),
+    }
+}
+
+/// The live fields of `c` that are relations into `target_id`.
+pub fn relations_into<'a>(c: &'a Collection, target_id: &str) -> Vec<&'a Field> {
+    c.live_fields().filter(|f| f.options.collection_id.as_deref() == Some(target_id)).collect()
+}

@@ -1,0 +1,245 @@
+//! The storage engine: one SQLite file per database in `DATA_DIR`, each with exactly one
+//! writer thread and a pool of read connections.
+//!
+//! Architecture invariant: every write to a database goes through [`Database::write`], which
+//! runs on that database's writer thread. Nothing else opens a read-write connection while the
+//! server runs, so a [`writer::Recorder`] sees every change.
+
+pub mod pool;
+pub mod writer;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
+use std::thread::JoinHandle;
+
+use rusqlite::{Connection, OpenFlags};
+use tokio::sync::mpsc;
+
+use crate::error::{ApiError, ApiResult};
+use pool::ReadPool;
+use writer::{Job, Recorder};
+
+/// Databases that always exist.
+pub const DEFAULT_DB: &str = "default";
+/// Request log and metrics of this node; never replicated.
+pub const STATS_DB: &str = "stats";
+/// Local workflow state of this node; never replicated.
+pub const WORKFLOWS_DB: &str = "workflows";
+pub const SYSTEM_DBS: [&str; 3] = [DEFAULT_DB, STATS_DB, WORKFLOWS_DB];
+
+/// Whether `name` is a valid database name: `[a-z0-9_-]{1,64}`.
+pub fn is_valid_db_name(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
+}
+
+/// Opens a connection with the settings every vski connection uses.
+pub fn open_connection(path: &Path, read_only: bool) -> rusqlite::Result<Connection> {
+    let flags = if read_only {
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX | OpenFlags::SQLITE_OPEN_URI
+    } else {
+        OpenFlags::SQLITE_OPEN_READ_WRITE
+            | OpenFlags::SQLITE_OPEN_CREATE
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX
+            | OpenFlags::SQLITE_OPEN_URI
+    };
+    let conn = Connection::open_with_flags(path, flags)?;
+    conn.busy_timeout(std::time::Duration::from_secs(10))?;
+    // NORMAL in WAL mode: a commit survives a crash of the process (the tested guarantee);
+    // only an OS crash or power loss can lose the last transactions, as in PocketBase.
+    conn.execute_batch(
+        "PRAGMA synchronous = NORMAL;
+         PRAGMA foreign_keys = ON;
+         PRAGMA cache_size = -16000;
+         PRAGMA temp_store = MEMORY;",
+    )?;
+    if read_only {
+        conn.execute_batch("PRAGMA query_only = ON;")?;
+    }
+    conn.set_prepared_statement_cache_capacity(64);
+    Ok(conn)
+}
+
+/// One open database: its writer thread and its read pool.
+pub struct Database {
+    pub name: String,
+    pub path: PathBuf,
+    /// Queue of the writer thread. `None` once the database is closed.
+    writer: Mutex<Option<mpsc::Sender<Job>>>,
+    writer_thread: Mutex<Option<JoinHandle<()>>>,
+    readers: ReadPool,
+}
+
+impl Database {
+    /// Opens (creating if needed) the database file at `path` and starts its writer.
+    pub fn open(name: &str, path: PathBuf, read_pool_size: u32, recorder: Option<Arc<dyn Recorder>>) -> ApiResult<Arc<Self>> {
+        let conn = open_connection(&path, false)?;
+        let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            return Err(ApiError::internal("open database", format!("journal_mode is {mode}, not wal")));
+        }
+        let (tx, rx) = mpsc::channel(4096);
+        let thread = std::thread::Builder::new()
+            .name(format!("writer-{name}"))
+            .spawn(move || writer::run(conn, rx, recorder))?;
+        Ok(Arc::new(Database {
+            name: name.to_string(),
+            readers: ReadPool::new(path.clone(), read_pool_size),
+            path,
+            writer: Mutex::new(Some(tx)),
+            writer_thread: Mutex::new(Some(thread)),
+        }))
+    }
+
+    /// Runs `f` in a write transaction on the writer thread and returns once it is committed.
+    /// If `f` fails, its changes are rolled back and the error is returned.
+    pub async fn write<T, F>(&self, f: F) -> ApiResult<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> ApiResult<T> + Send + 'static,
+    {
+        let tx = self
+            .writer
+            .lock()
+            .map_err(|_| ApiError::internal("writer", "lock poisoned"))?
+            .clone()
+            .ok_or_else(|| ApiError::not_found(format!("Database '{}' is closed.", self.name)))?;
+        writer::submit(&tx, f).await
+    }
+
+    /// Runs `f` with a read-only connection on a blocking thread.
+    pub async fn read<T, F>(&self, f: F) -> ApiResult<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> ApiResult<T> + Send + 'static,
+    {
+        self.readers.read(f).await
+    }
+
+    /// Size of the database file in bytes (without the WAL).
+    pub fn size(&self) -> u64 {
+        std::fs::metadata(&self.path).map(|m| m.len()).unwrap_or(0)
+    }
+
+    /// Stops the writer after the queued jobs ran, and closes every connection. Blocking.
+    pub fn close(&self) {
+        self.readers.close();
+        if let Ok(mut w) = self.writer.lock() {
+            w.take();
+        }
+        let handle = self.writer_thread.lock().ok().and_then(|mut t| t.take());
+        if let Some(h) = handle {
+            if h.join().is_err() {
+                log::error!("writer thread of '{}' panicked", self.name);
+            }
+        }
+    }
+}
+
+/// All open databases of this node, by name.
+pub struct Registry {
+    data_dir: PathBuf,
+    read_pool_size: u32,
+    recorder: Option<Arc<dyn Recorder>>,
+    /// Sorted for stable listings. Held only to look up, insert or remove.
+    dbs: RwLock<BTreeMap<String, Arc<Database>>>,
+}
+
+impl Registry {
+    /// Opens every `*.db` file in `data_dir` whose name is a valid database name, and creates
+    /// the system databases that are missing.
+    pub fn open(data_dir: &Path, read_pool_size: u32, recorder: Option<Arc<dyn Recorder>>) -> ApiResult<Self> {
+        std::fs::create_dir_all(data_dir)?;
+        let reg = Registry {
+            data_dir: data_dir.to_path_buf(),
+            read_pool_size,
+            recorder,
+            dbs: RwLock::new(BTreeMap::new()),
+        };
+        let mut names: Vec<String> = SYSTEM_DBS.iter().map(|s| s.to_string()).collect();
+        for entry in std::fs::read_dir(data_dir)? {
+            let file_name = entry?.file_name();
+            let file_name = file_name.to_string_lossy();
+            if let Some(name) = file_name.strip_suffix(".db") {
+                if is_valid_db_name(name) && !names.iter().any(|n| n == name) {
+                    names.push(name.to_string());
+                }
+            }
+        }
+        for name in names {
+            reg.open_db(&name)?;
+        }
+        Ok(reg)
+    }
+
+    fn open_db(&self, name: &str) -> ApiResult<Arc<Database>> {
+        let path = self.data_dir.join(format!("{name}.db"));
+        let db = Database::open(name, path, self.read_pool_size, self.recorder.clone())?;
+        self.dbs.write().map_err(poisoned)?.insert(name.to_string(), db.clone());
+        Ok(db)
+    }
+
+    pub fn data_dir(&self) -> &Path {
+        &self.data_dir
+    }
+
+    pub fn get(&self, name: &str) -> Option<Arc<Database>> {
+        self.dbs.read().ok()?.get(name).cloned()
+    }
+
+    pub fn list(&self) -> Vec<Arc<Database>> {
+        self.dbs.read().map(|m| m.values().cloned().collect()).unwrap_or_default()
+    }
+
+    /// Creates a new, empty database. Fails if the name is invalid or taken.
+    pub fn create(&self, name: &str) -> ApiResult<Arc<Database>> {
+        if !is_valid_db_name(name) {
+            return Err(ApiError::invalid_field("name", "validation_invalid_name", "Use 1-64 characters of a-z, 0-9, _ and -."));
+        }
+        // Hold the write lock while checking and opening, so two creates cannot race.
+        let mut dbs = self.dbs.write().map_err(poisoned)?;
+        if dbs.contains_key(name) {
+            return Err(ApiError::invalid_field("name", "validation_not_unique", "A database with this name already exists."));
+        }
+        let path = self.data_dir.join(format!("{name}.db"));
+        let db = Database::open(name, path, self.read_pool_size, self.recorder.clone())?;
+        dbs.insert(name.to_string(), db.clone());
+        Ok(db)
+    }
+
+    /// Closes a database and deletes its files. Blocking. System databases cannot be deleted.
+    pub fn delete(&self, name: &str) -> ApiResult<()> {
+        if SYSTEM_DBS.contains(&name) {
+            return Err(ApiError::bad_request(format!("The system database '{name}' cannot be deleted.")));
+        }
+        let db = self
+            .dbs
+            .write()
+            .map_err(poisoned)?
+            .remove(name)
+            .ok_or_else(|| ApiError::not_found(format!("Database '{name}' not found.")))?;
+        db.close();
+        for suffix in ["", "-wal", "-shm"] {
+            let p = PathBuf::from(format!("{}{suffix}", db.path.display()));
+            match std::fs::remove_file(&p) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
+    }
+
+    /// Closes every database (graceful shutdown). Blocking.
+    pub fn close_all(&self) {
+        let dbs: Vec<_> = self.dbs.write().map(|mut m| std::mem::take(&mut *m)).unwrap_or_default().into_values().collect();
+        for db in dbs {
+            db.close();
+        }
+    }
+}
+
+fn poisoned<T>(_: std::sync::PoisonError<T>) -> ApiError {
+    ApiError::internal("database registry", "lock poisoned")
+}

@@ -1,0 +1,140 @@
+//! The single writer of one database: a thread that owns the only read-write connection.
+//!
+//! Jobs arrive on a channel. The thread takes every job that is waiting (up to
+//! [`MAX_BATCH`]), runs them in one `BEGIN IMMEDIATE` transaction with a savepoint around
+//! each, and commits once. A job that fails rolls back to its own savepoint and does not
+//! affect the others; a failed COMMIT fails every job of the batch. Callers hear back only
+//! after COMMIT returned, so an acknowledged write is a committed write.
+//!
+//! Grouping jobs is what makes the writer fast under concurrency (one commit for many
+//! requests); running them on one thread is what makes versions of the replication log
+//! gap-free and lets a [`Recorder`] see every change.
+
+use std::any::Any;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::Arc;
+
+use rusqlite::Connection;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::error::{ApiError, ApiResult};
+
+/// Most jobs committed in one transaction. Bounds the memory a recorder's session holds.
+pub const MAX_BATCH: usize = 256;
+
+type Output = Box<dyn Any + Send>;
+type Run = Box<dyn FnOnce(&Connection) -> ApiResult<Output> + Send>;
+
+/// One unit of work for the writer: a closure and where to send its result.
+pub struct Job {
+    run: Run,
+    reply: oneshot::Sender<ApiResult<Output>>,
+}
+
+/// Observes every write transaction on the writer connection. The replication recorder
+/// implements it to attach a SQLite session and append a changelog entry before COMMIT.
+pub trait Recorder: Send + Sync + 'static {
+    /// Called right after BEGIN, before the first job of the transaction.
+    fn begin<'c>(&self, conn: &'c Connection) -> rusqlite::Result<Box<dyn TxRecording + 'c>>;
+}
+
+/// The recorder's state for one transaction.
+pub trait TxRecording {
+    /// Called after the last job and before COMMIT, inside the same transaction. An error
+    /// rolls the whole transaction back.
+    fn before_commit(self: Box<Self>, conn: &Connection) -> rusqlite::Result<()>;
+}
+
+/// Sends `f` to the writer and waits for its committed result.
+pub async fn submit<T, F>(tx: &mpsc::Sender<Job>, f: F) -> ApiResult<T>
+where
+    T: Send + 'static,
+    F: FnOnce(&Connection) -> ApiResult<T> + Send + 'static,
+{
+    let (reply, rx) = oneshot::channel();
+    let run: Run = Box::new(move |conn| f(conn).map(|v| Box::new(v) as Output));
+    tx.send(Job { run, reply })
+        .await
+        .map_err(|_| ApiError::internal("writer", "database is closed"))?;
+    let out = rx
+        .await
+        .map_err(|_| ApiError::internal("writer", "writer thread stopped"))??;
+    // The closure above boxed a `T`, so the downcast cannot fail.
+    Ok(*out.downcast::<T>().expect("writer output has the submitted type"))
+}
+
+/// The writer loop. Returns when every sender is dropped and the queue is drained.
+pub fn run(conn: Connection, mut rx: mpsc::Receiver<Job>, recorder: Option<Arc<dyn Recorder>>) {
+    while let Some(first) = rx.blocking_recv() {
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        run_batch(&conn, recorder.as_deref(), batch);
+    }
+    if let Err((_, e)) = conn.close() {
+        log::warn!("closing writer connection: {e}");
+    }
+}
+
+fn run_batch(conn: &Connection, recorder: Option<&dyn Recorder>, batch: Vec<Job>) {
+    if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
+        let msg = e.to_string();
+        for job in batch {
+            let _ = job.reply.send(Err(ApiError::internal("begin write transaction", msg.clone())));
+        }
+        return;
+    }
+    let recording = match recorder.map(|r| r.begin(conn)).transpose() {
+        Ok(r) => r,
+        Err(e) => return abort(conn, batch.into_iter().map(|j| j.reply).collect(), &e.to_string()),
+    };
+
+    let mut results = Vec::with_capacity(batch.len());
+    let mut replies = Vec::with_capacity(batch.len());
+    for job in batch {
+        replies.push(job.reply);
+        results.push(run_job(conn, job.run));
+    }
+
+    let finished = match recording {
+        Some(r) => r.before_commit(conn),
+        None => Ok(()),
+    };
+    let committed = finished.and_then(|()| conn.execute_batch("COMMIT"));
+    if let Err(e) = committed {
+        return abort(conn, replies, &e.to_string());
+    }
+    for (reply, result) in replies.into_iter().zip(results) {
+        // The caller may have gone away (client disconnected); the write is committed anyway.
+        let _ = reply.send(result);
+    }
+}
+
+/// Runs one job inside its own savepoint, so its failure undoes only its own changes.
+fn run_job(conn: &Connection, run: Run) -> ApiResult<Output> {
+    conn.execute_batch("SAVEPOINT job")?;
+    let result = match catch_unwind(AssertUnwindSafe(|| run(conn))) {
+        Ok(r) => r,
+        Err(_) => Err(ApiError::internal("writer", "write job panicked")),
+    };
+    if result.is_err() {
+        conn.execute_batch("ROLLBACK TO job")?;
+    }
+    conn.execute_batch("RELEASE job")?;
+    result
+}
+
+fn abort(conn: &Connection, replies: Vec<oneshot::Sender<ApiResult<Output>>>, cause: &str) {
+    if !conn.is_autocommit() {
+        if let Err(e) = conn.execute_batch("ROLLBACK") {
+            log::error!("rollback after failed write transaction: {e}");
+        }
+    }
+    for reply in replies {
+        let _ = reply.send(Err(ApiError::internal("commit write transaction", cause.to_string())));
+    }
+}

@@ -1,0 +1,85 @@
+//! vski: a self-hosted Backend-as-a-Service over SQLite.
+//!
+//! `main.rs` parses the configuration and calls [`serve`] (or [`admin_create`]); everything else
+//! lives here. See ARCHITECTURE.md for the code map and the invariants.
+
+pub mod app;
+pub mod auth;
+pub mod collections;
+pub mod config;
+pub mod databases;
+pub mod db;
+pub mod error;
+pub mod health;
+pub mod records;
+pub mod util;
+
+use std::io::Write;
+use std::net::TcpListener;
+use std::path::Path;
+
+use config::ServeConfig;
+
+/// Starts the server on an already-bound listener (tests bind `127.0.0.1:0`).
+pub async fn run(config: ServeConfig, listener: TcpListener) -> std::io::Result<()> {
+    let secret = resolve_secret(&config)?;
+    app::run(config, secret, listener).await
+}
+
+/// Binds `HOST:PORT` and runs the server.
+pub async fn serve(config: ServeConfig) -> std::io::Result<()> {
+    let addr = format!("{}:{}", config.host, config.port);
+    let listener = TcpListener::bind(&addr).map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))?;
+    run(config, listener).await
+}
+
+/// The signing secret: `JWT_SECRET`, else the one kept in `DATA_DIR/.jwt_secret`, else a new
+/// one written there with mode 0600.
+pub fn resolve_secret(config: &ServeConfig) -> std::io::Result<String> {
+    if let Some(s) = config.jwt_secret.as_deref().filter(|s| !s.is_empty()) {
+        if s.len() < 16 {
+            log::warn!("JWT_SECRET is shorter than 16 characters; use a long random value");
+        }
+        return Ok(s.to_string());
+    }
+    secret_file(&config.data_dir)
+}
+
+fn secret_file(data_dir: &Path) -> std::io::Result<String> {
+    std::fs::create_dir_all(data_dir).map_err(|e| std::io::Error::new(e.kind(), format!("cannot create data directory {}: {e}", data_dir.display())))?;
+    let path = data_dir.join(".jwt_secret");
+    match std::fs::read_to_string(&path) {
+        Ok(s) if !s.trim().is_empty() => return Ok(s.trim().to_string()),
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(std::io::Error::new(e.kind(), format!("cannot read {}: {e}", path.display()))),
+    }
+    let secret = util::random_secret();
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
+    let mut f = opts.open(&path)?;
+    f.write_all(secret.as_bytes())?;
+    f.sync_all()?;
+    log::info!("generated a JWT secret and stored it in {} (mode 0600)", path.display());
+    Ok(secret)
+}
+
+/// `vski admin create`: creates the admin or sets its password, without a running server.
+pub async fn admin_create(data_dir: &Path, email: String, password: String) -> Result<String, error::ApiError> {
+    std::fs::create_dir_all(data_dir)?;
+    let db = db::Database::open(db::DEFAULT_DB, data_dir.join("default.db"), 1, None)?;
+    let result = async {
+        db.write(|conn| collections::store::bootstrap(conn, db::DEFAULT_DB)).await?;
+        let c = db
+            .read(|conn| collections::store::find_live(conn, collections::store::SUPERUSERS))
+            .await?
+            .ok_or_else(|| error::ApiError::internal("admin create", "_superusers missing"))?;
+        auth::handlers::upsert_admin(&db, std::sync::Arc::new(c), email, password, false).await
+    }
+    .await;
+    let db2 = db.clone();
+    let _ = tokio::task::spawn_blocking(move || db2.close()).await;
+    result.map(|a| a.id().to_string())
+}

@@ -1,0 +1,47 @@
+//! The `vski` binary: parses the configuration and hands over to the library.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use vski::config::{AdminCommand, Cli, Command};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    match cli.command {
+        Command::Serve(config) => {
+            let result = actix_web::rt::System::new().block_on(vski::serve(config));
+            match result {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("vski: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Admin { command: AdminCommand::Create { email, password, data_dir } } => {
+            let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("vski: cannot start runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match rt.block_on(vski::admin_create(&data_dir, email.clone(), password)) {
+                Ok(id) => {
+                    println!("admin {email} saved (id {id})");
+                    ExitCode::SUCCESS
+                }
+                Err(vski::error::ApiError::BadRequest { message, data }) => {
+                    let details: Vec<String> = data.iter().map(|(k, v)| format!("{k}: {}", v.message)).collect();
+                    eprintln!("vski: {message} {}", details.join("; "));
+                    ExitCode::FAILURE
+                }
+                Err(e) => {
+                    eprintln!("vski: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,382 @@
+//! The records API: list, view, create, update, delete and bulk operations, with collection
+//! rules and auth-collection specifics (sign-up, password change).
+
+use std::sync::Arc;
+
+use actix_web::{HttpRequest, HttpResponse, web};
+use rusqlite::types::Value as Sql;
+use serde::Deserialize;
+use serde_json::{Map, Value, json};
+
+use super::rules::allows;
+use super::store::{self, Stored};
+use super::values::{self, Changes};
+use crate::app::{AppState, resource};
+use crate::auth::{Identity, password};
+use crate::collections::model::Collection;
+use crate::db::Database;
+use crate::error::{ApiError, ApiResult, FieldErrors, field_error};
+use crate::util::random_id;
+
+pub fn configure(cfg: &mut web::ServiceConfig) {
+    cfg.service(resource("/api/collections/{c}/records").route(web::get().to(list)).route(web::post().to(create)))
+        .service(
+            resource("/api/collections/{c}/records/bulk")
+                .route(web::patch().to(bulk_update))
+                .route(web::delete().to(bulk_delete)),
+        )
+        .service(
+            resource("/api/collections/{c}/records/{id}")
+                .route(web::get().to(view))
+                .route(web::patch().to(update))
+                .route(web::delete().to(delete)),
+        );
+}
+
+/// Most records one bulk request may touch.
+const MAX_BULK: usize = 1000;
+/// Largest `perPage`.
+const MAX_PER_PAGE: u64 = 1000;
+
+/// The JSON a caller sees: hidden fields only for admins; an auth record's email only for
+/// admins, the record itself, or when `emailVisibility` is on.
+pub fn public_record(c: &Collection, s: &Stored, who: &Identity) -> Value {
+    let mut m = Map::new();
+    for k in ["id", "created", "updated"] {
+        m.insert(k.into(), s.data.get(k).cloned().unwrap_or(Value::Null));
+    }
+    m.insert("collectionId".into(), json!(c.id));
+    m.insert("collectionName".into(), json!(c.name));
+    if c.is_auth() {
+        let visible = s.data.get("emailVisibility") == Some(&json!(true));
+        for k in ["emailVisibility", "verified"] {
+            m.insert(k.into(), s.data.get(k).cloned().unwrap_or(json!(false)));
+        }
+        if visible || who.is_admin() || who.is_record(&c.id, s.id()) {
+            m.insert("email".into(), s.data.get("email").cloned().unwrap_or(json!("")));
+        }
+    }
+    for f in c.live_fields() {
+        if !f.hidden || who.is_admin() {
+            m.insert(f.name.clone(), s.data.get(&f.name).cloned().unwrap_or_else(|| values::zero_value(f)));
+        }
+    }
+    Value::Object(m)
+}
+
+fn deny(rule: &Option<String>) -> ApiError {
+    match rule {
+        None => ApiError::Forbidden("Only admins can perform this action.".into()),
+        Some(_) => ApiError::Forbidden("You are not allowed to perform this request.".into()),
+    }
+}
+
+/// Keeps only the requested top-level keys (`fields=id,title`; `*` keeps everything).
+fn pick_fields(v: Value, fields: Option<&str>) -> Value {
+    let Some(list) = fields.map(str::trim).filter(|s| !s.is_empty()) else { return v };
+    let wanted: Vec<&str> = list.split(',').map(str::trim).collect();
+    if wanted.contains(&"*") {
+        return v;
+    }
+    match v {
+        Value::Object(m) => Value::Object(m.into_iter().filter(|(k, _)| wanted.contains(&k.as_str())).collect()),
+        other => other,
+    }
+}
+
+fn refuse_unsupported(filter: Option<&str>, expand: Option<&str>) -> ApiResult<()> {
+    if filter.is_some_and(|f| !f.trim().is_empty()) {
+        return Err(ApiError::invalid_field("filter", "validation_unsupported", "Filters are not supported yet."));
+    }
+    if expand.is_some_and(|e| !e.trim().is_empty()) {
+        return Err(ApiError::invalid_field("expand", "validation_unsupported", "Expand is not supported yet."));
+    }
+    Ok(())
+}
+
+async fn target(state: &AppState, req: &HttpRequest, coll: &str) -> ApiResult<(Arc<Database>, Arc<Collection>)> {
+    let db = state.db(req)?;
+    let c = state.collection(&db, coll).await?;
+    Ok((db, c))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ListQuery {
+    page: Option<String>,
+    per_page: Option<String>,
+    sort: Option<String>,
+    filter: Option<String>,
+    expand: Option<String>,
+    fields: Option<String>,
+    skip_total: Option<String>,
+}
+
+fn parse_positive(name: &str, v: Option<&str>, default: u64) -> ApiResult<u64> {
+    match v.map(str::trim).filter(|s| !s.is_empty()) {
+        None => Ok(default),
+        Some(s) => s
+            .parse::<u64>()
+            .map(|n| n.max(1))
+            .map_err(|_| ApiError::invalid_field(name, "validation_invalid_number", "Must be a positive integer.")),
+    }
+}
+
+async fn list(state: web::Data<AppState>, req: HttpRequest, who: Identity, path: web::Path<String>, q: web::Query<ListQuery>) -> ApiResult<HttpResponse> {
+    let (db, c) = target(&state, &req, &path).await?;
+    if !allows(&c.list_rule, &who) {
+        return Err(deny(&c.list_rule));
+    }
+    refuse_unsupported(q.filter.as_deref(), q.expand.as_deref())?;
+    let page = parse_positive("page", q.page.as_deref(), 1)?;
+    let per_page = parse_positive("perPage", q.per_page.as_deref(), 30)?.min(MAX_PER_PAGE);
+    let skip_total = matches!(q.skip_total.as_deref(), Some("1" | "true"));
+    let sort = store::parse_sort(&c, q.sort.as_deref().unwrap_or(""))?;
+    let c2 = c.clone();
+    let (items, total) = db.read(move |conn| store::list(conn, &c2, &sort, page, per_page, skip_total)).await?;
+    let items: Vec<Value> = items.iter().map(|s| pick_fields(public_record(&c, s, &who), q.fields.as_deref())).collect();
+    let (total_items, total_pages) = match total {
+        Some(t) => (t as i64, t.div_ceil(per_page) as i64),
+        None => (-1, -1),
+    };
+    Ok(HttpResponse::Ok().json(json!({
+        "page": page, "perPage": per_page, "totalItems": total_items, "totalPages": total_pages, "items": items,
+    })))
+}
+
+#[derive(Debug, Deserialize)]
+struct ViewQuery {
+    fields: Option<String>,
+    expand: Option<String>,
+}
+
+async fn view(state: web::Data<AppState>, req: HttpRequest, who: Identity, path: web::Path<(String, String)>, q: web::Query<ViewQuery>) -> ApiResult<HttpResponse> {
+    let (coll, id) = path.into_inner();
+    let (db, c) = target(&state, &req, &coll).await?;
+    if !allows(&c.view_rule, &who) {
+        return Err(deny(&c.view_rule));
+    }
+    refuse_unsupported(None, q.expand.as_deref())?;
+    let c2 = c.clone();
+    let rec = db.read(move |conn| store::get(conn, &c2, &id)).await?.ok_or_else(|| ApiError::not_found("Record not found."))?;
+    Ok(HttpResponse::Ok().json(pick_fields(public_record(&c, &rec, &who), q.fields.as_deref())))
+}
+
+fn body_object(body: Value) -> ApiResult<Map<String, Value>> {
+    match body {
+        Value::Object(m) => Ok(m),
+        _ => Err(ApiError::bad_request("The body must be a JSON object.")),
+    }
+}
+
+/// Auth-collection columns of a create or update (email, visibility, verified, password).
+/// Returns the changes and the plain password to hash, if one was set.
+fn auth_changes(body: &Map<String, Value>, who: &Identity, current: Option<&Stored>, errors: &mut FieldErrors) -> (Changes, Option<String>) {
+    let mut changes = Changes::new();
+    let creating = current.is_none();
+    match body.get("email") {
+        Some(Value::String(e)) if values::parse_email(e.trim()) => changes.push(("email".into(), Sql::Text(e.trim().to_lowercase()))),
+        None if !creating => {}
+        None => field_error(errors, "email", "validation_required", "Missing required value."),
+        Some(_) => field_error(errors, "email", "validation_invalid_email", "Must be a valid email address."),
+    }
+    for key in ["emailVisibility", "verified"] {
+        match body.get(key) {
+            None => {}
+            Some(Value::Bool(_)) if key == "verified" && !who.is_admin() => {}
+            Some(Value::Bool(b)) => changes.push((key.into(), Sql::Integer(*b as i64))),
+            Some(_) => field_error(errors, key, "validation_invalid_value", "Must be a boolean."),
+        }
+    }
+    let password = body.get("password").and_then(Value::as_str);
+    match (password, creating) {
+        (None, false) => return (changes, None),
+        (None, true) => {
+            field_error(errors, "password", "validation_required", "Missing required value.");
+            return (changes, None);
+        }
+        _ => {}
+    }
+    let password = password.unwrap_or_default().to_string();
+    if let Err(msg) = password::check_strength(&password) {
+        field_error(errors, "password", "validation_length_out_of_range", msg);
+    }
+    if body.get("passwordConfirm").and_then(Value::as_str) != Some(password.as_str()) {
+        field_error(errors, "passwordConfirm", "validation_values_mismatch", "Values don't match.");
+    }
+    (changes, Some(password))
+}
+
+/// Creates a record in `c` for `who` (rules, validation, sign-up for auth collections).
+pub async fn create_record(state: &AppState, db: &Database, c: Arc<Collection>, who: &Identity, body: Value) -> ApiResult<Stored> {
+    if !allows(&c.create_rule, who) {
+        return Err(deny(&c.create_rule));
+    }
+    let body = body_object(body)?;
+    let mut errors = FieldErrors::new();
+    let id = match body.get("id") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) if s.is_empty() => None,
+        Some(Value::String(s)) if store::is_valid_record_id(s) => Some(s.clone()),
+        Some(_) => {
+            field_error(&mut errors, "id", "validation_invalid_id", "Use 1-64 characters of letters, digits, _ and -.");
+            None
+        }
+    };
+    let (mut changes, plain) = if c.is_auth() { auth_changes(&body, who, None, &mut errors) } else { (Changes::new(), None) };
+    let (field_changes, relations) = match values::prepare(&c, &body, None) {
+        Ok(v) => v,
+        Err(e) => {
+            errors.extend(e);
+            Default::default()
+        }
+    };
+    if !errors.is_empty() {
+        return Err(ApiError::validation(errors));
+    }
+    changes.extend(field_changes);
+    if let Some(p) = plain {
+        changes.push(("password".into(), Sql::Text(password::hash_async(p).await?)));
+    }
+    let schema = state.schemas.get(db).await?;
+    db.write(move |conn| {
+        let mut errors = FieldErrors::new();
+        store::check_relations(conn, &schema, &relations, &mut errors)?;
+        if !errors.is_empty() {
+            return Err(ApiError::validation(errors));
+        }
+        store::insert(conn, &c, id, changes)
+    })
+    .await
+}
+
+async fn create(state: web::Data<AppState>, req: HttpRequest, who: Identity, path: web::Path<String>, body: web::Json<Value>) -> ApiResult<HttpResponse> {
+    let (db, c) = target(&state, &req, &path).await?;
+    let rec = create_record(&state, &db, c.clone(), &who, body.into_inner()).await?;
+    Ok(HttpResponse::Ok().json(public_record(&c, &rec, &who)))
+}
+
+async fn update(state: web::Data<AppState>, req: HttpRequest, who: Identity, path: web::Path<(String, String)>, body: web::Json<Value>) -> ApiResult<HttpResponse> {
+    let (coll, id) = path.into_inner();
+    let (db, c) = target(&state, &req, &coll).await?;
+    if !allows(&c.update_rule, &who) {
+        return Err(deny(&c.update_rule));
+    }
+    let body = body_object(body.into_inner())?;
+    let mut auth = Changes::new();
+    if c.is_auth() {
+        let (c2, id2) = (c.clone(), id.clone());
+        let current = db.read(move |conn| store::get(conn, &c2, &id2)).await?.ok_or_else(|| ApiError::not_found("Record not found."))?;
+        let mut errors = FieldErrors::new();
+        let (changes, plain) = auth_changes(&body, &who, Some(&current), &mut errors);
+        if let Some(p) = &plain {
+            if !who.is_admin() {
+                let old = body.get("oldPassword").and_then(Value::as_str).unwrap_or_default().to_string();
+                if !password::verify_async(old, current.password.clone()).await {
+                    field_error(&mut errors, "oldPassword", "validation_invalid_old_password", "Missing or invalid old password.");
+                }
+            }
+            if errors.is_empty() {
+                auth.push(("password".into(), Sql::Text(password::hash_async(p.clone()).await?)));
+                // A new token key makes every token issued before the change invalid.
+                auth.push(("tokenKey".into(), Sql::Text(random_id(50))));
+            }
+        }
+        if !errors.is_empty() {
+            return Err(ApiError::validation(errors));
+        }
+        auth.extend(changes);
+    }
+    let schema = state.schemas.get(&db).await?;
+    let c2 = c.clone();
+    let rec = db
+        .write(move |conn| {
+            let current = store::get(conn, &c2, &id)?.ok_or_else(|| ApiError::not_found("Record not found."))?;
+            let (mut changes, relations) = values::prepare(&c2, &body, Some(&current.data)).map_err(ApiError::validation)?;
+            let mut errors = FieldErrors::new();
+            store::check_relations(conn, &schema, &relations, &mut errors)?;
+            if !errors.is_empty() {
+                return Err(ApiError::validation(errors));
+            }
+            changes.extend(auth);
+            store::update(conn, &c2, &id, changes)
+        })
+        .await?;
+    Ok(HttpResponse::Ok().json(public_record(&c, &rec, &who)))
+}
+
+async fn delete(state: web::Data<AppState>, req: HttpRequest, who: Identity, path: web::Path<(String, String)>) -> ApiResult<HttpResponse> {
+    let (coll, id) = path.into_inner();
+    let (db, c) = target(&state, &req, &coll).await?;
+    if !allows(&c.delete_rule, &who) {
+        return Err(deny(&c.delete_rule));
+    }
+    let schema = state.schemas.get(&db).await?;
+    db.write(move |conn| store::delete(conn, &schema, &c, &id)).await?;
+    Ok(HttpResponse::NoContent().finish())
+}
+
+fn bulk_ids(body: &Value) -> ApiResult<Vec<String>> {
+    let ids: Vec<String> = body
+        .get("ids")
+        .and_then(Value::as_array)
+        .and_then(|a| a.iter().map(|v| v.as_str().map(str::to_string)).collect::<Option<Vec<_>>>())
+        .ok_or_else(|| ApiError::invalid_field("ids", "validation_required", "A list of record ids is required."))?;
+    if ids.is_empty() || ids.len() > MAX_BULK {
+        return Err(ApiError::invalid_field("ids", "validation_length_out_of_range", format!("Give between 1 and {MAX_BULK} ids.")));
+    }
+    Ok(ids)
+}
+
+/// `{ids, data}`: applies `data` to every record, all or nothing.
+async fn bulk_update(state: web::Data<AppState>, req: HttpRequest, who: Identity, path: web::Path<String>, body: web::Json<Value>) -> ApiResult<HttpResponse> {
+    let (db, c) = target(&state, &req, &path).await?;
+    if !allows(&c.update_rule, &who) {
+        return Err(deny(&c.update_rule));
+    }
+    let ids = bulk_ids(&body)?;
+    let data = body_object(body.get("data").cloned().unwrap_or(Value::Null))
+        .map_err(|_| ApiError::invalid_field("data", "validation_required", "An object of changes is required."))?;
+    if c.is_auth() && ["email", "password", "verified", "emailVisibility"].iter().any(|k| data.contains_key(*k)) {
+        return Err(ApiError::invalid_field("data", "validation_invalid_value", "Auth fields cannot be changed in bulk."));
+    }
+    let schema = state.schemas.get(&db).await?;
+    let updated = db
+        .write(move |conn| {
+            for id in &ids {
+                let current = store::get(conn, &c, id)?.ok_or_else(|| ApiError::not_found(format!("Record '{id}' not found.")))?;
+                let (changes, relations) = values::prepare(&c, &data, Some(&current.data)).map_err(ApiError::validation)?;
+                let mut errors = FieldErrors::new();
+                store::check_relations(conn, &schema, &relations, &mut errors)?;
+                if !errors.is_empty() {
+                    return Err(ApiError::validation(errors));
+                }
+                store::update(conn, &c, id, changes)?;
+            }
+            Ok(ids)
+        })
+        .await?;
+    Ok(HttpResponse::Ok().json(json!({"updated": updated})))
+}
+
+/// `{ids}`: deletes every record, all or nothing.
+async fn bulk_delete(state: web::Data<AppState>, req: HttpRequest, who: Identity, path: web::Path<String>, body: web::Json<Value>) -> ApiResult<HttpResponse> {
+    let (db, c) = target(&state, &req, &path).await?;
+    if !allows(&c.delete_rule, &who) {
+        return Err(deny(&c.delete_rule));
+    }
+    let ids = bulk_ids(&body)?;
+    let schema = state.schemas.get(&db).await?;
+    let deleted = db
+        .write(move |conn| {
+            for id in &ids {
+                store::delete(conn, &schema, &c, id).map_err(|e| match e {
+                    ApiError::NotFound(_) => ApiError::not_found(format!("Record '{id}' not found.")),
+                    other => other,
+                })?;
+            }
+            Ok(ids)
+        })
+        .await?;
+    Ok(HttpResponse::Ok().json(json!({"deleted": deleted})))
+}

@@ -1,0 +1,289 @@
+//! SQL for records: reading rows into JSON, insert, update, delete with relation cascades, and
+//! list pages. Every function takes a connection and runs inside the caller's transaction (a
+//! writer job) or read; none of them knows about HTTP.
+
+use std::collections::HashSet;
+
+use rusqlite::types::Value as Sql;
+use rusqlite::{Connection, OptionalExtension, params_from_iter};
+use serde_json::{Map, Value, json};
+
+use super::values::{Changes, from_sql};
+use crate::collections::model::{Collection, Field};
+use crate::collections::store::{Schema, constraint_or, relations_into};
+use crate::error::{ApiError, ApiResult, FieldErrors, field_error};
+use crate::util::{new_record_id, now_string, quote_ident, random_id};
+
+/// A record as stored, with the secret auth columns kept apart from the JSON.
+#[derive(Debug, Clone)]
+pub struct Stored {
+    /// `id`, `created`, `updated`, auth columns (`email`, `emailVisibility`, `verified`) and
+    /// every live field, in their API form.
+    pub data: Map<String, Value>,
+    /// Argon2id PHC string (auth collections only).
+    pub password: Option<String>,
+    /// Secret that signs this record's tokens (auth collections only).
+    pub token_key: Option<String>,
+}
+
+impl Stored {
+    pub fn id(&self) -> &str {
+        self.data.get("id").and_then(Value::as_str).unwrap_or_default()
+    }
+}
+
+fn select_list(c: &Collection) -> String {
+    let mut cols: Vec<String> = ["id", "created", "updated"].iter().map(|s| quote_ident(s)).collect();
+    if c.is_auth() {
+        cols.extend(["email", "emailVisibility", "verified", "password", "tokenKey"].iter().map(|s| quote_ident(s)));
+    }
+    cols.extend(c.live_fields().map(|f| quote_ident(&f.name)));
+    cols.join(", ")
+}
+
+fn read_row(c: &Collection, row: &rusqlite::Row<'_>) -> rusqlite::Result<Stored> {
+    let mut data = Map::new();
+    let text = |i: usize| -> rusqlite::Result<String> { Ok(row.get::<_, Option<String>>(i)?.unwrap_or_default()) };
+    data.insert("id".into(), json!(text(0)?));
+    data.insert("created".into(), json!(text(1)?));
+    data.insert("updated".into(), json!(text(2)?));
+    let mut idx = 3;
+    let (mut password, mut token_key) = (None, None);
+    if c.is_auth() {
+        data.insert("email".into(), json!(text(3)?));
+        data.insert("emailVisibility".into(), json!(row.get::<_, Option<i64>>(4)?.unwrap_or(0) != 0));
+        data.insert("verified".into(), json!(row.get::<_, Option<i64>>(5)?.unwrap_or(0) != 0));
+        password = Some(text(6)?);
+        token_key = Some(text(7)?);
+        idx = 8;
+    }
+    for f in c.live_fields() {
+        let v: Sql = row.get(idx)?;
+        data.insert(f.name.clone(), from_sql(f, v));
+        idx += 1;
+    }
+    Ok(Stored { data, password, token_key })
+}
+
+/// One record by id.
+pub fn get(conn: &Connection, c: &Collection, id: &str) -> ApiResult<Option<Stored>> {
+    let sql = format!("SELECT {} FROM {} WHERE id = ?1", select_list(c), quote_ident(&c.name));
+    Ok(conn.prepare_cached(&sql)?.query_row([id], |r| read_row(c, r)).optional()?)
+}
+
+/// One auth record by email (case-insensitive), or by id when `identity` has no `@`.
+pub fn find_auth(conn: &Connection, c: &Collection, identity: &str) -> ApiResult<Option<Stored>> {
+    let col = if identity.contains('@') { "email = ?1 COLLATE NOCASE" } else { "id = ?1" };
+    let sql = format!("SELECT {} FROM {} WHERE {col} AND email != ''", select_list(c), quote_ident(&c.name));
+    Ok(conn.prepare_cached(&sql)?.query_row([identity], |r| read_row(c, r)).optional()?)
+}
+
+/// Maps a UNIQUE violation to a 400 on the column it names, anything else to 500.
+fn unique_error(e: rusqlite::Error, c: &Collection) -> ApiError {
+    let msg = e.to_string();
+    constraint_or(e, || {
+        let field = msg
+            .split(&format!("{}.", c.name))
+            .nth(1)
+            .map(|s| s.split([',', ' ']).next().unwrap_or(s).to_string())
+            .unwrap_or_else(|| "id".into());
+        ApiError::invalid_field(&field, "validation_not_unique", "Value must be unique.")
+    })
+}
+
+/// Checks that every related id exists in its target collection.
+pub fn check_relations(conn: &Connection, schema: &Schema, relations: &[(Field, Value)], errors: &mut FieldErrors) -> ApiResult<()> {
+    for (f, v) in relations {
+        let target = f.options.collection_id.as_deref().and_then(|id| schema.by_id(id));
+        let Some(target) = target else {
+            field_error(errors, &f.name, "validation_missing_rel_records", "The related collection no longer exists.");
+            continue;
+        };
+        let ids: Vec<&str> = match v {
+            Value::Array(a) => a.iter().filter_map(Value::as_str).collect(),
+            Value::String(s) => vec![s.as_str()],
+            _ => vec![],
+        };
+        let sql = format!("SELECT 1 FROM {} WHERE id = ?1", quote_ident(&target.name));
+        let mut stmt = conn.prepare_cached(&sql)?;
+        for id in ids {
+            if stmt.query_row([id], |_| Ok(())).optional()?.is_none() {
+                field_error(errors, &f.name, "validation_missing_rel_records", format!("Related record '{id}' does not exist."));
+                break;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Whether `id` is acceptable as a client-chosen record id.
+pub fn is_valid_record_id(id: &str) -> bool {
+    (1..=64).contains(&id.len()) && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+/// Inserts a record with `changes` (field columns plus any auth columns) and returns it.
+pub fn insert(conn: &Connection, c: &Collection, id: Option<String>, mut changes: Changes) -> ApiResult<Stored> {
+    let id = id.unwrap_or_else(new_record_id);
+    let now = now_string();
+    if c.is_auth() && !changes.iter().any(|(k, _)| k == "tokenKey") {
+        changes.push(("tokenKey".into(), Sql::Text(random_id(50))));
+    }
+    let mut cols = vec!["id".to_string(), "created".into(), "updated".into()];
+    let mut vals = vec![Sql::Text(id.clone()), Sql::Text(now.clone()), Sql::Text(now)];
+    for (k, v) in changes {
+        cols.push(k);
+        vals.push(v);
+    }
+    let sql = format!(
+        "INSERT INTO {} ({}) VALUES ({})",
+        quote_ident(&c.name),
+        cols.iter().map(|c| quote_ident(c)).collect::<Vec<_>>().join(", "),
+        (1..=cols.len()).map(|i| format!("?{i}")).collect::<Vec<_>>().join(", ")
+    );
+    conn.prepare_cached(&sql)?.execute(params_from_iter(vals)).map_err(|e| unique_error(e, c))?;
+    get(conn, c, &id)?.ok_or_else(|| ApiError::internal("insert", "inserted record not found"))
+}
+
+/// Updates the columns in `changes` (and `updated`) of record `id`.
+pub fn update(conn: &Connection, c: &Collection, id: &str, changes: Changes) -> ApiResult<Stored> {
+    let mut sets = vec!["\"updated\" = ?1".to_string()];
+    let mut vals = vec![Sql::Text(now_string())];
+    for (k, v) in changes {
+        vals.push(v);
+        sets.push(format!("{} = ?{}", quote_ident(&k), vals.len()));
+    }
+    vals.push(Sql::Text(id.to_string()));
+    let sql = format!("UPDATE {} SET {} WHERE id = ?{}", quote_ident(&c.name), sets.join(", "), vals.len());
+    let n = conn.prepare_cached(&sql)?.execute(params_from_iter(vals)).map_err(|e| unique_error(e, c))?;
+    if n == 0 {
+        return Err(ApiError::not_found("Record not found."));
+    }
+    get(conn, c, id)?.ok_or_else(|| ApiError::internal("update", "updated record not found"))
+}
+
+/// Deletes record `id` and applies the relation rules of every collection that points at it:
+/// cascade-delete, or remove the reference (refused when the relation is required).
+pub fn delete(conn: &Connection, schema: &Schema, c: &Collection, id: &str) -> ApiResult<()> {
+    let mut visited = HashSet::new();
+    delete_inner(conn, schema, c, id, 0, &mut visited)?;
+    Ok(())
+}
+
+const MAX_CASCADE_DEPTH: usize = 32;
+
+fn delete_inner(conn: &Connection, schema: &Schema, c: &Collection, id: &str, depth: usize, visited: &mut HashSet<(String, String)>) -> ApiResult<()> {
+    if !visited.insert((c.id.clone(), id.to_string())) {
+        return Ok(());
+    }
+    if depth > MAX_CASCADE_DEPTH {
+        return Err(ApiError::bad_request("Relation cascade is too deep."));
+    }
+    let n = conn.execute(&format!("DELETE FROM {} WHERE id = ?1", quote_ident(&c.name)), [id])?;
+    if n == 0 {
+        return if depth == 0 { Err(ApiError::not_found("Record not found.")) } else { Ok(()) };
+    }
+    for other in schema.all() {
+        for f in relations_into(&other, &c.id) {
+            let table = quote_ident(&other.name);
+            let col = quote_ident(&f.name);
+            let sql = if f.is_multi() {
+                format!("SELECT id, {col} FROM {table} WHERE EXISTS (SELECT 1 FROM json_each({table}.{col}) WHERE value = ?1)")
+            } else {
+                format!("SELECT id, {col} FROM {table} WHERE {col} = ?1")
+            };
+            let refs: Vec<(String, String)> = conn
+                .prepare(&sql)?
+                .query_map([id], |r| Ok((r.get(0)?, r.get::<_, Option<String>>(1)?.unwrap_or_default())))?
+                .collect::<Result<_, _>>()?;
+            for (rid, current) in refs {
+                if f.options.cascade_delete == Some(true) {
+                    delete_inner(conn, schema, &other, &rid, depth + 1, visited)?;
+                    continue;
+                }
+                let new_value = if f.is_multi() {
+                    let mut ids: Vec<String> = serde_json::from_str(&current).unwrap_or_default();
+                    ids.retain(|x| x != id);
+                    if ids.is_empty() && f.required {
+                        return Err(referenced(&other, &rid));
+                    }
+                    json!(ids).to_string()
+                } else {
+                    if f.required {
+                        return Err(referenced(&other, &rid));
+                    }
+                    String::new()
+                };
+                conn.execute(
+                    &format!("UPDATE {table} SET {col} = ?1, \"updated\" = ?2 WHERE id = ?3"),
+                    rusqlite::params![new_value, now_string(), rid],
+                )?;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn referenced(other: &Collection, rid: &str) -> ApiError {
+    ApiError::bad_request(format!(
+        "The record is referenced by the required relation of '{}' record '{rid}'; delete or change that record first.",
+        other.name
+    ))
+}
+
+/// One sort key: a column and its direction, or random order.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SortKey {
+    Column(String, bool),
+    Random,
+}
+
+/// Parses `-created,title` against the collection's columns.
+pub fn parse_sort(c: &Collection, sort: &str) -> ApiResult<Vec<SortKey>> {
+    let mut keys = Vec::new();
+    for part in sort.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        if part == "@random" {
+            keys.push(SortKey::Random);
+            continue;
+        }
+        let (name, desc) = match part.strip_prefix('-') {
+            Some(n) => (n, true),
+            None => (part.strip_prefix('+').unwrap_or(part), false),
+        };
+        if !c.has_column(name) {
+            return Err(ApiError::invalid_field("sort", "validation_invalid_sort", format!("Cannot sort by unknown field '{name}'.")));
+        }
+        keys.push(SortKey::Column(name.to_string(), desc));
+    }
+    Ok(keys)
+}
+
+/// One page of records and, unless `skip_total`, the total count.
+pub fn list(conn: &Connection, c: &Collection, sort: &[SortKey], page: u64, per_page: u64, skip_total: bool) -> ApiResult<(Vec<Stored>, Option<u64>)> {
+    let mut order: Vec<String> = sort
+        .iter()
+        .map(|k| match k {
+            SortKey::Column(n, desc) => format!("{}{}", quote_ident(n), if *desc { " DESC" } else { "" }),
+            SortKey::Random => "RANDOM()".into(),
+        })
+        .collect();
+    // The rowid makes every order total, so pages never overlap or skip rows.
+    order.push("rowid".into());
+    let sql = format!(
+        "SELECT {} FROM {} ORDER BY {} LIMIT ?1 OFFSET ?2",
+        select_list(c),
+        quote_ident(&c.name),
+        order.join(", ")
+    );
+    let offset = (page - 1).saturating_mul(per_page);
+    let items = conn
+        .prepare_cached(&sql)?
+        .query_map([per_page as i64, offset.min(i64::MAX as u64) as i64], |r| read_row(c, r))?
+        .collect::<Result<Vec<_>, _>>()?;
+    let total = if skip_total {
+        None
+    } else {
+        let n: i64 = conn.prepare_cached(&format!("SELECT COUNT(*) FROM {}", quote_ident(&c.name)))?.query_row([], |r| r.get(0))?;
+        Some(n as u64)
+    };
+    Ok((items, total))
+}
