@@ -64,7 +64,11 @@ impl AppState {
 
     /// The database a request addresses: header `X-Dbname`, else query `db`, else `default`.
     pub fn db(&self, req: &HttpRequest) -> ApiResult<Arc<Database>> {
-        let from_header = req.headers().get("x-dbname").and_then(|v| v.to_str().ok()).map(str::to_string);
+        let from_header = req
+            .headers()
+            .get("x-dbname")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
         let name = from_header
             .or_else(|| {
                 web::Query::<std::collections::HashMap<String, String>>::from_query(req.query_string())
@@ -76,7 +80,9 @@ impl AppState {
         if !is_valid_db_name(&name) {
             return Err(ApiError::not_found(format!("Database '{name}' not found.")));
         }
-        self.dbs.get(&name).ok_or_else(|| ApiError::not_found(format!("Database '{name}' not found.")))
+        self.dbs
+            .get(&name)
+            .ok_or_else(|| ApiError::not_found(format!("Database '{name}' not found.")))
     }
 
     /// A live collection of `db` by id or name.
@@ -89,10 +95,17 @@ impl AppState {
 
     /// Whether at least one admin exists.
     pub async fn has_admins(&self) -> ApiResult<bool> {
-        let db = self.dbs.get(DEFAULT_DB).ok_or_else(|| ApiError::internal("admins", "default database missing"))?;
+        let db = self
+            .dbs
+            .get(DEFAULT_DB)
+            .ok_or_else(|| ApiError::internal("admins", "default database missing"))?;
         let c = self.collection(&db, SUPERUSERS).await?;
         db.read(move |conn| {
-            let n: i64 = conn.query_row(&format!("SELECT COUNT(*) FROM {}", crate::util::quote_ident(&c.name)), [], |r| r.get(0))?;
+            let n: i64 = conn.query_row(
+                &format!("SELECT COUNT(*) FROM {}", crate::util::quote_ident(&c.name)),
+                [],
+                |r| r.get(0),
+            )?;
             Ok(n > 0)
         })
         .await
@@ -101,26 +114,36 @@ impl AppState {
 
 /// A resource whose unmatched methods get a JSON 405 instead of an empty one.
 pub fn resource(path: &str) -> actix_web::Resource {
-    web::resource(path).default_service(web::to(|| async { Err::<HttpResponse, _>(ApiError::MethodNotAllowed("Method not allowed for this route.".into())) }))
+    web::resource(path).default_service(web::to(|| async {
+        Err::<HttpResponse, _>(ApiError::MethodNotAllowed("Method not allowed for this route.".into()))
+    }))
 }
 
 async fn not_found() -> HttpResponse {
-    error_body(StatusCode::NOT_FOUND, "The requested resource wasn't found.", serde_json::json!({}))
+    error_body(
+        StatusCode::NOT_FOUND,
+        "The requested resource wasn't found.",
+        serde_json::json!({}),
+    )
 }
 
 fn json_config(limit: usize) -> web::JsonConfig {
-    web::JsonConfig::default().limit(limit).content_type_required(false).error_handler(move |err, _| {
-        use actix_web::error::JsonPayloadError as E;
-        match err {
-            E::Overflow { .. } | E::OverflowKnownLength { .. } => ApiError::PayloadTooLarge(limit).into(),
-            E::Deserialize(e) => ApiError::bad_request(format!("Malformed JSON body: {e}")).into(),
-            other => ApiError::bad_request(format!("Could not read the JSON body: {other}")).into(),
-        }
-    })
+    web::JsonConfig::default()
+        .limit(limit)
+        .content_type_required(false)
+        .error_handler(move |err, _| {
+            use actix_web::error::JsonPayloadError as E;
+            match err {
+                E::Overflow { .. } | E::OverflowKnownLength { .. } => ApiError::PayloadTooLarge(limit).into(),
+                E::Deserialize(e) => ApiError::bad_request(format!("Malformed JSON body: {e}")).into(),
+                other => ApiError::bad_request(format!("Could not read the JSON body: {other}")).into(),
+            }
+        })
 }
 
 fn query_config() -> web::QueryConfig {
-    web::QueryConfig::default().error_handler(|err, _| ApiError::bad_request(format!("Invalid query parameters: {err}")).into())
+    web::QueryConfig::default()
+        .error_handler(|err, _| ApiError::bad_request(format!("Invalid query parameters: {err}")).into())
 }
 
 /// Registers every route table. Used by [`run`] and usable by tests of the app in-process.
@@ -168,7 +191,9 @@ pub async fn run(config: ServeConfig, secret: String, listener: TcpListener) -> 
     server.listen(listener)?.run().await?;
     log::info!("server stopped; closing databases");
     let closing = state.clone();
-    tokio::task::spawn_blocking(move || closing.dbs.close_all()).await.map_err(std::io::Error::other)?;
+    tokio::task::spawn_blocking(move || closing.dbs.close_all())
+        .await
+        .map_err(std::io::Error::other)?;
     log::info!("databases closed");
     Ok(())
 }

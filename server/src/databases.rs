@@ -8,13 +8,22 @@ use crate::auth::Identity;
 use crate::error::{ApiError, ApiResult};
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
-    cfg.service(resource("/api/databases").route(web::get().to(list)).route(web::post().to(create)))
-        .service(resource("/api/databases/{name}").route(web::delete().to(delete)));
+    cfg.service(
+        resource("/api/databases")
+            .route(web::get().to(list))
+            .route(web::post().to(create)),
+    )
+    .service(resource("/api/databases/{name}").route(web::delete().to(delete)));
 }
 
 async fn list(state: web::Data<AppState>, who: Identity) -> ApiResult<HttpResponse> {
     who.require_admin()?;
-    let dbs: Vec<Value> = state.dbs.list().iter().map(|d| json!({"name": d.name, "size": d.size()})).collect();
+    let dbs: Vec<Value> = state
+        .dbs
+        .list()
+        .iter()
+        .map(|d| json!({"name": d.name, "size": d.size()}))
+        .collect();
     Ok(HttpResponse::Ok().json(dbs))
 }
 

@@ -22,9 +22,10 @@ pub type FieldErrors = BTreeMap<String, FieldError>;
 
 /// Adds a field error to `errors` (the first problem of a field wins).
 pub fn field_error(errors: &mut FieldErrors, field: &str, code: &'static str, message: impl Into<String>) {
-    errors
-        .entry(field.to_string())
-        .or_insert_with(|| FieldError { code, message: message.into() });
+    errors.entry(field.to_string()).or_insert_with(|| FieldError {
+        code,
+        message: message.into(),
+    });
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -57,7 +58,10 @@ pub type ApiResult<T> = Result<T, ApiError>;
 
 impl ApiError {
     pub fn bad_request(message: impl Into<String>) -> Self {
-        ApiError::BadRequest { message: message.into(), data: FieldErrors::new() }
+        ApiError::BadRequest {
+            message: message.into(),
+            data: FieldErrors::new(),
+        }
     }
 
     /// A 400 for invalid field values. `errors` must not be empty.
@@ -80,7 +84,10 @@ impl ApiError {
     }
 
     pub fn internal(context: impl Into<String>, source: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Self {
-        ApiError::Internal { context: context.into(), source: source.into() }
+        ApiError::Internal {
+            context: context.into(),
+            source: source.into(),
+        }
     }
 }
 
@@ -115,7 +122,10 @@ impl ResponseError for ApiError {
             ApiError::BadRequest { message, data } => (message.clone(), json!(data)),
             ApiError::Internal { .. } => {
                 log::error!("internal error: {self}");
-                ("Something went wrong while processing your request.".to_string(), json!({}))
+                (
+                    "Something went wrong while processing your request.".to_string(),
+                    json!({}),
+                )
             }
             ApiError::Unauthorized(m)
             | ApiError::Forbidden(m)

@@ -29,7 +29,8 @@ pub async fn run(config: ServeConfig, listener: TcpListener) -> std::io::Result<
 /// Binds `HOST:PORT` and runs the server.
 pub async fn serve(config: ServeConfig) -> std::io::Result<()> {
     let addr = format!("{}:{}", config.host, config.port);
-    let listener = TcpListener::bind(&addr).map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))?;
+    let listener =
+        TcpListener::bind(&addr).map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))?;
     run(config, listener).await
 }
 
@@ -46,13 +47,23 @@ pub fn resolve_secret(config: &ServeConfig) -> std::io::Result<String> {
 }
 
 fn secret_file(data_dir: &Path) -> std::io::Result<String> {
-    std::fs::create_dir_all(data_dir).map_err(|e| std::io::Error::new(e.kind(), format!("cannot create data directory {}: {e}", data_dir.display())))?;
+    std::fs::create_dir_all(data_dir).map_err(|e| {
+        std::io::Error::new(
+            e.kind(),
+            format!("cannot create data directory {}: {e}", data_dir.display()),
+        )
+    })?;
     let path = data_dir.join(".jwt_secret");
     match std::fs::read_to_string(&path) {
         Ok(s) if !s.trim().is_empty() => return Ok(s.trim().to_string()),
         Ok(_) => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(std::io::Error::new(e.kind(), format!("cannot read {}: {e}", path.display()))),
+        Err(e) => {
+            return Err(std::io::Error::new(
+                e.kind(),
+                format!("cannot read {}: {e}", path.display()),
+            ));
+        }
     }
     let secret = util::random_secret();
     let mut opts = std::fs::OpenOptions::new();
@@ -71,7 +82,8 @@ pub async fn admin_create(data_dir: &Path, email: String, password: String) -> R
     std::fs::create_dir_all(data_dir)?;
     let db = db::Database::open(db::DEFAULT_DB, data_dir.join("default.db"), 1, None)?;
     let result = async {
-        db.write(|conn| collections::store::bootstrap(conn, db::DEFAULT_DB)).await?;
+        db.write(|conn| collections::store::bootstrap(conn, db::DEFAULT_DB))
+            .await?;
         let c = db
             .read(|conn| collections::store::find_live(conn, collections::store::SUPERUSERS))
             .await?

@@ -19,7 +19,14 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Admin { command: AdminCommand::Create { email, password, data_dir } } => {
+        Command::Admin {
+            command:
+                AdminCommand::Create {
+                    email,
+                    password,
+                    data_dir,
+                },
+        } => {
             let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
                 Ok(rt) => rt,
                 Err(e) => {

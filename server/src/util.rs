@@ -58,9 +58,7 @@ pub fn sha256_hex(data: &[u8]) -> String {
 /// The current time as the API formats it: `YYYY-MM-DD HH:MM:SS.sssZ` (UTC).
 /// The format sorts lexicographically in time order, so it is stored as-is in SQLite.
 pub fn now_string() -> String {
-    chrono::Utc::now()
-        .format("%Y-%m-%d %H:%M:%S%.3fZ")
-        .to_string()
+    chrono::Utc::now().format("%Y-%m-%d %H:%M:%S%.3fZ").to_string()
 }
 
 /// Seconds since the Unix epoch.

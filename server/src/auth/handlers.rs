@@ -40,7 +40,11 @@ fn admin_json(a: &Stored) -> Value {
 }
 
 fn mint_for(state: &AppState, kind: TokenType, db: &str, c: &Collection, rec: &Stored) -> ApiResult<String> {
-    let ttl = if kind == TokenType::Admin { state.settings.admin_token_ttl } else { state.settings.auth_token_ttl };
+    let ttl = if kind == TokenType::Admin {
+        state.settings.admin_token_ttl
+    } else {
+        state.settings.auth_token_ttl
+    };
     let mut claims = TokenKeys::claims(kind, rec.id(), ttl);
     claims.tk = rec.token_key.as_deref().map(token_key_fingerprint);
     if kind == TokenType::Auth {
@@ -51,7 +55,10 @@ fn mint_for(state: &AppState, kind: TokenType, db: &str, c: &Collection, rec: &S
 }
 
 fn default_db(state: &AppState) -> ApiResult<Arc<Database>> {
-    state.dbs.get(DEFAULT_DB).ok_or_else(|| ApiError::internal("admins", "default database missing"))
+    state
+        .dbs
+        .get(DEFAULT_DB)
+        .ok_or_else(|| ApiError::internal("admins", "default database missing"))
 }
 
 async fn has_admins(state: web::Data<AppState>) -> ApiResult<HttpResponse> {
@@ -68,15 +75,30 @@ fn strings<const N: usize>(body: &Value, keys: [&str; N]) -> ApiResult<[String; 
             String::new()
         }
     });
-    if errors.is_empty() { Ok(out) } else { Err(ApiError::validation(errors)) }
+    if errors.is_empty() {
+        Ok(out)
+    } else {
+        Err(ApiError::validation(errors))
+    }
 }
 
 /// Creates or updates the admin `email` with `password`. Used by `vski admin create` and by
 /// `/api/admins/init` (with `only_first`, which refuses when an admin exists).
-pub async fn upsert_admin(db: &Database, c: Arc<Collection>, email: String, password: String, only_first: bool) -> ApiResult<Stored> {
+pub async fn upsert_admin(
+    db: &Database,
+    c: Arc<Collection>,
+    email: String,
+    password: String,
+    only_first: bool,
+) -> ApiResult<Stored> {
     let mut errors = FieldErrors::new();
     if !crate::records::values::parse_email(&email) {
-        field_error(&mut errors, "email", "validation_invalid_email", "Must be a valid email address.");
+        field_error(
+            &mut errors,
+            "email",
+            "validation_invalid_email",
+            "Must be a valid email address.",
+        );
     }
     if let Err(msg) = password::check_strength(&password) {
         field_error(&mut errors, "password", "validation_length_out_of_range", msg);
@@ -122,20 +144,47 @@ async fn init_admin(state: web::Data<AppState>, body: web::Json<Value>) -> ApiRe
 /// Checks `identity`/`password` against auth collection `c`. Unknown identity and wrong
 /// password give the same 400 and take the same time.
 async fn authenticate(db: &Database, c: Arc<Collection>, body: &Value) -> ApiResult<Stored> {
-    let identity = body.get("identity").or_else(|| body.get("email")).and_then(Value::as_str).unwrap_or_default().to_string();
-    let password = body.get("password").and_then(Value::as_str).unwrap_or_default().to_string();
+    let identity = body
+        .get("identity")
+        .or_else(|| body.get("email"))
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_string();
+    let password = body
+        .get("password")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_string();
     let mut errors = FieldErrors::new();
     if identity.is_empty() {
-        field_error(&mut errors, "identity", "validation_required", "Missing required value.");
+        field_error(
+            &mut errors,
+            "identity",
+            "validation_required",
+            "Missing required value.",
+        );
     }
     if password.is_empty() {
-        field_error(&mut errors, "password", "validation_required", "Missing required value.");
+        field_error(
+            &mut errors,
+            "password",
+            "validation_required",
+            "Missing required value.",
+        );
     }
     if !errors.is_empty() {
         return Err(ApiError::validation(errors));
     }
-    let found = if identity.len() > 320 { None } else { db.read(move |conn| record_store::find_auth(conn, &c, &identity)).await? };
-    let hash = found.as_ref().and_then(|r| r.password.clone()).filter(|h| !h.is_empty());
+    let found = if identity.len() > 320 {
+        None
+    } else {
+        db.read(move |conn| record_store::find_auth(conn, &c, &identity))
+            .await?
+    };
+    let hash = found
+        .as_ref()
+        .and_then(|r| r.password.clone())
+        .filter(|h| !h.is_empty());
     if password.len() <= password::MAX_PASSWORD_LEN * 4 && password::verify_async(password, hash).await {
         // `verify_async` only succeeds with a hash, which only exists when a record was found.
         return found.ok_or_else(|| ApiError::internal("authenticate", "verified without a record"));
@@ -158,13 +207,20 @@ async fn admin_me(who: Identity) -> ApiResult<HttpResponse> {
 async fn auth_collection(state: &AppState, db: &Database, name: &str) -> ApiResult<Arc<Collection>> {
     let c = state.collection(db, name).await?;
     if !c.is_auth() {
-        return Err(ApiError::bad_request(format!("'{}' is not an auth collection.", c.name)));
+        return Err(ApiError::bad_request(format!(
+            "'{}' is not an auth collection.",
+            c.name
+        )));
     }
     Ok(c)
 }
 
 async fn login(state: &AppState, req: &HttpRequest, coll: &str, body: &Value) -> ApiResult<HttpResponse> {
-    let db = if coll == SUPERUSERS { default_db(state)? } else { state.db(req)? };
+    let db = if coll == SUPERUSERS {
+        default_db(state)?
+    } else {
+        state.db(req)?
+    };
     let c = auth_collection(state, &db, coll).await?;
     let rec = authenticate(&db, c.clone(), body).await?;
     if c.name == SUPERUSERS {
@@ -172,11 +228,20 @@ async fn login(state: &AppState, req: &HttpRequest, coll: &str, body: &Value) ->
         return Ok(HttpResponse::Ok().json(json!({"token": token, "record": admin_json(&rec)})));
     }
     let token = mint_for(state, TokenType::Auth, &db.name, &c, &rec)?;
-    let who = Identity::User { db: db.name.clone(), collection: c.clone(), record: rec.clone() };
+    let who = Identity::User {
+        db: db.name.clone(),
+        collection: c.clone(),
+        record: rec.clone(),
+    };
     Ok(HttpResponse::Ok().json(json!({"token": token, "record": public_record(&c, &rec, &who)})))
 }
 
-async fn auth_with_password(state: web::Data<AppState>, req: HttpRequest, path: web::Path<String>, body: web::Json<Value>) -> ApiResult<HttpResponse> {
+async fn auth_with_password(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    path: web::Path<String>,
+    body: web::Json<Value>,
+) -> ApiResult<HttpResponse> {
     login(&state, &req, &path, &body).await
 }
 
@@ -189,7 +254,11 @@ async fn refresh(state: &AppState, req: &HttpRequest, who: Identity, coll: &str)
     let db = state.db(req)?;
     let c = auth_collection(state, &db, coll).await?;
     match &who {
-        Identity::User { db: token_db, collection, record } if collection.id == c.id && token_db == &db.name => {
+        Identity::User {
+            db: token_db,
+            collection,
+            record,
+        } if collection.id == c.id && token_db == &db.name => {
             let token = mint_for(state, TokenType::Auth, &db.name, &c, record)?;
             Ok(HttpResponse::Ok().json(json!({"token": token, "record": public_record(&c, record, &who)})))
         }
@@ -197,32 +266,58 @@ async fn refresh(state: &AppState, req: &HttpRequest, who: Identity, coll: &str)
             let token = mint_for(state, TokenType::Admin, DEFAULT_DB, &c, a)?;
             Ok(HttpResponse::Ok().json(json!({"token": token, "record": admin_json(a)})))
         }
-        Identity::Guest => Err(ApiError::Unauthorized("The request requires a valid record authorization token.".into())),
-        _ => Err(ApiError::Forbidden("The token does not belong to this collection.".into())),
+        Identity::Guest => Err(ApiError::Unauthorized(
+            "The request requires a valid record authorization token.".into(),
+        )),
+        _ => Err(ApiError::Forbidden(
+            "The token does not belong to this collection.".into(),
+        )),
     }
 }
 
-async fn auth_refresh(state: web::Data<AppState>, req: HttpRequest, who: Identity, path: web::Path<String>) -> ApiResult<HttpResponse> {
+async fn auth_refresh(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    who: Identity,
+    path: web::Path<String>,
+) -> ApiResult<HttpResponse> {
     refresh(&state, &req, who, &path).await
 }
 
 async fn me_alias(state: web::Data<AppState>, req: HttpRequest, who: Identity) -> ApiResult<HttpResponse> {
     let db = state.db(&req)?;
     match &who {
-        Identity::User { db: token_db, collection, record } if collection.name == USERS && token_db == &db.name => {
+        Identity::User {
+            db: token_db,
+            collection,
+            record,
+        } if collection.name == USERS && token_db == &db.name => {
             Ok(HttpResponse::Ok().json(public_record(collection, record, &who)))
         }
-        Identity::Guest => Err(ApiError::Unauthorized("The request requires a valid record authorization token.".into())),
-        _ => Err(ApiError::Forbidden("The token does not belong to the users collection.".into())),
+        Identity::Guest => Err(ApiError::Unauthorized(
+            "The request requires a valid record authorization token.".into(),
+        )),
+        _ => Err(ApiError::Forbidden(
+            "The token does not belong to the users collection.".into(),
+        )),
     }
 }
 
 /// Signs up in `users` and signs in: `{token, record}`.
-async fn register_alias(state: web::Data<AppState>, req: HttpRequest, who: Identity, body: web::Json<Value>) -> ApiResult<HttpResponse> {
+async fn register_alias(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    who: Identity,
+    body: web::Json<Value>,
+) -> ApiResult<HttpResponse> {
     let db = state.db(&req)?;
     let c = auth_collection(&state, &db, USERS).await?;
     let rec = create_record(&state, &db, c.clone(), &who, body.into_inner()).await?;
     let token = mint_for(&state, TokenType::Auth, &db.name, &c, &rec)?;
-    let me = Identity::User { db: db.name.clone(), collection: c.clone(), record: rec.clone() };
+    let me = Identity::User {
+        db: db.name.clone(),
+        collection: c.clone(),
+        record: rec.clone(),
+    };
     Ok(HttpResponse::Ok().json(json!({"token": token, "record": public_record(&c, &rec, &me)})))
 }

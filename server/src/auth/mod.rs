@@ -29,7 +29,11 @@ pub enum Identity {
     /// An administrator (a `_superusers` record in `default`).
     Admin(Stored),
     /// A record of an auth collection.
-    User { db: String, collection: Arc<Collection>, record: Stored },
+    User {
+        db: String,
+        collection: Arc<Collection>,
+        record: Stored,
+    },
     /// A replica (replica tokens only grant `/api/replica/*`).
     Replica(String),
 }
@@ -43,8 +47,12 @@ impl Identity {
     pub fn require_admin(&self) -> ApiResult<&Stored> {
         match self {
             Identity::Admin(a) => Ok(a),
-            Identity::Guest => Err(ApiError::Unauthorized("The request requires valid admin authorization.".into())),
-            Identity::User { .. } | Identity::Replica(_) => Err(ApiError::Forbidden("Only admins can perform this action.".into())),
+            Identity::Guest => Err(ApiError::Unauthorized(
+                "The request requires valid admin authorization.".into(),
+            )),
+            Identity::User { .. } | Identity::Replica(_) => {
+                Err(ApiError::Forbidden("Only admins can perform this action.".into()))
+            }
         }
     }
 
@@ -78,13 +86,17 @@ pub async fn identify(req: &HttpRequest, state: &AppState) -> ApiResult<Identity
             _ => return Ok(Identity::Guest),
         },
     };
-    let Some(db) = state.dbs.get(&db_name) else { return Ok(Identity::Guest) };
+    let Some(db) = state.dbs.get(&db_name) else {
+        return Ok(Identity::Guest);
+    };
     let schema = state.schemas.get(&db).await?;
     let coll = match &collection {
         Some(id) => schema.by_id(id),
         None => schema.get(SUPERUSERS),
     };
-    let Some(coll) = coll.filter(|c| c.is_auth()) else { return Ok(Identity::Guest) };
+    let Some(coll) = coll.filter(|c| c.is_auth()) else {
+        return Ok(Identity::Guest);
+    };
     if claims.kind == TokenType::Auth && coll.name == SUPERUSERS {
         return Ok(Identity::Guest);
     }
@@ -98,7 +110,11 @@ pub async fn identify(req: &HttpRequest, state: &AppState) -> ApiResult<Identity
     }
     Ok(match claims.kind {
         TokenType::Admin => Identity::Admin(record),
-        _ => Identity::User { db: db_name, collection: coll, record },
+        _ => Identity::User {
+            db: db_name,
+            collection: coll,
+            record,
+        },
     })
 }
 

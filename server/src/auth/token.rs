@@ -62,7 +62,15 @@ impl TokenKeys {
     /// Claims for a new token of `kind` for `sub`, valid for `ttl` seconds.
     pub fn claims(kind: TokenType, sub: &str, ttl: u64) -> Claims {
         let now = unix_now();
-        Claims { sub: sub.to_string(), kind, collection_id: None, db: None, tk: None, iat: now, exp: now + ttl }
+        Claims {
+            sub: sub.to_string(),
+            kind,
+            collection_id: None,
+            db: None,
+            tk: None,
+            iat: now,
+            exp: now + ttl,
+        }
     }
 
     /// Checks signature (HS256 only: `alg: none` and other algorithms fail), expiry and shape.

@@ -11,13 +11,17 @@ use crate::auth::Identity;
 use crate::error::{ApiError, ApiResult, FieldErrors};
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
-    cfg.service(resource("/api/collections").route(web::get().to(list)).route(web::post().to(create)))
-        .service(
-            resource("/api/collections/{c}")
-                .route(web::get().to(view))
-                .route(web::patch().to(update))
-                .route(web::delete().to(delete)),
-        );
+    cfg.service(
+        resource("/api/collections")
+            .route(web::get().to(list))
+            .route(web::post().to(create)),
+    )
+    .service(
+        resource("/api/collections/{c}")
+            .route(web::get().to(view))
+            .route(web::patch().to(update))
+            .route(web::delete().to(delete)),
+    );
 }
 
 #[derive(Debug, Deserialize)]
@@ -27,7 +31,12 @@ struct ListQuery {
     per_page: Option<u64>,
 }
 
-async fn list(state: web::Data<AppState>, req: HttpRequest, who: Identity, q: web::Query<ListQuery>) -> ApiResult<HttpResponse> {
+async fn list(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    who: Identity,
+    q: web::Query<ListQuery>,
+) -> ApiResult<HttpResponse> {
     who.require_admin()?;
     let db = state.db(&req)?;
     let all = state.schemas.get(&db).await?.all();
@@ -48,10 +57,19 @@ async fn list(state: web::Data<AppState>, req: HttpRequest, who: Identity, q: we
 fn parse_input(body: &Value) -> ApiResult<CollectionInput> {
     let mut errors = FieldErrors::new();
     let input = CollectionInput::parse(body, &mut errors);
-    if errors.is_empty() { Ok(input) } else { Err(ApiError::validation(errors)) }
+    if errors.is_empty() {
+        Ok(input)
+    } else {
+        Err(ApiError::validation(errors))
+    }
 }
 
-async fn create(state: web::Data<AppState>, req: HttpRequest, who: Identity, body: web::Json<Value>) -> ApiResult<HttpResponse> {
+async fn create(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    who: Identity,
+    body: web::Json<Value>,
+) -> ApiResult<HttpResponse> {
     who.require_admin()?;
     let db = state.db(&req)?;
     let input = parse_input(&body)?;
@@ -60,13 +78,24 @@ async fn create(state: web::Data<AppState>, req: HttpRequest, who: Identity, bod
     Ok(HttpResponse::Ok().json(c.to_json()))
 }
 
-async fn view(state: web::Data<AppState>, req: HttpRequest, who: Identity, path: web::Path<String>) -> ApiResult<HttpResponse> {
+async fn view(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    who: Identity,
+    path: web::Path<String>,
+) -> ApiResult<HttpResponse> {
     who.require_admin()?;
     let db = state.db(&req)?;
     Ok(HttpResponse::Ok().json(state.collection(&db, &path).await?.to_json()))
 }
 
-async fn update(state: web::Data<AppState>, req: HttpRequest, who: Identity, path: web::Path<String>, body: web::Json<Value>) -> ApiResult<HttpResponse> {
+async fn update(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    who: Identity,
+    path: web::Path<String>,
+    body: web::Json<Value>,
+) -> ApiResult<HttpResponse> {
     who.require_admin()?;
     let db = state.db(&req)?;
     let input = parse_input(&body)?;
@@ -76,7 +105,12 @@ async fn update(state: web::Data<AppState>, req: HttpRequest, who: Identity, pat
     Ok(HttpResponse::Ok().json(c.to_json()))
 }
 
-async fn delete(state: web::Data<AppState>, req: HttpRequest, who: Identity, path: web::Path<String>) -> ApiResult<HttpResponse> {
+async fn delete(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    who: Identity,
+    path: web::Path<String>,
+) -> ApiResult<HttpResponse> {
     who.require_admin()?;
     let db = state.db(&req)?;
     let name = path.into_inner();

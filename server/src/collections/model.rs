@@ -30,8 +30,7 @@ impl FieldType {
 
     /// Whether the field holds several values (stored as a JSON array) given its `maxSelect`.
     pub fn is_multi(self, options: &FieldOptions) -> bool {
-        matches!(self, FieldType::Select | FieldType::File | FieldType::Relation)
-            && options.max_select.unwrap_or(1) > 1
+        matches!(self, FieldType::Select | FieldType::File | FieldType::Relation) && options.max_select.unwrap_or(1) > 1
     }
 }
 
@@ -144,7 +143,16 @@ pub const BASE_COLUMNS: [&str; 3] = ["id", "created", "updated"];
 /// Columns auth collection tables add.
 pub const AUTH_COLUMNS: [&str; 5] = ["email", "emailVisibility", "verified", "password", "tokenKey"];
 /// Names a field may not take: columns of every table and keys of the record JSON.
-const RESERVED: [&str; 8] = ["collectionId", "collectionName", "expand", "passwordConfirm", "oldPassword", "rowid", "oid", "_rowid_"];
+const RESERVED: [&str; 8] = [
+    "collectionId",
+    "collectionName",
+    "expand",
+    "passwordConfirm",
+    "oldPassword",
+    "rowid",
+    "oid",
+    "_rowid_",
+];
 
 impl Collection {
     /// Fields visible through the API (not soft-deleted).
@@ -172,7 +180,11 @@ impl Collection {
     pub fn to_json(&self) -> Value {
         // Serializing plain data structures cannot fail.
         let mut v = serde_json::to_value(self).expect("collection serializes");
-        let fields = Value::Array(self.live_fields().map(|f| serde_json::to_value(f).expect("field serializes")).collect());
+        let fields = Value::Array(
+            self.live_fields()
+                .map(|f| serde_json::to_value(f).expect("field serializes"))
+                .collect(),
+        );
         v["fields"] = fields.clone();
         v["schema"] = fields;
         v
@@ -282,7 +294,11 @@ impl CollectionInput {
             }
         }
         if let Some(list) = obj.get("indexes") {
-            match list.as_array().and_then(|a| a.iter().map(|v| v.as_str().map(str::to_string)).collect::<Option<Vec<_>>>()) {
+            match list.as_array().and_then(|a| {
+                a.iter()
+                    .map(|v| v.as_str().map(str::to_string))
+                    .collect::<Option<Vec<_>>>()
+            }) {
                 Some(v) => input.indexes = Some(v),
                 None => field_error(errors, "indexes", "validation_invalid", "Must be an array of strings."),
             }
@@ -312,8 +328,15 @@ fn parse_field(v: &Value) -> Result<FieldInput, String> {
             merged.insert(k.clone(), val.clone());
         }
     }
-    let name = merged.get("name").and_then(Value::as_str).ok_or("Each field needs a name.")?.to_string();
-    let kind_str = merged.get("type").and_then(Value::as_str).ok_or_else(|| format!("Field '{name}' needs a type."))?;
+    let name = merged
+        .get("name")
+        .and_then(Value::as_str)
+        .ok_or("Each field needs a name.")?
+        .to_string();
+    let kind_str = merged
+        .get("type")
+        .and_then(Value::as_str)
+        .ok_or_else(|| format!("Field '{name}' needs a type."))?;
     let kind = FieldType::parse(kind_str).ok_or_else(|| format!("Field '{name}' has an unknown type '{kind_str}'."))?;
     let flag = |k: &str| -> Result<bool, String> {
         match merged.get(k) {
@@ -324,20 +347,46 @@ fn parse_field(v: &Value) -> Result<FieldInput, String> {
     };
     let (required, unique, hidden, system) = (flag("required")?, flag("unique")?, flag("hidden")?, flag("system")?);
     // Drop nulls so that `"max": null` means "not set".
-    let opts: Map<String, Value> = merged.iter().filter(|(_, v)| !v.is_null()).map(|(k, v)| (k.clone(), v.clone())).collect();
-    let options: FieldOptions = serde_json::from_value(Value::Object(opts))
-        .map_err(|e| format!("Field '{name}' has invalid options: {e}"))?;
-    let id = merged.get("id").and_then(Value::as_str).filter(|s| !s.is_empty()).map(str::to_string);
-    Ok(FieldInput { id, name, kind, required, unique, hidden, system, options })
+    let opts: Map<String, Value> = merged
+        .iter()
+        .filter(|(_, v)| !v.is_null())
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    let options: FieldOptions =
+        serde_json::from_value(Value::Object(opts)).map_err(|e| format!("Field '{name}' has invalid options: {e}"))?;
+    let id = merged
+        .get("id")
+        .and_then(Value::as_str)
+        .filter(|s| !s.is_empty())
+        .map(str::to_string);
+    Ok(FieldInput {
+        id,
+        name,
+        kind,
+        required,
+        unique,
+        hidden,
+        system,
+        options,
+    })
 }
 
 /// Whether a field may be called `name` in a collection of type `kind`. SQLite column names
 /// are case-insensitive, so the comparison is too.
 pub fn check_field_name(name: &str, kind: CollectionType) -> Result<(), String> {
     if !is_identifier(name) || name.starts_with('_') {
-        return Err(format!("'{name}' is not a valid field name: use letters, digits and _, starting with a letter."));
+        return Err(format!(
+            "'{name}' is not a valid field name: use letters, digits and _, starting with a letter."
+        ));
     }
-    let taken = BASE_COLUMNS.iter().chain(RESERVED.iter()).chain(if kind == CollectionType::Auth { AUTH_COLUMNS.iter() } else { [].iter() });
+    let taken = BASE_COLUMNS
+        .iter()
+        .chain(RESERVED.iter())
+        .chain(if kind == CollectionType::Auth {
+            AUTH_COLUMNS.iter()
+        } else {
+            [].iter()
+        });
     for t in taken {
         if t.eq_ignore_ascii_case(name) {
             return Err(format!("'{name}' is a reserved field name."));
@@ -352,10 +401,8 @@ pub fn check_field_options(f: &FieldInput) -> Result<(), String> {
     let n = &f.name;
     let is_num = |v: &Option<Value>| v.as_ref().is_none_or(Value::is_number);
     match f.kind {
-        FieldType::Text | FieldType::Number => {
-            if !is_num(&o.min) || !is_num(&o.max) {
-                return Err(format!("Field '{n}': min and max must be numbers."));
-            }
+        FieldType::Text | FieldType::Number if !is_num(&o.min) || !is_num(&o.max) => {
+            return Err(format!("Field '{n}': min and max must be numbers."));
         }
         FieldType::Date => {
             for v in [&o.min, &o.max].into_iter().flatten() {
@@ -484,7 +531,9 @@ impl IndexDef {
             }
         }
         if let Some(extra) = it.next() {
-            return Err(format!("Unsupported '{extra}' after the column list (WHERE and expressions are not allowed)."));
+            return Err(format!(
+                "Unsupported '{extra}' after the column list (WHERE and expressions are not allowed)."
+            ));
         }
         Ok(IndexDef { name, unique, columns })
     }
@@ -564,8 +613,18 @@ mod tests {
     #[test]
     fn parses_pocketbase_index_syntax() {
         let d = IndexDef::parse("CREATE UNIQUE INDEX `idx_slug` ON `posts` (`slug`, created DESC)").unwrap();
-        assert_eq!(d, IndexDef { name: "idx_slug".into(), unique: true, columns: vec![("slug".into(), false), ("created".into(), true)] });
-        assert_eq!(d.to_sql("posts"), "CREATE UNIQUE INDEX \"idx_slug\" ON \"posts\" (\"slug\", \"created\" DESC)");
+        assert_eq!(
+            d,
+            IndexDef {
+                name: "idx_slug".into(),
+                unique: true,
+                columns: vec![("slug".into(), false), ("created".into(), true)]
+            }
+        );
+        assert_eq!(
+            d.to_sql("posts"),
+            "CREATE UNIQUE INDEX \"idx_slug\" ON \"posts\" (\"slug\", \"created\" DESC)"
+        );
         assert!(IndexDef::parse("CREATE INDEX IF NOT EXISTS i ON t (a)").is_ok());
     }
 
@@ -595,8 +654,12 @@ mod tests {
 
     #[test]
     fn options_inside_or_at_top_level() {
-        let a = parse_field(&serde_json::json!({"name": "s", "type": "select", "values": ["a"], "maxSelect": 2})).unwrap();
-        let b = parse_field(&serde_json::json!({"name": "s", "type": "select", "options": {"values": ["a"], "maxSelect": 2}})).unwrap();
+        let a =
+            parse_field(&serde_json::json!({"name": "s", "type": "select", "values": ["a"], "maxSelect": 2})).unwrap();
+        let b = parse_field(
+            &serde_json::json!({"name": "s", "type": "select", "options": {"values": ["a"], "maxSelect": 2}}),
+        )
+        .unwrap();
         assert_eq!(a.options, b.options);
         assert!(a.is_multi());
     }

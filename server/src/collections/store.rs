@@ -9,7 +9,9 @@ use std::sync::{Arc, RwLock};
 
 use rusqlite::{Connection, OptionalExtension, params};
 
-use super::model::{Collection, CollectionInput, CollectionType, Field, FieldInput, IndexDef, check_field_name, check_field_options};
+use super::model::{
+    Collection, CollectionInput, CollectionType, Field, FieldInput, IndexDef, check_field_name, check_field_options,
+};
 use crate::db::{DEFAULT_DB, Database};
 use crate::error::{ApiError, ApiResult, FieldErrors, field_error};
 use crate::util::{is_identifier, now_string, quote_ident, random_id};
@@ -39,7 +41,10 @@ pub struct Schema {
 
 impl Schema {
     pub fn get(&self, id_or_name: &str) -> Option<Arc<Collection>> {
-        self.by_name.get(id_or_name).or_else(|| self.by_id.get(id_or_name)).cloned()
+        self.by_name
+            .get(id_or_name)
+            .or_else(|| self.by_id.get(id_or_name))
+            .cloned()
     }
 
     pub fn by_id(&self, id: &str) -> Option<Arc<Collection>> {
@@ -75,7 +80,7 @@ impl SchemaCache {
     /// Reads the definitions again; call after every committed change to `_collections`.
     pub async fn reload(&self, db: &Database) -> ApiResult<Arc<Schema>> {
         let _guard = self.reload_lock.lock().await;
-        let schema = Arc::new(db.read(|conn| load(conn)).await?);
+        let schema = Arc::new(db.read(load).await?);
         if let Ok(mut m) = self.map.write() {
             m.insert(db.name.clone(), schema.clone());
         }
@@ -92,7 +97,11 @@ impl SchemaCache {
 fn load(conn: &Connection) -> ApiResult<Schema> {
     let mut schema = Schema::default();
     let has_table: bool = conn
-        .query_row("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = '_collections'", [], |_| Ok(true))
+        .query_row(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = '_collections'",
+            [],
+            |_| Ok(true),
+        )
         .optional()?
         .unwrap_or(false);
     if !has_table {
@@ -149,7 +158,9 @@ fn find_any(conn: &Connection, id_or_name: &str) -> ApiResult<Option<(Collection
 
 /// A live collection by id or name, read inside the current transaction.
 pub fn find_live(conn: &Connection, id_or_name: &str) -> ApiResult<Option<Collection>> {
-    Ok(find_any(conn, id_or_name)?.filter(|(_, deleted)| !deleted).map(|(c, _)| c))
+    Ok(find_any(conn, id_or_name)?
+        .filter(|(_, deleted)| !deleted)
+        .map(|(c, _)| c))
 }
 
 /// Writer job: creates a collection from `input`.
@@ -163,7 +174,12 @@ fn create_in(conn: &Connection, input: CollectionInput, system: bool) -> ApiResu
     if name.is_empty() {
         field_error(&mut errors, "name", "validation_required", "Missing required value.");
     } else if !is_identifier(&name) || (name.starts_with('_') && !system) {
-        field_error(&mut errors, "name", "validation_invalid_name", "Use letters, digits and _, starting with a letter.");
+        field_error(
+            &mut errors,
+            "name",
+            "validation_invalid_name",
+            "Use letters, digits and _, starting with a letter.",
+        );
     } else if let Some((_, deleted)) = find_any(conn, &name)? {
         let msg = if deleted {
             "A deleted collection keeps this name (its table is kept); choose another name."
@@ -172,7 +188,12 @@ fn create_in(conn: &Connection, input: CollectionInput, system: bool) -> ApiResu
         };
         field_error(&mut errors, "name", "validation_not_unique", msg);
     } else if sqlite_object_exists(conn, &name)? {
-        field_error(&mut errors, "name", "validation_not_unique", "This name is taken by an internal table.");
+        field_error(
+            &mut errors,
+            "name",
+            "validation_not_unique",
+            "This name is taken by an internal table.",
+        );
     }
     let kind = input.kind.unwrap_or(CollectionType::Base);
     let id = random_id(15);
@@ -224,12 +245,22 @@ pub fn update(conn: &Connection, id_or_name: &str, input: CollectionInput) -> Ap
     let mut errors = FieldErrors::new();
     if let Some(name) = &input.name {
         if name != &c.name {
-            field_error(&mut errors, "name", "validation_immutable", "Collections cannot be renamed.");
+            field_error(
+                &mut errors,
+                "name",
+                "validation_immutable",
+                "Collections cannot be renamed.",
+            );
         }
     }
     if let Some(kind) = input.kind {
         if kind != c.kind {
-            field_error(&mut errors, "type", "validation_immutable", "The type of a collection cannot change.");
+            field_error(
+                &mut errors,
+                "type",
+                "validation_immutable",
+                "The type of a collection cannot change.",
+            );
         }
     }
     apply_rules(&mut c, &input, &mut errors);
@@ -243,22 +274,37 @@ pub fn update(conn: &Connection, id_or_name: &str, input: CollectionInput) -> Ap
             }
             let key = format!("fields.{i}");
             if !seen.insert(f.name.to_ascii_lowercase()) {
-                field_error(&mut errors, &key, "validation_invalid", format!("Duplicate field name '{}'.", f.name));
+                field_error(
+                    &mut errors,
+                    &key,
+                    "validation_invalid",
+                    format!("Duplicate field name '{}'.", f.name),
+                );
                 continue;
             }
-            let existing = f
-                .id
-                .as_ref()
-                .and_then(|id| c.fields.iter().position(|x| &x.id == id))
-                .or_else(|| c.fields.iter().position(|x| x.name.eq_ignore_ascii_case(&f.name)));
+            let existing =
+                f.id.as_ref()
+                    .and_then(|id| c.fields.iter().position(|x| &x.id == id))
+                    .or_else(|| c.fields.iter().position(|x| x.name.eq_ignore_ascii_case(&f.name)));
             match existing {
                 Some(pos) => {
                     let cur = &c.fields[pos];
                     if cur.name != f.name {
-                        field_error(&mut errors, &key, "validation_immutable", format!("Field '{}' cannot be renamed.", cur.name));
+                        field_error(
+                            &mut errors,
+                            &key,
+                            "validation_immutable",
+                            format!("Field '{}' cannot be renamed.", cur.name),
+                        );
                     } else if cur.kind != f.kind || cur.is_multi() != f.is_multi() {
-                        field_error(&mut errors, &key, "validation_immutable", format!("The type of field '{}' cannot change.", cur.name));
-                    } else if let Err(msg) = check_relation_target(conn, &f, &c).and_then(|()| check_field_options(&f)) {
+                        field_error(
+                            &mut errors,
+                            &key,
+                            "validation_immutable",
+                            format!("The type of field '{}' cannot change.", cur.name),
+                        );
+                    } else if let Err(msg) = check_relation_target(conn, &f, &c).and_then(|()| check_field_options(&f))
+                    {
                         field_error(&mut errors, &key, "validation_invalid", msg);
                     } else {
                         let id = cur.id.clone();
@@ -288,10 +334,7 @@ pub fn update(conn: &Connection, id_or_name: &str, input: CollectionInput) -> Ap
             }
         }
     }
-    let indexes = match &input.indexes {
-        Some(list) => Some(check_indexes(&c, list, &mut errors)),
-        None => None,
-    };
+    let indexes = input.indexes.as_ref().map(|list| check_indexes(&c, list, &mut errors));
     if !errors.is_empty() {
         return Err(ApiError::validation(errors));
     }
@@ -308,7 +351,11 @@ pub fn update(conn: &Connection, id_or_name: &str, input: CollectionInput) -> Ap
         if let Err(e) = conn.execute_batch(sql) {
             return Err(constraint_or(e, || {
                 let field = name.rsplit('_').next().unwrap_or_default();
-                ApiError::invalid_field(field, "validation_not_unique", "Existing records have duplicate values; the field cannot be unique.")
+                ApiError::invalid_field(
+                    field,
+                    "validation_not_unique",
+                    "Existing records have duplicate values; the field cannot be unique.",
+                )
             }));
         }
     }
@@ -321,7 +368,11 @@ pub fn update(conn: &Connection, id_or_name: &str, input: CollectionInput) -> Ap
             }
         }
         let old_sql: HashSet<String> = old_defs.iter().map(|d| d.to_sql(&c.name)).collect();
-        let fresh: Vec<IndexDef> = indexes.iter().filter(|d| !old_sql.contains(&d.to_sql(&c.name))).cloned().collect();
+        let fresh: Vec<IndexDef> = indexes
+            .iter()
+            .filter(|d| !old_sql.contains(&d.to_sql(&c.name)))
+            .cloned()
+            .collect();
         create_user_indexes(conn, &c, &fresh)?;
         c.indexes = indexes.iter().map(|d| d.to_sql(&c.name)).collect();
     }
@@ -339,15 +390,22 @@ pub fn delete(conn: &Connection, id_or_name: &str) -> ApiResult<()> {
     let mut stmt = conn.prepare("SELECT definition FROM _collections WHERE deleted = 0 AND id != ?1")?;
     let others = stmt.query_map([&c.id], |r| r.get::<_, String>(0))?;
     for def in others {
-        let other: Collection = serde_json::from_str(&def?).map_err(|e| ApiError::internal("collection definition", e))?;
-        if other.live_fields().any(|f| f.options.collection_id.as_deref() == Some(c.id.as_str())) {
+        let other: Collection =
+            serde_json::from_str(&def?).map_err(|e| ApiError::internal("collection definition", e))?;
+        if other
+            .live_fields()
+            .any(|f| f.options.collection_id.as_deref() == Some(c.id.as_str()))
+        {
             return Err(ApiError::bad_request(format!(
                 "Collection '{}' is referenced by a relation field of '{}'; remove that field first.",
                 c.name, other.name
             )));
         }
     }
-    conn.execute("UPDATE _collections SET deleted = 1, updated = ?2 WHERE id = ?1", params![c.id, now_string()])?;
+    conn.execute(
+        "UPDATE _collections SET deleted = 1, updated = ?2 WHERE id = ?1",
+        params![c.id, now_string()],
+    )?;
     Ok(())
 }
 
@@ -360,13 +418,22 @@ fn save(conn: &Connection, c: &Collection, insert: bool) -> ApiResult<()> {
             params![c.id, c.name, kind, c.system, def, c.created, c.updated],
         )?;
     } else {
-        conn.execute("UPDATE _collections SET definition = ?2, updated = ?3 WHERE id = ?1", params![c.id, def, c.updated])?;
+        conn.execute(
+            "UPDATE _collections SET definition = ?2, updated = ?3 WHERE id = ?1",
+            params![c.id, def, c.updated],
+        )?;
     }
     Ok(())
 }
 
 fn apply_rules(c: &mut Collection, input: &CollectionInput, errors: &mut FieldErrors) {
-    let targets = [&mut c.list_rule, &mut c.view_rule, &mut c.create_rule, &mut c.update_rule, &mut c.delete_rule];
+    let targets = [
+        &mut c.list_rule,
+        &mut c.view_rule,
+        &mut c.create_rule,
+        &mut c.update_rule,
+        &mut c.delete_rule,
+    ];
     for ((slot, given), key) in targets.into_iter().zip(&input.rules).zip(super::model::RULE_KEYS) {
         if let Some(rule) = given {
             match crate::records::rules::check_rule(rule.as_deref()) {
@@ -378,7 +445,8 @@ fn apply_rules(c: &mut Collection, input: &CollectionInput, errors: &mut FieldEr
 }
 
 fn is_system_column(name: &str, kind: CollectionType) -> bool {
-    super::model::BASE_COLUMNS.contains(&name) || (kind == CollectionType::Auth && super::model::AUTH_COLUMNS.contains(&name))
+    super::model::BASE_COLUMNS.contains(&name)
+        || (kind == CollectionType::Auth && super::model::AUTH_COLUMNS.contains(&name))
 }
 
 fn check_new_field(
@@ -403,7 +471,12 @@ fn check_new_field(
         } else {
             match find_live(conn, &target).map_err(|_| "Could not read collections.".to_string())? {
                 Some(t) => f.options.collection_id = Some(t.id),
-                None => return Err(format!("Field '{}': relation target '{target}' does not exist.", f.name)),
+                None => {
+                    return Err(format!(
+                        "Field '{}': relation target '{target}' does not exist.",
+                        f.name
+                    ));
+                }
             }
         }
     }
@@ -420,14 +493,21 @@ fn check_relation_target(conn: &Connection, f: &FieldInput, c: &Collection) -> R
     }
     match find_live(conn, &target) {
         Ok(Some(_)) => Ok(()),
-        _ => Err(format!("Field '{}': relation target '{target}' does not exist.", f.name)),
+        _ => Err(format!(
+            "Field '{}': relation target '{target}' does not exist.",
+            f.name
+        )),
     }
 }
 
 fn resolve_relation(conn: &Connection, f: &mut FieldInput, c: &Collection) -> ApiResult<()> {
     if f.kind == crate::collections::model::FieldType::Relation {
         let target = f.options.collection_id.clone().unwrap_or_default();
-        let id = if target == c.id || target == c.name { c.id.clone() } else { find_live(conn, &target)?.map(|t| t.id).unwrap_or(target) };
+        let id = if target == c.id || target == c.name {
+            c.id.clone()
+        } else {
+            find_live(conn, &target)?.map(|t| t.id).unwrap_or(target)
+        };
         f.options.collection_id = Some(id);
     }
     Ok(())
@@ -441,9 +521,19 @@ fn check_indexes(c: &Collection, list: &[String], errors: &mut FieldErrors) -> V
         match IndexDef::parse(sql) {
             Ok(d) => {
                 if let Some((col, _)) = d.columns.iter().find(|(col, _)| !c.has_column(col)) {
-                    field_error(errors, &key, "validation_invalid_index", format!("Unknown column '{col}'."));
+                    field_error(
+                        errors,
+                        &key,
+                        "validation_invalid_index",
+                        format!("Unknown column '{col}'."),
+                    );
                 } else if !names.insert(d.name.to_ascii_lowercase()) {
-                    field_error(errors, &key, "validation_invalid_index", format!("Duplicate index name '{}'.", d.name));
+                    field_error(
+                        errors,
+                        &key,
+                        "validation_invalid_index",
+                        format!("Duplicate index name '{}'.", d.name),
+                    );
                 } else {
                     out.push(d);
                 }
@@ -457,11 +547,19 @@ fn check_indexes(c: &Collection, list: &[String], errors: &mut FieldErrors) -> V
 fn create_user_indexes(conn: &Connection, c: &Collection, defs: &[IndexDef]) -> ApiResult<()> {
     for (i, d) in defs.iter().enumerate() {
         if sqlite_object_exists(conn, &d.name)? {
-            return Err(ApiError::invalid_field(&format!("indexes.{i}"), "validation_invalid_index", format!("The name '{}' is already used in this database.", d.name)));
+            return Err(ApiError::invalid_field(
+                &format!("indexes.{i}"),
+                "validation_invalid_index",
+                format!("The name '{}' is already used in this database.", d.name),
+            ));
         }
         if let Err(e) = conn.execute_batch(&d.to_sql(&c.name)) {
             return Err(constraint_or(e, || {
-                ApiError::invalid_field(&format!("indexes.{i}"), "validation_invalid_index", "Existing records have duplicate values for this unique index.")
+                ApiError::invalid_field(
+                    &format!("indexes.{i}"),
+                    "validation_invalid_index",
+                    "Existing records have duplicate values for this unique index.",
+                )
             }));
         }
     }
@@ -470,7 +568,11 @@ fn create_user_indexes(conn: &Connection, c: &Collection, defs: &[IndexDef]) -> 
 
 fn sqlite_object_exists(conn: &Connection, name: &str) -> ApiResult<bool> {
     Ok(conn
-        .query_row("SELECT 1 FROM sqlite_master WHERE name = ?1 COLLATE NOCASE", [name], |_| Ok(()))
+        .query_row(
+            "SELECT 1 FROM sqlite_master WHERE name = ?1 COLLATE NOCASE",
+            [name],
+            |_| Ok(()),
+        )
         .optional()?
         .is_some())
 }
@@ -485,5 +587,7 @@ pub fn constraint_or(e: rusqlite::Error, f: impl FnOnce() -> ApiError) -> ApiErr
 
 /// The live fields of `c` that are relations into `target_id`.
 pub fn relations_into<'a>(c: &'a Collection, target_id: &str) -> Vec<&'a Field> {
-    c.live_fields().filter(|f| f.options.collection_id.as_deref() == Some(target_id)).collect()
+    c.live_fields()
+        .filter(|f| f.options.collection_id.as_deref() == Some(target_id))
+        .collect()
 }

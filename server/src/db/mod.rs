@@ -31,7 +31,9 @@ pub const SYSTEM_DBS: [&str; 3] = [DEFAULT_DB, STATS_DB, WORKFLOWS_DB];
 /// Whether `name` is a valid database name: `[a-z0-9_-]{1,64}`.
 pub fn is_valid_db_name(name: &str) -> bool {
     (1..=64).contains(&name.len())
-        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
 }
 
 /// Opens a connection with the settings every vski connection uses.
@@ -73,11 +75,19 @@ pub struct Database {
 
 impl Database {
     /// Opens (creating if needed) the database file at `path` and starts its writer.
-    pub fn open(name: &str, path: PathBuf, read_pool_size: u32, recorder: Option<Arc<dyn Recorder>>) -> ApiResult<Arc<Self>> {
+    pub fn open(
+        name: &str,
+        path: PathBuf,
+        read_pool_size: u32,
+        recorder: Option<Arc<dyn Recorder>>,
+    ) -> ApiResult<Arc<Self>> {
         let conn = open_connection(&path, false)?;
         let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))?;
         if !mode.eq_ignore_ascii_case("wal") {
-            return Err(ApiError::internal("open database", format!("journal_mode is {mode}, not wal")));
+            return Err(ApiError::internal(
+                "open database",
+                format!("journal_mode is {mode}, not wal"),
+            ));
         }
         let (tx, rx) = mpsc::channel(4096);
         let thread = std::thread::Builder::new()
@@ -189,18 +199,29 @@ impl Registry {
     }
 
     pub fn list(&self) -> Vec<Arc<Database>> {
-        self.dbs.read().map(|m| m.values().cloned().collect()).unwrap_or_default()
+        self.dbs
+            .read()
+            .map(|m| m.values().cloned().collect())
+            .unwrap_or_default()
     }
 
     /// Creates a new, empty database. Fails if the name is invalid or taken.
     pub fn create(&self, name: &str) -> ApiResult<Arc<Database>> {
         if !is_valid_db_name(name) {
-            return Err(ApiError::invalid_field("name", "validation_invalid_name", "Use 1-64 characters of a-z, 0-9, _ and -."));
+            return Err(ApiError::invalid_field(
+                "name",
+                "validation_invalid_name",
+                "Use 1-64 characters of a-z, 0-9, _ and -.",
+            ));
         }
         // Hold the write lock while checking and opening, so two creates cannot race.
         let mut dbs = self.dbs.write().map_err(poisoned)?;
         if dbs.contains_key(name) {
-            return Err(ApiError::invalid_field("name", "validation_not_unique", "A database with this name already exists."));
+            return Err(ApiError::invalid_field(
+                "name",
+                "validation_not_unique",
+                "A database with this name already exists.",
+            ));
         }
         let path = self.data_dir.join(format!("{name}.db"));
         let db = Database::open(name, path, self.read_pool_size, self.recorder.clone())?;
@@ -211,7 +232,9 @@ impl Registry {
     /// Closes a database and deletes its files. Blocking. System databases cannot be deleted.
     pub fn delete(&self, name: &str) -> ApiResult<()> {
         if SYSTEM_DBS.contains(&name) {
-            return Err(ApiError::bad_request(format!("The system database '{name}' cannot be deleted.")));
+            return Err(ApiError::bad_request(format!(
+                "The system database '{name}' cannot be deleted."
+            )));
         }
         let db = self
             .dbs
@@ -233,7 +256,13 @@ impl Registry {
 
     /// Closes every database (graceful shutdown). Blocking.
     pub fn close_all(&self) {
-        let dbs: Vec<_> = self.dbs.write().map(|mut m| std::mem::take(&mut *m)).unwrap_or_default().into_values().collect();
+        let dbs: Vec<_> = self
+            .dbs
+            .write()
+            .map(|mut m| std::mem::take(&mut *m))
+            .unwrap_or_default()
+            .into_values()
+            .collect();
         for db in dbs {
             db.close();
         }

@@ -22,7 +22,11 @@ pub struct ReadPool {
 
 impl ReadPool {
     pub fn new(path: PathBuf, size: u32) -> Self {
-        ReadPool { path, idle: Mutex::new(Vec::new()), permits: Semaphore::new(size as usize) }
+        ReadPool {
+            path,
+            idle: Mutex::new(Vec::new()),
+            permits: Semaphore::new(size as usize),
+        }
     }
 
     /// Runs `f` with a read connection on a blocking thread.

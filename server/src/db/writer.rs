@@ -84,7 +84,9 @@ fn run_batch(conn: &Connection, recorder: Option<&dyn Recorder>, batch: Vec<Job>
     if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
         let msg = e.to_string();
         for job in batch {
-            let _ = job.reply.send(Err(ApiError::internal("begin write transaction", msg.clone())));
+            let _ = job
+                .reply
+                .send(Err(ApiError::internal("begin write transaction", msg.clone())));
         }
         return;
     }

@@ -19,18 +19,22 @@ use crate::error::{ApiError, ApiResult, FieldErrors, field_error};
 use crate::util::random_id;
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
-    cfg.service(resource("/api/collections/{c}/records").route(web::get().to(list)).route(web::post().to(create)))
-        .service(
-            resource("/api/collections/{c}/records/bulk")
-                .route(web::patch().to(bulk_update))
-                .route(web::delete().to(bulk_delete)),
-        )
-        .service(
-            resource("/api/collections/{c}/records/{id}")
-                .route(web::get().to(view))
-                .route(web::patch().to(update))
-                .route(web::delete().to(delete)),
-        );
+    cfg.service(
+        resource("/api/collections/{c}/records")
+            .route(web::get().to(list))
+            .route(web::post().to(create)),
+    )
+    .service(
+        resource("/api/collections/{c}/records/bulk")
+            .route(web::patch().to(bulk_update))
+            .route(web::delete().to(bulk_delete)),
+    )
+    .service(
+        resource("/api/collections/{c}/records/{id}")
+            .route(web::get().to(view))
+            .route(web::patch().to(update))
+            .route(web::delete().to(delete)),
+    );
 }
 
 /// Most records one bulk request may touch.
@@ -58,7 +62,10 @@ pub fn public_record(c: &Collection, s: &Stored, who: &Identity) -> Value {
     }
     for f in c.live_fields() {
         if !f.hidden || who.is_admin() {
-            m.insert(f.name.clone(), s.data.get(&f.name).cloned().unwrap_or_else(|| values::zero_value(f)));
+            m.insert(
+                f.name.clone(),
+                s.data.get(&f.name).cloned().unwrap_or_else(|| values::zero_value(f)),
+            );
         }
     }
     Value::Object(m)
@@ -73,7 +80,9 @@ fn deny(rule: &Option<String>) -> ApiError {
 
 /// Keeps only the requested top-level keys (`fields=id,title`; `*` keeps everything).
 fn pick_fields(v: Value, fields: Option<&str>) -> Value {
-    let Some(list) = fields.map(str::trim).filter(|s| !s.is_empty()) else { return v };
+    let Some(list) = fields.map(str::trim).filter(|s| !s.is_empty()) else {
+        return v;
+    };
     let wanted: Vec<&str> = list.split(',').map(str::trim).collect();
     if wanted.contains(&"*") {
         return v;
@@ -86,10 +95,18 @@ fn pick_fields(v: Value, fields: Option<&str>) -> Value {
 
 fn refuse_unsupported(filter: Option<&str>, expand: Option<&str>) -> ApiResult<()> {
     if filter.is_some_and(|f| !f.trim().is_empty()) {
-        return Err(ApiError::invalid_field("filter", "validation_unsupported", "Filters are not supported yet."));
+        return Err(ApiError::invalid_field(
+            "filter",
+            "validation_unsupported",
+            "Filters are not supported yet.",
+        ));
     }
     if expand.is_some_and(|e| !e.trim().is_empty()) {
-        return Err(ApiError::invalid_field("expand", "validation_unsupported", "Expand is not supported yet."));
+        return Err(ApiError::invalid_field(
+            "expand",
+            "validation_unsupported",
+            "Expand is not supported yet.",
+        ));
     }
     Ok(())
 }
@@ -122,7 +139,13 @@ fn parse_positive(name: &str, v: Option<&str>, default: u64) -> ApiResult<u64> {
     }
 }
 
-async fn list(state: web::Data<AppState>, req: HttpRequest, who: Identity, path: web::Path<String>, q: web::Query<ListQuery>) -> ApiResult<HttpResponse> {
+async fn list(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    who: Identity,
+    path: web::Path<String>,
+    q: web::Query<ListQuery>,
+) -> ApiResult<HttpResponse> {
     let (db, c) = target(&state, &req, &path).await?;
     if !allows(&c.list_rule, &who) {
         return Err(deny(&c.list_rule));
@@ -133,8 +156,13 @@ async fn list(state: web::Data<AppState>, req: HttpRequest, who: Identity, path:
     let skip_total = matches!(q.skip_total.as_deref(), Some("1" | "true"));
     let sort = store::parse_sort(&c, q.sort.as_deref().unwrap_or(""))?;
     let c2 = c.clone();
-    let (items, total) = db.read(move |conn| store::list(conn, &c2, &sort, page, per_page, skip_total)).await?;
-    let items: Vec<Value> = items.iter().map(|s| pick_fields(public_record(&c, s, &who), q.fields.as_deref())).collect();
+    let (items, total) = db
+        .read(move |conn| store::list(conn, &c2, &sort, page, per_page, skip_total))
+        .await?;
+    let items: Vec<Value> = items
+        .iter()
+        .map(|s| pick_fields(public_record(&c, s, &who), q.fields.as_deref()))
+        .collect();
     let (total_items, total_pages) = match total {
         Some(t) => (t as i64, t.div_ceil(per_page) as i64),
         None => (-1, -1),
@@ -150,7 +178,13 @@ struct ViewQuery {
     expand: Option<String>,
 }
 
-async fn view(state: web::Data<AppState>, req: HttpRequest, who: Identity, path: web::Path<(String, String)>, q: web::Query<ViewQuery>) -> ApiResult<HttpResponse> {
+async fn view(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    who: Identity,
+    path: web::Path<(String, String)>,
+    q: web::Query<ViewQuery>,
+) -> ApiResult<HttpResponse> {
     let (coll, id) = path.into_inner();
     let (db, c) = target(&state, &req, &coll).await?;
     if !allows(&c.view_rule, &who) {
@@ -158,7 +192,10 @@ async fn view(state: web::Data<AppState>, req: HttpRequest, who: Identity, path:
     }
     refuse_unsupported(None, q.expand.as_deref())?;
     let c2 = c.clone();
-    let rec = db.read(move |conn| store::get(conn, &c2, &id)).await?.ok_or_else(|| ApiError::not_found("Record not found."))?;
+    let rec = db
+        .read(move |conn| store::get(conn, &c2, &id))
+        .await?
+        .ok_or_else(|| ApiError::not_found("Record not found."))?;
     Ok(HttpResponse::Ok().json(pick_fields(public_record(&c, &rec, &who), q.fields.as_deref())))
 }
 
@@ -171,14 +208,26 @@ fn body_object(body: Value) -> ApiResult<Map<String, Value>> {
 
 /// Auth-collection columns of a create or update (email, visibility, verified, password).
 /// Returns the changes and the plain password to hash, if one was set.
-fn auth_changes(body: &Map<String, Value>, who: &Identity, current: Option<&Stored>, errors: &mut FieldErrors) -> (Changes, Option<String>) {
+fn auth_changes(
+    body: &Map<String, Value>,
+    who: &Identity,
+    current: Option<&Stored>,
+    errors: &mut FieldErrors,
+) -> (Changes, Option<String>) {
     let mut changes = Changes::new();
     let creating = current.is_none();
     match body.get("email") {
-        Some(Value::String(e)) if values::parse_email(e.trim()) => changes.push(("email".into(), Sql::Text(e.trim().to_lowercase()))),
+        Some(Value::String(e)) if values::parse_email(e.trim()) => {
+            changes.push(("email".into(), Sql::Text(e.trim().to_lowercase())))
+        }
         None if !creating => {}
         None => field_error(errors, "email", "validation_required", "Missing required value."),
-        Some(_) => field_error(errors, "email", "validation_invalid_email", "Must be a valid email address."),
+        Some(_) => field_error(
+            errors,
+            "email",
+            "validation_invalid_email",
+            "Must be a valid email address.",
+        ),
     }
     for key in ["emailVisibility", "verified"] {
         match body.get(key) {
@@ -202,13 +251,24 @@ fn auth_changes(body: &Map<String, Value>, who: &Identity, current: Option<&Stor
         field_error(errors, "password", "validation_length_out_of_range", msg);
     }
     if body.get("passwordConfirm").and_then(Value::as_str) != Some(password.as_str()) {
-        field_error(errors, "passwordConfirm", "validation_values_mismatch", "Values don't match.");
+        field_error(
+            errors,
+            "passwordConfirm",
+            "validation_values_mismatch",
+            "Values don't match.",
+        );
     }
     (changes, Some(password))
 }
 
 /// Creates a record in `c` for `who` (rules, validation, sign-up for auth collections).
-pub async fn create_record(state: &AppState, db: &Database, c: Arc<Collection>, who: &Identity, body: Value) -> ApiResult<Stored> {
+pub async fn create_record(
+    state: &AppState,
+    db: &Database,
+    c: Arc<Collection>,
+    who: &Identity,
+    body: Value,
+) -> ApiResult<Stored> {
     if !allows(&c.create_rule, who) {
         return Err(deny(&c.create_rule));
     }
@@ -219,11 +279,20 @@ pub async fn create_record(state: &AppState, db: &Database, c: Arc<Collection>, 
         Some(Value::String(s)) if s.is_empty() => None,
         Some(Value::String(s)) if store::is_valid_record_id(s) => Some(s.clone()),
         Some(_) => {
-            field_error(&mut errors, "id", "validation_invalid_id", "Use 1-64 characters of letters, digits, _ and -.");
+            field_error(
+                &mut errors,
+                "id",
+                "validation_invalid_id",
+                "Use 1-64 characters of letters, digits, _ and -.",
+            );
             None
         }
     };
-    let (mut changes, plain) = if c.is_auth() { auth_changes(&body, who, None, &mut errors) } else { (Changes::new(), None) };
+    let (mut changes, plain) = if c.is_auth() {
+        auth_changes(&body, who, None, &mut errors)
+    } else {
+        (Changes::new(), None)
+    };
     let (field_changes, relations) = match values::prepare(&c, &body, None) {
         Ok(v) => v,
         Err(e) => {
@@ -250,13 +319,25 @@ pub async fn create_record(state: &AppState, db: &Database, c: Arc<Collection>, 
     .await
 }
 
-async fn create(state: web::Data<AppState>, req: HttpRequest, who: Identity, path: web::Path<String>, body: web::Json<Value>) -> ApiResult<HttpResponse> {
+async fn create(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    who: Identity,
+    path: web::Path<String>,
+    body: web::Json<Value>,
+) -> ApiResult<HttpResponse> {
     let (db, c) = target(&state, &req, &path).await?;
     let rec = create_record(&state, &db, c.clone(), &who, body.into_inner()).await?;
     Ok(HttpResponse::Ok().json(public_record(&c, &rec, &who)))
 }
 
-async fn update(state: web::Data<AppState>, req: HttpRequest, who: Identity, path: web::Path<(String, String)>, body: web::Json<Value>) -> ApiResult<HttpResponse> {
+async fn update(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    who: Identity,
+    path: web::Path<(String, String)>,
+    body: web::Json<Value>,
+) -> ApiResult<HttpResponse> {
     let (coll, id) = path.into_inner();
     let (db, c) = target(&state, &req, &coll).await?;
     if !allows(&c.update_rule, &who) {
@@ -266,14 +347,26 @@ async fn update(state: web::Data<AppState>, req: HttpRequest, who: Identity, pat
     let mut auth = Changes::new();
     if c.is_auth() {
         let (c2, id2) = (c.clone(), id.clone());
-        let current = db.read(move |conn| store::get(conn, &c2, &id2)).await?.ok_or_else(|| ApiError::not_found("Record not found."))?;
+        let current = db
+            .read(move |conn| store::get(conn, &c2, &id2))
+            .await?
+            .ok_or_else(|| ApiError::not_found("Record not found."))?;
         let mut errors = FieldErrors::new();
         let (changes, plain) = auth_changes(&body, &who, Some(&current), &mut errors);
         if let Some(p) = &plain {
             if !who.is_admin() {
-                let old = body.get("oldPassword").and_then(Value::as_str).unwrap_or_default().to_string();
+                let old = body
+                    .get("oldPassword")
+                    .and_then(Value::as_str)
+                    .unwrap_or_default()
+                    .to_string();
                 if !password::verify_async(old, current.password.clone()).await {
-                    field_error(&mut errors, "oldPassword", "validation_invalid_old_password", "Missing or invalid old password.");
+                    field_error(
+                        &mut errors,
+                        "oldPassword",
+                        "validation_invalid_old_password",
+                        "Missing or invalid old password.",
+                    );
                 }
             }
             if errors.is_empty() {
@@ -292,7 +385,8 @@ async fn update(state: web::Data<AppState>, req: HttpRequest, who: Identity, pat
     let rec = db
         .write(move |conn| {
             let current = store::get(conn, &c2, &id)?.ok_or_else(|| ApiError::not_found("Record not found."))?;
-            let (mut changes, relations) = values::prepare(&c2, &body, Some(&current.data)).map_err(ApiError::validation)?;
+            let (mut changes, relations) =
+                values::prepare(&c2, &body, Some(&current.data)).map_err(ApiError::validation)?;
             let mut errors = FieldErrors::new();
             store::check_relations(conn, &schema, &relations, &mut errors)?;
             if !errors.is_empty() {
@@ -305,7 +399,12 @@ async fn update(state: web::Data<AppState>, req: HttpRequest, who: Identity, pat
     Ok(HttpResponse::Ok().json(public_record(&c, &rec, &who)))
 }
 
-async fn delete(state: web::Data<AppState>, req: HttpRequest, who: Identity, path: web::Path<(String, String)>) -> ApiResult<HttpResponse> {
+async fn delete(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    who: Identity,
+    path: web::Path<(String, String)>,
+) -> ApiResult<HttpResponse> {
     let (coll, id) = path.into_inner();
     let (db, c) = target(&state, &req, &coll).await?;
     if !allows(&c.delete_rule, &who) {
@@ -320,16 +419,30 @@ fn bulk_ids(body: &Value) -> ApiResult<Vec<String>> {
     let ids: Vec<String> = body
         .get("ids")
         .and_then(Value::as_array)
-        .and_then(|a| a.iter().map(|v| v.as_str().map(str::to_string)).collect::<Option<Vec<_>>>())
+        .and_then(|a| {
+            a.iter()
+                .map(|v| v.as_str().map(str::to_string))
+                .collect::<Option<Vec<_>>>()
+        })
         .ok_or_else(|| ApiError::invalid_field("ids", "validation_required", "A list of record ids is required."))?;
     if ids.is_empty() || ids.len() > MAX_BULK {
-        return Err(ApiError::invalid_field("ids", "validation_length_out_of_range", format!("Give between 1 and {MAX_BULK} ids.")));
+        return Err(ApiError::invalid_field(
+            "ids",
+            "validation_length_out_of_range",
+            format!("Give between 1 and {MAX_BULK} ids."),
+        ));
     }
     Ok(ids)
 }
 
 /// `{ids, data}`: applies `data` to every record, all or nothing.
-async fn bulk_update(state: web::Data<AppState>, req: HttpRequest, who: Identity, path: web::Path<String>, body: web::Json<Value>) -> ApiResult<HttpResponse> {
+async fn bulk_update(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    who: Identity,
+    path: web::Path<String>,
+    body: web::Json<Value>,
+) -> ApiResult<HttpResponse> {
     let (db, c) = target(&state, &req, &path).await?;
     if !allows(&c.update_rule, &who) {
         return Err(deny(&c.update_rule));
@@ -337,15 +450,25 @@ async fn bulk_update(state: web::Data<AppState>, req: HttpRequest, who: Identity
     let ids = bulk_ids(&body)?;
     let data = body_object(body.get("data").cloned().unwrap_or(Value::Null))
         .map_err(|_| ApiError::invalid_field("data", "validation_required", "An object of changes is required."))?;
-    if c.is_auth() && ["email", "password", "verified", "emailVisibility"].iter().any(|k| data.contains_key(*k)) {
-        return Err(ApiError::invalid_field("data", "validation_invalid_value", "Auth fields cannot be changed in bulk."));
+    if c.is_auth()
+        && ["email", "password", "verified", "emailVisibility"]
+            .iter()
+            .any(|k| data.contains_key(*k))
+    {
+        return Err(ApiError::invalid_field(
+            "data",
+            "validation_invalid_value",
+            "Auth fields cannot be changed in bulk.",
+        ));
     }
     let schema = state.schemas.get(&db).await?;
     let updated = db
         .write(move |conn| {
             for id in &ids {
-                let current = store::get(conn, &c, id)?.ok_or_else(|| ApiError::not_found(format!("Record '{id}' not found.")))?;
-                let (changes, relations) = values::prepare(&c, &data, Some(&current.data)).map_err(ApiError::validation)?;
+                let current = store::get(conn, &c, id)?
+                    .ok_or_else(|| ApiError::not_found(format!("Record '{id}' not found.")))?;
+                let (changes, relations) =
+                    values::prepare(&c, &data, Some(&current.data)).map_err(ApiError::validation)?;
                 let mut errors = FieldErrors::new();
                 store::check_relations(conn, &schema, &relations, &mut errors)?;
                 if !errors.is_empty() {
@@ -360,7 +483,13 @@ async fn bulk_update(state: web::Data<AppState>, req: HttpRequest, who: Identity
 }
 
 /// `{ids}`: deletes every record, all or nothing.
-async fn bulk_delete(state: web::Data<AppState>, req: HttpRequest, who: Identity, path: web::Path<String>, body: web::Json<Value>) -> ApiResult<HttpResponse> {
+async fn bulk_delete(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    who: Identity,
+    path: web::Path<String>,
+    body: web::Json<Value>,
+) -> ApiResult<HttpResponse> {
     let (db, c) = target(&state, &req, &path).await?;
     if !allows(&c.delete_rule, &who) {
         return Err(deny(&c.delete_rule));

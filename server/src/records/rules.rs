@@ -11,7 +11,9 @@ pub fn check_rule(rule: Option<&str>) -> Result<(), String> {
     match rule {
         None => Ok(()),
         Some(r) if r.trim().is_empty() => Ok(()),
-        Some(_) => Err("Filter expressions in rules are not supported yet: use null (admins only) or \"\" (everyone).".into()),
+        Some(_) => {
+            Err("Filter expressions in rules are not supported yet: use null (admins only) or \"\" (everyone).".into())
+        }
     }
 }
 

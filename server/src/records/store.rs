@@ -35,7 +35,11 @@ impl Stored {
 fn select_list(c: &Collection) -> String {
     let mut cols: Vec<String> = ["id", "created", "updated"].iter().map(|s| quote_ident(s)).collect();
     if c.is_auth() {
-        cols.extend(["email", "emailVisibility", "verified", "password", "tokenKey"].iter().map(|s| quote_ident(s)));
+        cols.extend(
+            ["email", "emailVisibility", "verified", "password", "tokenKey"]
+                .iter()
+                .map(|s| quote_ident(s)),
+        );
     }
     cols.extend(c.live_fields().map(|f| quote_ident(&f.name)));
     cols.join(", ")
@@ -51,8 +55,14 @@ fn read_row(c: &Collection, row: &rusqlite::Row<'_>) -> rusqlite::Result<Stored>
     let (mut password, mut token_key) = (None, None);
     if c.is_auth() {
         data.insert("email".into(), json!(text(3)?));
-        data.insert("emailVisibility".into(), json!(row.get::<_, Option<i64>>(4)?.unwrap_or(0) != 0));
-        data.insert("verified".into(), json!(row.get::<_, Option<i64>>(5)?.unwrap_or(0) != 0));
+        data.insert(
+            "emailVisibility".into(),
+            json!(row.get::<_, Option<i64>>(4)?.unwrap_or(0) != 0),
+        );
+        data.insert(
+            "verified".into(),
+            json!(row.get::<_, Option<i64>>(5)?.unwrap_or(0) != 0),
+        );
         password = Some(text(6)?);
         token_key = Some(text(7)?);
         idx = 8;
@@ -62,20 +72,38 @@ fn read_row(c: &Collection, row: &rusqlite::Row<'_>) -> rusqlite::Result<Stored>
         data.insert(f.name.clone(), from_sql(f, v));
         idx += 1;
     }
-    Ok(Stored { data, password, token_key })
+    Ok(Stored {
+        data,
+        password,
+        token_key,
+    })
 }
 
 /// One record by id.
 pub fn get(conn: &Connection, c: &Collection, id: &str) -> ApiResult<Option<Stored>> {
     let sql = format!("SELECT {} FROM {} WHERE id = ?1", select_list(c), quote_ident(&c.name));
-    Ok(conn.prepare_cached(&sql)?.query_row([id], |r| read_row(c, r)).optional()?)
+    Ok(conn
+        .prepare_cached(&sql)?
+        .query_row([id], |r| read_row(c, r))
+        .optional()?)
 }
 
 /// One auth record by email (case-insensitive), or by id when `identity` has no `@`.
 pub fn find_auth(conn: &Connection, c: &Collection, identity: &str) -> ApiResult<Option<Stored>> {
-    let col = if identity.contains('@') { "email = ?1 COLLATE NOCASE" } else { "id = ?1" };
-    let sql = format!("SELECT {} FROM {} WHERE {col} AND email != ''", select_list(c), quote_ident(&c.name));
-    Ok(conn.prepare_cached(&sql)?.query_row([identity], |r| read_row(c, r)).optional()?)
+    let col = if identity.contains('@') {
+        "email = ?1 COLLATE NOCASE"
+    } else {
+        "id = ?1"
+    };
+    let sql = format!(
+        "SELECT {} FROM {} WHERE {col} AND email != ''",
+        select_list(c),
+        quote_ident(&c.name)
+    );
+    Ok(conn
+        .prepare_cached(&sql)?
+        .query_row([identity], |r| read_row(c, r))
+        .optional()?)
 }
 
 /// Maps a UNIQUE violation to a 400 on the column it names, anything else to 500.
@@ -92,11 +120,21 @@ fn unique_error(e: rusqlite::Error, c: &Collection) -> ApiError {
 }
 
 /// Checks that every related id exists in its target collection.
-pub fn check_relations(conn: &Connection, schema: &Schema, relations: &[(Field, Value)], errors: &mut FieldErrors) -> ApiResult<()> {
+pub fn check_relations(
+    conn: &Connection,
+    schema: &Schema,
+    relations: &[(Field, Value)],
+    errors: &mut FieldErrors,
+) -> ApiResult<()> {
     for (f, v) in relations {
         let target = f.options.collection_id.as_deref().and_then(|id| schema.by_id(id));
         let Some(target) = target else {
-            field_error(errors, &f.name, "validation_missing_rel_records", "The related collection no longer exists.");
+            field_error(
+                errors,
+                &f.name,
+                "validation_missing_rel_records",
+                "The related collection no longer exists.",
+            );
             continue;
         };
         let ids: Vec<&str> = match v {
@@ -108,7 +146,12 @@ pub fn check_relations(conn: &Connection, schema: &Schema, relations: &[(Field, 
         let mut stmt = conn.prepare_cached(&sql)?;
         for id in ids {
             if stmt.query_row([id], |_| Ok(())).optional()?.is_none() {
-                field_error(errors, &f.name, "validation_missing_rel_records", format!("Related record '{id}' does not exist."));
+                field_error(
+                    errors,
+                    &f.name,
+                    "validation_missing_rel_records",
+                    format!("Related record '{id}' does not exist."),
+                );
                 break;
             }
         }
@@ -140,7 +183,9 @@ pub fn insert(conn: &Connection, c: &Collection, id: Option<String>, mut changes
         cols.iter().map(|c| quote_ident(c)).collect::<Vec<_>>().join(", "),
         (1..=cols.len()).map(|i| format!("?{i}")).collect::<Vec<_>>().join(", ")
     );
-    conn.prepare_cached(&sql)?.execute(params_from_iter(vals)).map_err(|e| unique_error(e, c))?;
+    conn.prepare_cached(&sql)?
+        .execute(params_from_iter(vals))
+        .map_err(|e| unique_error(e, c))?;
     get(conn, c, &id)?.ok_or_else(|| ApiError::internal("insert", "inserted record not found"))
 }
 
@@ -153,8 +198,16 @@ pub fn update(conn: &Connection, c: &Collection, id: &str, changes: Changes) -> 
         sets.push(format!("{} = ?{}", quote_ident(&k), vals.len()));
     }
     vals.push(Sql::Text(id.to_string()));
-    let sql = format!("UPDATE {} SET {} WHERE id = ?{}", quote_ident(&c.name), sets.join(", "), vals.len());
-    let n = conn.prepare_cached(&sql)?.execute(params_from_iter(vals)).map_err(|e| unique_error(e, c))?;
+    let sql = format!(
+        "UPDATE {} SET {} WHERE id = ?{}",
+        quote_ident(&c.name),
+        sets.join(", "),
+        vals.len()
+    );
+    let n = conn
+        .prepare_cached(&sql)?
+        .execute(params_from_iter(vals))
+        .map_err(|e| unique_error(e, c))?;
     if n == 0 {
         return Err(ApiError::not_found("Record not found."));
     }
@@ -171,7 +224,14 @@ pub fn delete(conn: &Connection, schema: &Schema, c: &Collection, id: &str) -> A
 
 const MAX_CASCADE_DEPTH: usize = 32;
 
-fn delete_inner(conn: &Connection, schema: &Schema, c: &Collection, id: &str, depth: usize, visited: &mut HashSet<(String, String)>) -> ApiResult<()> {
+fn delete_inner(
+    conn: &Connection,
+    schema: &Schema,
+    c: &Collection,
+    id: &str,
+    depth: usize,
+    visited: &mut HashSet<(String, String)>,
+) -> ApiResult<()> {
     if !visited.insert((c.id.clone(), id.to_string())) {
         return Ok(());
     }
@@ -180,20 +240,28 @@ fn delete_inner(conn: &Connection, schema: &Schema, c: &Collection, id: &str, de
     }
     let n = conn.execute(&format!("DELETE FROM {} WHERE id = ?1", quote_ident(&c.name)), [id])?;
     if n == 0 {
-        return if depth == 0 { Err(ApiError::not_found("Record not found.")) } else { Ok(()) };
+        return if depth == 0 {
+            Err(ApiError::not_found("Record not found."))
+        } else {
+            Ok(())
+        };
     }
     for other in schema.all() {
         for f in relations_into(&other, &c.id) {
             let table = quote_ident(&other.name);
             let col = quote_ident(&f.name);
             let sql = if f.is_multi() {
-                format!("SELECT id, {col} FROM {table} WHERE EXISTS (SELECT 1 FROM json_each({table}.{col}) WHERE value = ?1)")
+                format!(
+                    "SELECT id, {col} FROM {table} WHERE EXISTS (SELECT 1 FROM json_each({table}.{col}) WHERE value = ?1)"
+                )
             } else {
                 format!("SELECT id, {col} FROM {table} WHERE {col} = ?1")
             };
             let refs: Vec<(String, String)> = conn
                 .prepare(&sql)?
-                .query_map([id], |r| Ok((r.get(0)?, r.get::<_, Option<String>>(1)?.unwrap_or_default())))?
+                .query_map([id], |r| {
+                    Ok((r.get(0)?, r.get::<_, Option<String>>(1)?.unwrap_or_default()))
+                })?
                 .collect::<Result<_, _>>()?;
             for (rid, current) in refs {
                 if f.options.cascade_delete == Some(true) {
@@ -250,7 +318,11 @@ pub fn parse_sort(c: &Collection, sort: &str) -> ApiResult<Vec<SortKey>> {
             None => (part.strip_prefix('+').unwrap_or(part), false),
         };
         if !c.has_column(name) {
-            return Err(ApiError::invalid_field("sort", "validation_invalid_sort", format!("Cannot sort by unknown field '{name}'.")));
+            return Err(ApiError::invalid_field(
+                "sort",
+                "validation_invalid_sort",
+                format!("Cannot sort by unknown field '{name}'."),
+            ));
         }
         keys.push(SortKey::Column(name.to_string(), desc));
     }
@@ -258,7 +330,14 @@ pub fn parse_sort(c: &Collection, sort: &str) -> ApiResult<Vec<SortKey>> {
 }
 
 /// One page of records and, unless `skip_total`, the total count.
-pub fn list(conn: &Connection, c: &Collection, sort: &[SortKey], page: u64, per_page: u64, skip_total: bool) -> ApiResult<(Vec<Stored>, Option<u64>)> {
+pub fn list(
+    conn: &Connection,
+    c: &Collection,
+    sort: &[SortKey],
+    page: u64,
+    per_page: u64,
+    skip_total: bool,
+) -> ApiResult<(Vec<Stored>, Option<u64>)> {
     let mut order: Vec<String> = sort
         .iter()
         .map(|k| match k {
@@ -277,12 +356,16 @@ pub fn list(conn: &Connection, c: &Collection, sort: &[SortKey], page: u64, per_
     let offset = (page - 1).saturating_mul(per_page);
     let items = conn
         .prepare_cached(&sql)?
-        .query_map([per_page as i64, offset.min(i64::MAX as u64) as i64], |r| read_row(c, r))?
+        .query_map([per_page as i64, offset.min(i64::MAX as u64) as i64], |r| {
+            read_row(c, r)
+        })?
         .collect::<Result<Vec<_>, _>>()?;
     let total = if skip_total {
         None
     } else {
-        let n: i64 = conn.prepare_cached(&format!("SELECT COUNT(*) FROM {}", quote_ident(&c.name)))?.query_row([], |r| r.get(0))?;
+        let n: i64 = conn
+            .prepare_cached(&format!("SELECT COUNT(*) FROM {}", quote_ident(&c.name)))?
+            .query_row([], |r| r.get(0))?;
         Some(n as u64)
     };
     Ok((items, total))

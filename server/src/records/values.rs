@@ -17,7 +17,12 @@ pub fn parse_date(s: &str) -> Option<String> {
         return Some(fmt(dt.with_timezone(&Utc)));
     }
     let bare = s.strip_suffix('Z').unwrap_or(s);
-    for f in ["%Y-%m-%d %H:%M:%S%.f", "%Y-%m-%dT%H:%M:%S%.f", "%Y-%m-%d %H:%M", "%Y-%m-%dT%H:%M"] {
+    for f in [
+        "%Y-%m-%d %H:%M:%S%.f",
+        "%Y-%m-%dT%H:%M:%S%.f",
+        "%Y-%m-%d %H:%M",
+        "%Y-%m-%dT%H:%M",
+    ] {
         if let Ok(dt) = NaiveDateTime::parse_from_str(bare, f) {
             return Some(fmt(dt.and_utc()));
         }
@@ -34,7 +39,9 @@ pub fn parse_email(s: &str) -> bool {
 }
 
 fn is_email(s: &str) -> bool {
-    let Some((local, domain)) = s.rsplit_once('@') else { return false };
+    let Some((local, domain)) = s.rsplit_once('@') else {
+        return false;
+    };
     !local.is_empty()
         && local.len() <= 64
         && domain.len() <= 255
@@ -100,14 +107,22 @@ fn normalize(f: &Field, v: &Value) -> Result<Value, Problem> {
                 return Ok(json!(""));
             }
             match f.kind {
-                FieldType::Email if !is_email(&s) => return Err(("validation_invalid_email", "Must be a valid email address.".into())),
-                FieldType::Url if !is_url(&s) => return Err(("validation_invalid_url", "Must be a valid http(s) URL.".into())),
+                FieldType::Email if !is_email(&s) => {
+                    return Err(("validation_invalid_email", "Must be a valid email address.".into()));
+                }
+                FieldType::Url if !is_url(&s) => {
+                    return Err(("validation_invalid_url", "Must be a valid http(s) URL.".into()));
+                }
                 FieldType::Date => {
-                    let d = parse_date(&s).ok_or_else(|| ("validation_invalid_date", "Must be a valid date.".to_string()))?;
+                    let d = parse_date(&s)
+                        .ok_or_else(|| ("validation_invalid_date", "Must be a valid date.".to_string()))?;
                     for (bound, is_min) in [(&o.min, true), (&o.max, false)] {
                         if let Some(b) = bound.as_ref().and_then(Value::as_str).and_then(parse_date) {
                             if (is_min && d < b) || (!is_min && d > b) {
-                                return Err(invalid(format!("Must be {} {b}.", if is_min { "on or after" } else { "on or before" })));
+                                return Err(invalid(format!(
+                                    "Must be {} {b}.",
+                                    if is_min { "on or after" } else { "on or before" }
+                                )));
                             }
                         }
                     }
@@ -118,23 +133,35 @@ fn normalize(f: &Field, v: &Value) -> Result<Value, Problem> {
             let len = s.chars().count() as f64;
             if let Some(min) = o.min.as_ref().and_then(Value::as_f64) {
                 if f.kind == FieldType::Text && len < min {
-                    return Err(("validation_min_text_constraint", format!("Must be at least {min} characters.")));
+                    return Err((
+                        "validation_min_text_constraint",
+                        format!("Must be at least {min} characters."),
+                    ));
                 }
             }
             if let Some(max) = o.max.as_ref().and_then(Value::as_f64) {
                 if f.kind == FieldType::Text && len > max {
-                    return Err(("validation_max_text_constraint", format!("Must be at most {max} characters.")));
+                    return Err((
+                        "validation_max_text_constraint",
+                        format!("Must be at most {max} characters."),
+                    ));
                 }
             }
             if let Some(max) = o.max_size {
                 if s.len() as u64 > max {
-                    return Err(("validation_max_size_constraint", format!("Must be at most {max} bytes.")));
+                    return Err((
+                        "validation_max_size_constraint",
+                        format!("Must be at most {max} bytes."),
+                    ));
                 }
             }
             if let Some(p) = &o.pattern {
                 // The pattern was checked when the field was defined.
                 if regex::Regex::new(p).map(|re| !re.is_match(&s)).unwrap_or(true) {
-                    return Err(("validation_invalid_format", "Does not match the required format.".into()));
+                    return Err((
+                        "validation_invalid_format",
+                        "Does not match the required format.".into(),
+                    ));
                 }
             }
             Ok(json!(s))
@@ -168,7 +195,9 @@ fn normalize(f: &Field, v: &Value) -> Result<Value, Problem> {
         FieldType::Bool => match v {
             Value::Null => Ok(json!(false)),
             Value::Bool(b) => Ok(json!(b)),
-            Value::Number(n) if n.as_f64() == Some(0.0) || n.as_f64() == Some(1.0) => Ok(json!(n.as_f64() == Some(1.0))),
+            Value::Number(n) if n.as_f64() == Some(0.0) || n.as_f64() == Some(1.0) => {
+                Ok(json!(n.as_f64() == Some(1.0)))
+            }
             Value::String(s) if s == "true" || s == "1" => Ok(json!(true)),
             Value::String(s) if s == "false" || s == "0" || s.is_empty() => Ok(json!(false)),
             _ => Err(invalid("Must be a boolean.")),
@@ -176,7 +205,10 @@ fn normalize(f: &Field, v: &Value) -> Result<Value, Problem> {
         FieldType::Json => {
             if let Some(max) = o.max_size {
                 if v.to_string().len() as u64 > max {
-                    return Err(("validation_json_size_limit", format!("Must be at most {max} bytes of JSON.")));
+                    return Err((
+                        "validation_json_size_limit",
+                        format!("Must be at most {max} bytes of JSON."),
+                    ));
                 }
             }
             Ok(v.clone())
@@ -213,14 +245,22 @@ fn normalize(f: &Field, v: &Value) -> Result<Value, Problem> {
                     return Err(invalid(format!("'{bad}' is not one of the allowed values.")));
                 }
             }
-            if f.is_multi() { Ok(json!(items)) } else { Ok(json!(items.into_iter().next().unwrap_or_default())) }
+            if f.is_multi() {
+                Ok(json!(items))
+            } else {
+                Ok(json!(items.into_iter().next().unwrap_or_default()))
+            }
         }
     }
 }
 
 /// A whole number as a JSON integer, anything else as a float.
 pub fn number_json(n: f64) -> Value {
-    if n.fract() == 0.0 && n.abs() < 9.0e15 { json!(n as i64) } else { json!(n) }
+    if n.fract() == 0.0 && n.abs() < 9.0e15 {
+        json!(n as i64)
+    } else {
+        json!(n)
+    }
 }
 
 /// The SQL value stored for a canonical JSON value of field `f`.
@@ -263,7 +303,11 @@ pub type Changes = Vec<(String, Sql)>;
 /// (`None` on create, where every field gets a value). Handles the `field+` / `field-`
 /// modifiers for numbers and multi-value fields. Returns the changes and the new JSON values of
 /// relation fields (which the caller checks against the database).
-pub fn prepare(c: &Collection, body: &Map<String, Value>, current: Option<&Map<String, Value>>) -> Result<(Changes, Vec<(Field, Value)>), FieldErrors> {
+pub fn prepare(
+    c: &Collection,
+    body: &Map<String, Value>,
+    current: Option<&Map<String, Value>>,
+) -> Result<(Changes, Vec<(Field, Value)>), FieldErrors> {
     let mut errors = FieldErrors::new();
     let mut changes = Changes::new();
     let mut relations = Vec::new();
@@ -276,7 +320,10 @@ pub fn prepare(c: &Collection, body: &Map<String, Value>, current: Option<&Map<S
         }
         let base = match direct {
             Some(v) => normalize(f, v),
-            None => Ok(current.and_then(|m| m.get(&f.name)).cloned().unwrap_or_else(|| zero_value(f))),
+            None => Ok(current
+                .and_then(|m| m.get(&f.name))
+                .cloned()
+                .unwrap_or_else(|| zero_value(f))),
         };
         let value = base.and_then(|mut v| {
             for (delta, sign) in [(plus, 1.0), (minus, -1.0)] {
@@ -284,7 +331,11 @@ pub fn prepare(c: &Collection, body: &Map<String, Value>, current: Option<&Map<S
                     v = apply_modifier(f, v, d, sign)?;
                 }
             }
-            if plus.is_some() || minus.is_some() { normalize(f, &v) } else { Ok(v) }
+            if plus.is_some() || minus.is_some() {
+                normalize(f, &v)
+            } else {
+                Ok(v)
+            }
         });
         match value {
             Ok(v) => {
@@ -300,7 +351,12 @@ pub fn prepare(c: &Collection, body: &Map<String, Value>, current: Option<&Map<S
                         other => kept(other),
                     };
                     if !all_kept {
-                        field_error(&mut errors, &f.name, "validation_invalid_file", "Files are uploaded with multipart/form-data.");
+                        field_error(
+                            &mut errors,
+                            &f.name,
+                            "validation_invalid_file",
+                            "Files are uploaded with multipart/form-data.",
+                        );
                         continue;
                     }
                 }
@@ -312,12 +368,19 @@ pub fn prepare(c: &Collection, body: &Map<String, Value>, current: Option<&Map<S
             Err((code, msg)) => field_error(&mut errors, &f.name, code, msg),
         }
     }
-    if errors.is_empty() { Ok((changes, relations)) } else { Err(errors) }
+    if errors.is_empty() {
+        Ok((changes, relations))
+    } else {
+        Err(errors)
+    }
 }
 
 fn apply_modifier(f: &Field, v: Value, delta: &Value, sign: f64) -> Result<Value, Problem> {
     if f.kind == FieldType::Number {
-        let d = delta.as_f64().or_else(|| delta.as_str().and_then(|s| s.parse().ok())).ok_or_else(|| invalid("The modifier needs a number."))?;
+        let d = delta
+            .as_f64()
+            .or_else(|| delta.as_str().and_then(|s| s.parse().ok()))
+            .ok_or_else(|| invalid("The modifier needs a number."))?;
         let cur = v.as_f64().unwrap_or(0.0);
         return Ok(number_json(cur + sign * d));
     }
@@ -344,8 +407,14 @@ mod tests {
     #[test]
     fn dates_normalize() {
         assert_eq!(parse_date("2024-01-02").as_deref(), Some("2024-01-02 00:00:00.000Z"));
-        assert_eq!(parse_date("2024-01-02T03:04:05+01:00").as_deref(), Some("2024-01-02 02:04:05.000Z"));
-        assert_eq!(parse_date("2024-01-02 03:04:05.123Z").as_deref(), Some("2024-01-02 03:04:05.123Z"));
+        assert_eq!(
+            parse_date("2024-01-02T03:04:05+01:00").as_deref(),
+            Some("2024-01-02 02:04:05.000Z")
+        );
+        assert_eq!(
+            parse_date("2024-01-02 03:04:05.123Z").as_deref(),
+            Some("2024-01-02 03:04:05.123Z")
+        );
         assert_eq!(parse_date("yesterday"), None);
     }
 
