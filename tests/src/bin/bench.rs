@@ -83,7 +83,7 @@ fn check(resp: reqwest::blocking::Response) -> Value {
 
 fn main() {
     let args = parse_args();
-    let node = spawn_master_with(NodeOptions::default().env("RUST_LOG", "warn"));
+    let node = spawn_master_with(NodeOptions::default().env("RUST_LOG", "warn,vski::app=info"));
     let token = node.admin_token();
     let (s, b) = node.post(
         "/api/collections",
