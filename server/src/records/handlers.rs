@@ -8,7 +8,7 @@ use rusqlite::types::Value as Sql;
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
-use super::rules::allows;
+use super::rules::{Action, authorize};
 use super::store::{self, Stored};
 use super::values::{self, Changes};
 use crate::app::{AppState, resource};
@@ -71,13 +71,6 @@ pub fn public_record(c: &Collection, s: &Stored, who: &Identity) -> Value {
     Value::Object(m)
 }
 
-fn deny(rule: &Option<String>) -> ApiError {
-    match rule {
-        None => ApiError::Forbidden("Only admins can perform this action.".into()),
-        Some(_) => ApiError::Forbidden("You are not allowed to perform this request.".into()),
-    }
-}
-
 /// Keeps only the requested top-level keys (`fields=id,title`; `*` keeps everything).
 fn pick_fields(v: Value, fields: Option<&str>) -> Value {
     let Some(list) = fields.map(str::trim).filter(|s| !s.is_empty()) else {
@@ -111,9 +104,17 @@ fn refuse_unsupported(filter: Option<&str>, expand: Option<&str>) -> ApiResult<(
     Ok(())
 }
 
-async fn target(state: &AppState, req: &HttpRequest, coll: &str) -> ApiResult<(Arc<Database>, Arc<Collection>)> {
+/// The database and collection a request addresses, once `who` passes the rule for `action`.
+async fn target(
+    state: &AppState,
+    req: &HttpRequest,
+    coll: &str,
+    who: &Identity,
+    action: Action,
+) -> ApiResult<(Arc<Database>, Arc<Collection>)> {
     let db = state.db(req)?;
     let c = state.collection(&db, coll).await?;
+    authorize(&c, action, who)?;
     Ok((db, c))
 }
 
@@ -146,10 +147,7 @@ async fn list(
     path: web::Path<String>,
     q: web::Query<ListQuery>,
 ) -> ApiResult<HttpResponse> {
-    let (db, c) = target(&state, &req, &path).await?;
-    if !allows(&c.list_rule, &who) {
-        return Err(deny(&c.list_rule));
-    }
+    let (db, c) = target(&state, &req, &path, &who, Action::List).await?;
     refuse_unsupported(q.filter.as_deref(), q.expand.as_deref())?;
     let page = parse_positive("page", q.page.as_deref(), 1)?;
     let per_page = parse_positive("perPage", q.per_page.as_deref(), 30)?.min(MAX_PER_PAGE);
@@ -186,10 +184,7 @@ async fn view(
     q: web::Query<ViewQuery>,
 ) -> ApiResult<HttpResponse> {
     let (coll, id) = path.into_inner();
-    let (db, c) = target(&state, &req, &coll).await?;
-    if !allows(&c.view_rule, &who) {
-        return Err(deny(&c.view_rule));
-    }
+    let (db, c) = target(&state, &req, &coll, &who, Action::View).await?;
     refuse_unsupported(None, q.expand.as_deref())?;
     let c2 = c.clone();
     let rec = db
@@ -269,9 +264,7 @@ pub async fn create_record(
     who: &Identity,
     body: Value,
 ) -> ApiResult<Stored> {
-    if !allows(&c.create_rule, who) {
-        return Err(deny(&c.create_rule));
-    }
+    authorize(&c, Action::Create, who)?;
     let body = body_object(body)?;
     let mut errors = FieldErrors::new();
     let id = match body.get("id") {
@@ -326,7 +319,7 @@ async fn create(
     path: web::Path<String>,
     body: web::Json<Value>,
 ) -> ApiResult<HttpResponse> {
-    let (db, c) = target(&state, &req, &path).await?;
+    let (db, c) = target(&state, &req, &path, &who, Action::Create).await?;
     let rec = create_record(&state, &db, c.clone(), &who, body.into_inner()).await?;
     Ok(HttpResponse::Ok().json(public_record(&c, &rec, &who)))
 }
@@ -339,10 +332,7 @@ async fn update(
     body: web::Json<Value>,
 ) -> ApiResult<HttpResponse> {
     let (coll, id) = path.into_inner();
-    let (db, c) = target(&state, &req, &coll).await?;
-    if !allows(&c.update_rule, &who) {
-        return Err(deny(&c.update_rule));
-    }
+    let (db, c) = target(&state, &req, &coll, &who, Action::Update).await?;
     let body = body_object(body.into_inner())?;
     let mut auth = Changes::new();
     if c.is_auth() {
@@ -406,10 +396,7 @@ async fn delete(
     path: web::Path<(String, String)>,
 ) -> ApiResult<HttpResponse> {
     let (coll, id) = path.into_inner();
-    let (db, c) = target(&state, &req, &coll).await?;
-    if !allows(&c.delete_rule, &who) {
-        return Err(deny(&c.delete_rule));
-    }
+    let (db, c) = target(&state, &req, &coll, &who, Action::Delete).await?;
     let schema = state.schemas.get(&db).await?;
     db.write(move |conn| store::delete(conn, &schema, &c, &id)).await?;
     Ok(HttpResponse::NoContent().finish())
@@ -443,10 +430,7 @@ async fn bulk_update(
     path: web::Path<String>,
     body: web::Json<Value>,
 ) -> ApiResult<HttpResponse> {
-    let (db, c) = target(&state, &req, &path).await?;
-    if !allows(&c.update_rule, &who) {
-        return Err(deny(&c.update_rule));
-    }
+    let (db, c) = target(&state, &req, &path, &who, Action::Update).await?;
     let ids = bulk_ids(&body)?;
     let data = body_object(body.get("data").cloned().unwrap_or(Value::Null))
         .map_err(|_| ApiError::invalid_field("data", "validation_required", "An object of changes is required."))?;
@@ -490,10 +474,7 @@ async fn bulk_delete(
     path: web::Path<String>,
     body: web::Json<Value>,
 ) -> ApiResult<HttpResponse> {
-    let (db, c) = target(&state, &req, &path).await?;
-    if !allows(&c.delete_rule, &who) {
-        return Err(deny(&c.delete_rule));
-    }
+    let (db, c) = target(&state, &req, &path, &who, Action::Delete).await?;
     let ids = bulk_ids(&body)?;
     let schema = state.schemas.get(&db).await?;
     let deleted = db
