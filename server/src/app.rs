@@ -155,6 +155,15 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     crate::collections::configure(cfg);
 }
 
+/// Resolves when SIGTERM or SIGINT (Ctrl-C) arrives; returns the signal's name.
+async fn shutdown_signal() -> std::io::Result<&'static str> {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        r = tokio::signal::ctrl_c() => r.map(|()| "SIGINT"),
+        _ = term.recv() => Ok("SIGTERM"),
+    }
+}
+
 /// Serves the API on `listener` until SIGTERM or Ctrl-C, then lets in-flight requests finish
 /// and closes every database cleanly.
 pub async fn run(config: ServeConfig, secret: String, listener: TcpListener) -> std::io::Result<()> {
@@ -188,7 +197,18 @@ pub async fn run(config: ServeConfig, secret: String, listener: TcpListener) -> 
         server = server.workers(w.max(1));
     }
     log::info!("listening on http://{}", listener.local_addr()?);
-    server.listen(listener)?.run().await?;
+    // actix stops gracefully on SIGTERM but forcibly on SIGINT; both must let in-flight
+    // requests finish, so the signals are handled here.
+    let server = server.disable_signals().listen(listener)?.run();
+    let handle = server.handle();
+    actix_web::rt::spawn(async move {
+        match shutdown_signal().await {
+            Ok(name) => log::info!("{name} received: finishing in-flight requests"),
+            Err(e) => log::error!("cannot listen for shutdown signals: {e}"),
+        }
+        handle.stop(true).await;
+    });
+    server.await?;
     log::info!("server stopped; closing databases");
     let closing = state.clone();
     tokio::task::spawn_blocking(move || closing.dbs.close_all())

@@ -182,9 +182,14 @@ impl Node {
 
     /// Sends SIGTERM and waits (at most `timeout`) for a clean exit; returns the exit code.
     pub fn terminate(&mut self, timeout: Duration) -> Option<i32> {
+        self.signal(libc::SIGTERM, timeout)
+    }
+
+    /// Sends `sig` and waits (at most `timeout`) for the process to exit; returns the exit code.
+    pub fn signal(&mut self, sig: i32, timeout: Duration) -> Option<i32> {
         let mut c = self.child.take()?;
         // SAFETY: plain kill(2) on our own child's pid.
-        unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+        unsafe { libc::kill(c.id() as i32, sig) };
         let status = wait_for("vski to exit after SIGTERM", timeout, || c.try_wait().ok().flatten());
         status.code()
     }

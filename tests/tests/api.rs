@@ -992,6 +992,16 @@ fn sigterm_during_a_write_burst_loses_no_acknowledged_write() {
 }
 
 #[test]
+fn ctrl_c_during_a_write_burst_is_graceful_too() {
+    burst_then(|n| {
+        let code = n.signal(libc::SIGINT, Duration::from_secs(40));
+        assert_eq!(code, Some(0), "clean exit on SIGINT: {}", n.log());
+        assert!(n.log().contains("SIGINT received"), "{}", n.log());
+        assert!(n.log().contains("databases closed"), "{}", n.log());
+    });
+}
+
+#[test]
 fn kill_9_during_a_write_burst_loses_no_acknowledged_write() {
     burst_then(Node::kill);
 }
