@@ -17,6 +17,9 @@ use crate::collections::store::{SUPERUSERS, SchemaCache, bootstrap};
 use crate::config::ServeConfig;
 use crate::db::{DEFAULT_DB, Database, Registry, is_valid_db_name};
 use crate::error::{ApiError, ApiResult, error_body};
+use crate::replica::is_replicated_db;
+use crate::replica::master::MasterState;
+use crate::replica::recorder::ChangeRecorder;
 
 /// Settings handlers need, copied from the configuration once.
 #[derive(Debug, Clone)]
@@ -32,13 +35,26 @@ pub struct AppState {
     pub schemas: SchemaCache,
     pub tokens: TokenKeys,
     pub settings: Settings,
+    /// Replication state of this master: epoch, known replicas, cached checksums.
+    pub master: MasterState,
 }
 
 impl AppState {
     /// Opens the data directory and bootstraps every database in it.
     pub async fn open(config: &ServeConfig, secret: &str) -> ApiResult<Self> {
-        let dbs = Registry::open(&config.data_dir, config.read_pool_size, None)?;
+        let recorders: Option<crate::db::RecorderFactory> = (config.changelog == "on").then(|| {
+            let f: crate::db::RecorderFactory = Arc::new(|name: &str| {
+                is_replicated_db(name).then(|| ChangeRecorder::new() as Arc<dyn crate::db::writer::Recorder>)
+            });
+            f
+        });
+        let dbs = Registry::open(&config.data_dir, config.read_pool_size, recorders)?;
+        let stats = dbs
+            .get(crate::db::STATS_DB)
+            .ok_or_else(|| ApiError::internal("open", "stats database missing"))?;
+        let master = MasterState::open(&config.data_dir, &stats).await?;
         let state = AppState {
+            master,
             dbs,
             schemas: SchemaCache::default(),
             tokens: TokenKeys::new(secret),
@@ -153,6 +169,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     crate::auth::configure(cfg);
     crate::records::configure(cfg);
     crate::collections::configure(cfg);
+    crate::replica::configure(cfg);
 }
 
 /// Resolves when SIGTERM or SIGINT (Ctrl-C) arrives; returns the signal's name.
@@ -179,6 +196,10 @@ pub async fn run(config: ServeConfig, secret: String, listener: TcpListener) -> 
         Ok(true) => {}
         Err(e) => log::error!("cannot count admins: {e}"),
     }
+    actix_web::rt::spawn(crate::replica::master::retention_loop(
+        state.clone(),
+        config.changelog_retention_hours,
+    ));
     let limit = config.body_limit;
     let app_state = state.clone();
     let mut server = HttpServer::new(move || {

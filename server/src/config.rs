@@ -39,6 +39,13 @@ pub enum AdminCommand {
     },
 }
 
+fn parse_retention(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(h) if h.is_finite() && h > 0.0 => Ok(h),
+        _ => Err(format!("'{s}' is not a positive number of hours")),
+    }
+}
+
 /// Settings of `vski serve`.
 #[derive(Debug, Clone, Args)]
 pub struct ServeConfig {
@@ -74,6 +81,16 @@ pub struct ServeConfig {
     /// Read connections per database (each request that only reads uses one).
     #[arg(long, env = "READ_POOL_SIZE", default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=256))]
     pub read_pool_size: u32,
+
+    /// Hours the master keeps changelog entries for lagging replicas; a replica further behind
+    /// downloads a snapshot. Fractions are allowed.
+    #[arg(long, env = "CHANGELOG_RETENTION_HOURS", default_value_t = 168.0, value_parser = parse_retention)]
+    pub changelog_retention_hours: f64,
+
+    /// Record changes for replication (`on`). `off` is for benchmarks only: replicas of a master
+    /// that ran with `off` miss those changes.
+    #[arg(long, env = "CHANGELOG", default_value = "on", value_parser = ["on", "off"])]
+    pub changelog: String,
 
     /// HTTP worker threads. Default: one per CPU core.
     #[arg(long, env = "WORKERS")]

@@ -12,6 +12,7 @@ pub mod db;
 pub mod error;
 pub mod health;
 pub mod records;
+pub mod replica;
 pub mod util;
 
 use std::io::Write;
@@ -19,6 +20,9 @@ use std::net::TcpListener;
 use std::path::Path;
 
 use config::ServeConfig;
+
+/// Re-exported so tests and tools can open vski's database files with the same SQLite build.
+pub use rusqlite;
 
 /// Starts the server on an already-bound listener (tests bind `127.0.0.1:0`).
 pub async fn run(config: ServeConfig, listener: TcpListener) -> std::io::Result<()> {
@@ -80,7 +84,9 @@ fn secret_file(data_dir: &Path) -> std::io::Result<String> {
 /// `vski admin create`: creates the admin or sets its password, without a running server.
 pub async fn admin_create(data_dir: &Path, email: String, password: String) -> Result<String, error::ApiError> {
     std::fs::create_dir_all(data_dir)?;
-    let db = db::Database::open(db::DEFAULT_DB, data_dir.join("default.db"), 1, None)?;
+    // The same recorder as the server's, so an admin created offline replicates too.
+    let recorder: std::sync::Arc<dyn db::writer::Recorder> = replica::recorder::ChangeRecorder::new();
+    let db = db::Database::open(db::DEFAULT_DB, data_dir.join("default.db"), 1, Some(recorder))?;
     let result = async {
         db.write(|conn| collections::store::bootstrap(conn, db::DEFAULT_DB))
             .await?;

@@ -20,6 +20,9 @@ use crate::error::{ApiError, ApiResult};
 use pool::ReadPool;
 use writer::{Job, Recorder};
 
+/// Chooses the recorder of each database by name (`None`: not recorded).
+pub type RecorderFactory = Arc<dyn Fn(&str) -> Option<Arc<dyn Recorder>> + Send + Sync>;
+
 /// Databases that always exist.
 pub const DEFAULT_DB: &str = "default";
 /// Request log and metrics of this node; never replicated.
@@ -89,6 +92,9 @@ impl Database {
                 format!("journal_mode is {mode}, not wal"),
             ));
         }
+        if let Some(r) = &recorder {
+            r.init(&conn)?;
+        }
         let (tx, rx) = mpsc::channel(4096);
         let thread = std::thread::Builder::new()
             .name(format!("writer-{name}"))
@@ -151,7 +157,7 @@ impl Database {
 pub struct Registry {
     data_dir: PathBuf,
     read_pool_size: u32,
-    recorder: Option<Arc<dyn Recorder>>,
+    recorders: Option<RecorderFactory>,
     /// Sorted for stable listings. Held only to look up, insert or remove.
     dbs: RwLock<BTreeMap<String, Arc<Database>>>,
 }
@@ -159,12 +165,12 @@ pub struct Registry {
 impl Registry {
     /// Opens every `*.db` file in `data_dir` whose name is a valid database name, and creates
     /// the system databases that are missing.
-    pub fn open(data_dir: &Path, read_pool_size: u32, recorder: Option<Arc<dyn Recorder>>) -> ApiResult<Self> {
+    pub fn open(data_dir: &Path, read_pool_size: u32, recorders: Option<RecorderFactory>) -> ApiResult<Self> {
         std::fs::create_dir_all(data_dir)?;
         let reg = Registry {
             data_dir: data_dir.to_path_buf(),
             read_pool_size,
-            recorder,
+            recorders,
             dbs: RwLock::new(BTreeMap::new()),
         };
         let mut names: Vec<String> = SYSTEM_DBS.iter().map(|s| s.to_string()).collect();
@@ -185,9 +191,13 @@ impl Registry {
 
     fn open_db(&self, name: &str) -> ApiResult<Arc<Database>> {
         let path = self.data_dir.join(format!("{name}.db"));
-        let db = Database::open(name, path, self.read_pool_size, self.recorder.clone())?;
+        let db = Database::open(name, path, self.read_pool_size, self.recorder_for(name))?;
         self.dbs.write().map_err(poisoned)?.insert(name.to_string(), db.clone());
         Ok(db)
+    }
+
+    fn recorder_for(&self, name: &str) -> Option<Arc<dyn Recorder>> {
+        self.recorders.as_ref().and_then(|f| f(name))
     }
 
     pub fn data_dir(&self) -> &Path {
@@ -224,7 +234,7 @@ impl Registry {
             ));
         }
         let path = self.data_dir.join(format!("{name}.db"));
-        let db = Database::open(name, path, self.read_pool_size, self.recorder.clone())?;
+        let db = Database::open(name, path, self.read_pool_size, self.recorder_for(name))?;
         dbs.insert(name.to_string(), db.clone());
         Ok(db)
     }

@@ -34,6 +34,8 @@ pub struct Job {
 /// Observes every write transaction on the writer connection. The replication recorder
 /// implements it to attach a SQLite session and append a changelog entry before COMMIT.
 pub trait Recorder: Send + Sync + 'static {
+    /// Called once on the writer connection when the database opens (create tables, warm caches).
+    fn init(&self, conn: &Connection) -> rusqlite::Result<()>;
     /// Called right after BEGIN, before the first job of the transaction.
     fn begin<'c>(&self, conn: &'c Connection) -> rusqlite::Result<Box<dyn TxRecording + 'c>>;
 }

@@ -1,0 +1,413 @@
+//! The master's replication endpoints (`/api/replica/*`), the registry of replicas it has seen,
+//! its epoch, and changelog retention.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use actix_web::{HttpRequest, HttpResponse, web};
+use base64::Engine;
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+use super::checksum::logical_checksum;
+use super::recorder::{self, bounds, can_resume, entries_since};
+use super::{is_replicated_db, schema};
+use crate::app::{AppState, resource};
+use crate::auth::Identity;
+use crate::db::{Database, STATS_DB};
+use crate::error::{ApiError, ApiResult};
+use crate::util::{now_string, random_id, sha256_hex};
+
+pub fn configure(cfg: &mut web::ServiceConfig) {
+    cfg.service(resource("/api/replica/status").route(web::get().to(status)))
+        .service(resource("/api/replica/schema-sync").route(web::get().to(schema_sync)))
+        .service(resource("/api/replica/changesets").route(web::get().to(changesets)))
+        .service(resource("/api/replica/download").route(web::get().to(download)))
+        .service(resource("/api/replica/ack").route(web::post().to(ack)))
+        .service(resource("/api/replica/replicas").route(web::get().to(replicas)));
+}
+
+/// What the master remembers of one replica, for monitoring.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ReplicaInfo {
+    pub id: String,
+    pub public_url: String,
+    /// Last acknowledged version per database.
+    pub positions: BTreeMap<String, i64>,
+    pub last_seen: String,
+}
+
+/// Replication state of a master.
+pub struct MasterState {
+    /// Random id of this data directory; replicas re-bootstrap when it changes.
+    pub epoch: String,
+    /// Replicas seen, by id. A std mutex held only to read or update the map.
+    pub replicas: Mutex<BTreeMap<String, ReplicaInfo>>,
+    /// Logical checksum per database, with the version it was computed at.
+    pub checksums: Arc<Mutex<HashMap<String, (i64, String)>>>,
+}
+
+/// The epoch of `data_dir`: read from `.epoch`, created on first use.
+pub fn epoch(data_dir: &Path) -> std::io::Result<String> {
+    let path = data_dir.join(".epoch");
+    match std::fs::read_to_string(&path) {
+        Ok(s) if !s.trim().is_empty() => Ok(s.trim().to_string()),
+        _ => {
+            let e = random_id(20);
+            std::fs::write(&path, &e)?;
+            std::fs::File::open(data_dir)?.sync_all()?;
+            Ok(e)
+        }
+    }
+}
+
+const REPLICAS_DDL: &str = "CREATE TABLE IF NOT EXISTS replicas (
+    id TEXT PRIMARY KEY NOT NULL,
+    public_url TEXT NOT NULL DEFAULT '',
+    positions TEXT NOT NULL DEFAULT '{}',
+    last_seen TEXT NOT NULL
+)";
+
+impl MasterState {
+    /// Loads the epoch and the replicas remembered in `stats`.
+    pub async fn open(data_dir: &Path, stats: &Database) -> ApiResult<Self> {
+        stats.write(|conn| Ok(conn.execute_batch(REPLICAS_DDL)?)).await?;
+        let known = stats
+            .read(|conn| {
+                let mut stmt = conn.prepare("SELECT id, public_url, positions, last_seen FROM replicas")?;
+                let rows = stmt.query_map([], |r| {
+                    let positions: String = r.get(2)?;
+                    Ok(ReplicaInfo {
+                        id: r.get(0)?,
+                        public_url: r.get(1)?,
+                        positions: serde_json::from_str(&positions).unwrap_or_default(),
+                        last_seen: r.get(3)?,
+                    })
+                })?;
+                Ok(rows.collect::<Result<Vec<_>, _>>()?)
+            })
+            .await?;
+        Ok(MasterState {
+            epoch: epoch(data_dir)?,
+            replicas: Mutex::new(known.into_iter().map(|r| (r.id.clone(), r)).collect()),
+            checksums: Arc::new(Mutex::new(HashMap::new())),
+        })
+    }
+}
+
+/// Replica endpoints take replica tokens; `admin_ok` also lets admins in (status, replicas).
+fn authorize(who: &Identity, admin_ok: bool) -> ApiResult<()> {
+    match who {
+        Identity::Replica(_) => Ok(()),
+        Identity::Admin(_) if admin_ok => Ok(()),
+        Identity::Guest => Err(ApiError::Unauthorized(
+            "The request requires a valid replica token.".into(),
+        )),
+        Identity::Admin(_) | Identity::User { .. } => {
+            Err(ApiError::Forbidden("Only replicas can use this endpoint.".into()))
+        }
+    }
+}
+
+/// Notes that a replica called, with its id and public URL (headers, else the token subject).
+fn touch(state: &AppState, req: &HttpRequest, who: &Identity, position: Option<(&str, i64)>) -> Option<ReplicaInfo> {
+    let Identity::Replica(sub) = who else { return None };
+    let header = |name: &str| {
+        req.headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+    };
+    let id = header("x-replica-id")
+        .filter(|s| !s.is_empty() && s.len() <= 128)
+        .unwrap_or_else(|| sub.clone());
+    let mut map = state.master.replicas.lock().ok()?;
+    let entry = map.entry(id.clone()).or_insert_with(|| ReplicaInfo {
+        id,
+        public_url: String::new(),
+        positions: BTreeMap::new(),
+        last_seen: String::new(),
+    });
+    if let Some(url) = header("x-replica-public-url").filter(|s| s.len() <= 2048) {
+        entry.public_url = url;
+    }
+    entry.last_seen = now_string();
+    if let Some((db, v)) = position {
+        entry.positions.insert(db.to_string(), v);
+    }
+    Some(entry.clone())
+}
+
+/// A replicated database named by `?db=`.
+fn replicated_db(state: &AppState, name: Option<&str>) -> ApiResult<Arc<Database>> {
+    let name = name
+        .filter(|n| !n.is_empty())
+        .ok_or_else(|| ApiError::invalid_field("db", "validation_required", "Missing db."))?;
+    if !is_replicated_db(name) {
+        return Err(ApiError::not_found(format!("Database '{name}' is not replicated.")));
+    }
+    state
+        .dbs
+        .get(name)
+        .ok_or_else(|| ApiError::not_found(format!("Database '{name}' not found.")))
+}
+
+async fn status(state: web::Data<AppState>, req: HttpRequest, who: Identity) -> ApiResult<HttpResponse> {
+    authorize(&who, true)?;
+    touch(&state, &req, &who, None);
+    let mut dbs = Vec::new();
+    for db in state.dbs.list().into_iter().filter(|d| is_replicated_db(&d.name)) {
+        let cache = state.master.checksums.clone();
+        let name = db.name.clone();
+        let size = db.size();
+        let info = db
+            .read(move |conn| {
+                // One read transaction, so version and checksum describe the same state.
+                conn.execute_batch("BEGIN")?;
+                let result = (|| -> ApiResult<Value> {
+                    let (min, head) = bounds(conn)?;
+                    let schema_version: i64 = conn.query_row("PRAGMA schema_version", [], |r| r.get(0))?;
+                    let schema_hash = schema::hash(&schema::objects(conn)?);
+                    let cached = cache
+                        .lock()
+                        .ok()
+                        .and_then(|c| c.get(&name).filter(|(v, _)| *v == head).cloned());
+                    let sha = match cached {
+                        Some((_, sha)) => sha,
+                        None => {
+                            let sha = logical_checksum(conn)?;
+                            if let Ok(mut c) = cache.lock() {
+                                c.insert(name.clone(), (head, sha.clone()));
+                            }
+                            sha
+                        }
+                    };
+                    Ok(
+                        json!({"name": name, "size": size, "sha256": sha, "schemaVersion": schema_version,
+                              "schemaHash": schema_hash, "version": head, "minVersion": min}),
+                    )
+                })();
+                conn.execute_batch("COMMIT")?;
+                result
+            })
+            .await?;
+        dbs.push(info);
+    }
+    Ok(HttpResponse::Ok().json(json!({"epoch": state.master.epoch, "dbs": dbs})))
+}
+
+#[derive(Debug, Deserialize)]
+struct DbQuery {
+    db: Option<String>,
+}
+
+async fn schema_sync(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    who: Identity,
+    q: web::Query<DbQuery>,
+) -> ApiResult<HttpResponse> {
+    authorize(&who, false)?;
+    touch(&state, &req, &who, None);
+    let db = replicated_db(&state, q.db.as_deref())?;
+    let objects = db.read(|conn| Ok(schema::objects(conn)?)).await?;
+    Ok(HttpResponse::Ok().json(json!({"db": db.name, "schemaHash": schema::hash(&objects), "objects": objects})))
+}
+
+#[derive(Debug, Deserialize)]
+struct ChangesetsQuery {
+    db: Option<String>,
+    since: Option<String>,
+    limit: Option<String>,
+}
+
+/// Most entries one `changesets` response carries, and about how many changeset bytes.
+const MAX_ENTRIES: usize = 1000;
+const MAX_RESPONSE_BYTES: usize = 16 * 1024 * 1024;
+
+async fn changesets(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    who: Identity,
+    q: web::Query<ChangesetsQuery>,
+) -> ApiResult<HttpResponse> {
+    authorize(&who, false)?;
+    let db = replicated_db(&state, q.db.as_deref())?;
+    let since: i64 = q
+        .since
+        .as_deref()
+        .unwrap_or("0")
+        .parse()
+        .ok()
+        .filter(|v| *v >= 0)
+        .ok_or_else(|| {
+            ApiError::invalid_field("since", "validation_invalid_number", "Must be a version (integer ≥ 0).")
+        })?;
+    let limit: usize = match q.limit.as_deref() {
+        None | Some("") => 100,
+        Some(s) => s.parse::<usize>().map_err(|_| {
+            ApiError::invalid_field("limit", "validation_invalid_number", "Must be a positive integer.")
+        })?,
+    }
+    .clamp(1, MAX_ENTRIES);
+    touch(&state, &req, &who, None);
+    let (min, head, entries) = db
+        .read(move |conn| {
+            conn.execute_batch("BEGIN")?;
+            let r = (|| -> rusqlite::Result<_> {
+                let (min, head) = bounds(conn)?;
+                let entries = if can_resume(since, min, head) {
+                    entries_since(conn, since, limit, MAX_RESPONSE_BYTES)?
+                } else {
+                    Vec::new()
+                };
+                Ok((min, head, entries))
+            })();
+            conn.execute_batch("COMMIT")?;
+            Ok(r?)
+        })
+        .await?;
+    if !can_resume(since, min, head) {
+        return Ok(crate::error::error_body(
+            actix_web::http::StatusCode::GONE,
+            &format!("Version {since} is not available (kept: {min}..{head}); download a snapshot."),
+            json!({"minVersion": min, "version": head}),
+        ));
+    }
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let entries: Vec<Value> = entries
+        .iter()
+        .map(|e| {
+            json!({"version": e.version, "schemaHash": e.schema_hash, "schema": e.schema,
+                   "changeset": b64.encode(&e.changeset), "created": e.created})
+        })
+        .collect();
+    Ok(HttpResponse::Ok().json(
+        json!({"db": db.name, "epoch": state.master.epoch, "version": head, "minVersion": min, "entries": entries}),
+    ))
+}
+
+/// A consistent copy of `db` written with `VACUUM INTO` from a read-only connection (never the
+/// live file), with its version read from its own changelog and the sha256 of its bytes.
+pub fn snapshot(db: &Database, dir: &Path) -> ApiResult<(std::fs::File, u64, i64, String)> {
+    std::fs::create_dir_all(dir)?;
+    let path = dir.join(format!("{}-{}.db", db.name, random_id(12)));
+    let result = (|| -> ApiResult<_> {
+        let src = rusqlite::Connection::open_with_flags(&db.path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+        src.busy_timeout(std::time::Duration::from_secs(10))?;
+        src.execute("VACUUM INTO ?1", [path.to_string_lossy()])?;
+        drop(src);
+        let snap = rusqlite::Connection::open_with_flags(&path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+        let version = recorder::head(&snap)?;
+        drop(snap);
+        let bytes = std::fs::read(&path)?;
+        let sha = sha256_hex(&bytes);
+        let file = std::fs::File::open(&path)?;
+        Ok((file, bytes.len() as u64, version, sha))
+    })();
+    // The open file handle keeps the data readable; the name is not needed any more.
+    let _ = std::fs::remove_file(&path);
+    result
+}
+
+async fn download(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    who: Identity,
+    q: web::Query<DbQuery>,
+) -> ApiResult<HttpResponse> {
+    authorize(&who, false)?;
+    touch(&state, &req, &who, None);
+    let db = replicated_db(&state, q.db.as_deref())?;
+    let dir = state.dbs.data_dir().join(".snapshots");
+    let (file, len, version, sha) = tokio::task::spawn_blocking(move || snapshot(&db, &dir))
+        .await
+        .map_err(|e| ApiError::internal("snapshot task", e.to_string()))??;
+    let stream = tokio_util::io::ReaderStream::with_capacity(tokio::fs::File::from_std(file), 256 * 1024);
+    Ok(HttpResponse::Ok()
+        .content_type("application/vnd.sqlite3")
+        .insert_header(("X-Replica-Version", version.to_string()))
+        .insert_header(("X-Replica-Sha256", sha))
+        .insert_header(("X-Replica-Epoch", state.master.epoch.clone()))
+        .body(actix_web::body::SizedStream::new(len, stream)))
+}
+
+#[derive(Debug, Deserialize)]
+struct AckBody {
+    db: String,
+    version: i64,
+}
+
+async fn ack(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    who: Identity,
+    body: web::Json<AckBody>,
+) -> ApiResult<HttpResponse> {
+    authorize(&who, false)?;
+    if body.version < 0 {
+        return Err(ApiError::invalid_field(
+            "version",
+            "validation_invalid_number",
+            "Must be ≥ 0.",
+        ));
+    }
+    replicated_db(&state, Some(&body.db))?;
+    let info = touch(&state, &req, &who, Some((&body.db, body.version)))
+        .ok_or_else(|| ApiError::internal("ack", "no replica identity"))?;
+    let stats = state
+        .dbs
+        .get(STATS_DB)
+        .ok_or_else(|| ApiError::internal("ack", "stats database missing"))?;
+    let row = info.clone();
+    stats
+        .write(move |conn| {
+            conn.execute(
+                "INSERT INTO replicas (id, public_url, positions, last_seen) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (id) DO UPDATE SET public_url = excluded.public_url, positions = excluded.positions, last_seen = excluded.last_seen",
+                rusqlite::params![row.id, row.public_url, serde_json::to_string(&row.positions).unwrap_or_default(), row.last_seen],
+            )?;
+            Ok(())
+        })
+        .await?;
+    Ok(HttpResponse::Ok().json(info))
+}
+
+async fn replicas(state: web::Data<AppState>, who: Identity) -> ApiResult<HttpResponse> {
+    match &who {
+        Identity::Admin(_) => {}
+        other => authorize(other, false).and(Err(ApiError::Forbidden("Only admins can list replicas.".into())))?,
+    }
+    let list: Vec<ReplicaInfo> = state
+        .master
+        .replicas
+        .lock()
+        .map(|m| m.values().cloned().collect())
+        .unwrap_or_default();
+    Ok(HttpResponse::Ok().json(list))
+}
+
+/// Deletes changelog entries older than `retention_hours` on every replicated database, every
+/// `interval`, until the process ends.
+pub async fn retention_loop(state: web::Data<AppState>, retention_hours: f64) {
+    let retention_ms = (retention_hours * 3_600_000.0) as i64;
+    let interval = std::time::Duration::from_millis((retention_ms / 4).clamp(500, 300_000) as u64);
+    let mut tick = tokio::time::interval(interval);
+    loop {
+        tick.tick().await;
+        let cutoff = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as i64)
+            .unwrap_or(0)
+            - retention_ms;
+        for db in state.dbs.list().into_iter().filter(|d| is_replicated_db(&d.name)) {
+            match db.write(move |conn| Ok(recorder::prune(conn, cutoff)?)).await {
+                Ok(0) => {}
+                Ok(n) => log::info!("pruned {n} changelog entries of '{}'", db.name),
+                Err(e) => log::warn!("pruning the changelog of '{}': {e}", db.name),
+            }
+        }
+    }
+}

@@ -1,0 +1,24 @@
+//! Replication. The master records every write transaction of a replicated database as a
+//! changelog entry (`recorder`) and serves it to replicas (`master`); replicas apply entries in
+//! order (`apply`) after migrating to the schema they carry (`schema`). `checksum` gives both
+//! sides a comparable fingerprint of their content.
+
+pub mod apply;
+pub mod checksum;
+pub mod master;
+pub mod recorder;
+pub mod schema;
+
+pub use master::configure;
+
+use crate::db::{STATS_DB, WORKFLOWS_DB};
+
+/// Tables that stay on their node: the changelog, a replica's own sync state, SQLite's own.
+pub fn is_local_table(name: &str) -> bool {
+    name == "_changelog" || name.starts_with("_replica_") || name.starts_with("sqlite_")
+}
+
+/// Whether database `name` is replicated (and so recorded on the master).
+pub fn is_replicated_db(name: &str) -> bool {
+    name != STATS_DB && name != WORKFLOWS_DB
+}
