@@ -52,6 +52,31 @@ fn newest_mtime(dir: &Path) -> SystemTime {
     newest
 }
 
+/// Makes the spawned process get SIGKILL when the test process dies, so a killed test run
+/// leaves no server behind.
+fn die_with_parent(cmd: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: prctl is async-signal-safe and touches only the child being set up.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        });
+    }
+}
+
+/// Server CPU time (user + system) of process `pid` so far, in seconds.
+pub fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which is in parentheses and may hold spaces).
+    let rest = stat.rsplit(')').next().unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // utime and stime are fields 14 and 15 of /proc/PID/stat; here 11 and 12 after ')'.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    (ticks(11) + ticks(12)) / hz
+}
+
 /// Polls `f` until it returns `Some`, or panics after `timeout` with `what`.
 pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
     let deadline = Instant::now() + timeout;
@@ -93,7 +118,7 @@ pub struct Node {
     tmp_handle: Option<std::sync::Arc<tempfile::TempDir>>,
     opts: NodeOptions,
     log: PathBuf,
-    http: reqwest::blocking::Client,
+    pub http: reqwest::blocking::Client,
 }
 
 /// Starts a master with a fresh temporary data directory.
@@ -130,6 +155,7 @@ impl Node {
         for (k, v) in &opts.env {
             cmd.env(k, v);
         }
+        die_with_parent(&mut cmd);
         let mut child = cmd.spawn().expect("spawn vski");
         let url = wait_for("vski to listen", Duration::from_secs(30), || {
             if let Ok(Some(status)) = child.try_wait() {
@@ -340,4 +366,95 @@ pub fn run_cli(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
+}
+
+/// A replica token for `id`, signed with `secret` (what a replica mints for itself).
+pub fn replica_token(secret: &str, id: &str) -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let claims = json!({"sub": id, "type": "replica", "iat": now, "exp": now + 600});
+    let key = jsonwebtoken::EncodingKey::from_secret(secret.as_bytes());
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &claims,
+        &key,
+    )
+    .expect("sign")
+}
+
+/// Changelog entries of `db` after `since` (all pages), decoded.
+pub fn changelog(node: &Node, token: &str, db: &str, since: i64) -> Vec<vski::replica::recorder::Entry> {
+    use base64::Engine;
+    let mut out = Vec::new();
+    let mut since = since;
+    loop {
+        let (s, b) = node.get(
+            &format!("/api/replica/changesets?db={db}&since={since}&limit=1000"),
+            Some(token),
+        );
+        assert_eq!(s, 200, "changesets since {since}: {b}");
+        let entries = b["entries"].as_array().expect("entries").clone();
+        if entries.is_empty() {
+            return out;
+        }
+        for e in entries {
+            let entry = vski::replica::recorder::Entry {
+                version: e["version"].as_i64().expect("version"),
+                schema_hash: e["schemaHash"].as_str().expect("schemaHash").to_string(),
+                schema: serde_json::from_value(e["schema"].clone()).expect("schema"),
+                changeset: base64::engine::general_purpose::STANDARD
+                    .decode(e["changeset"].as_str().expect("changeset"))
+                    .expect("base64"),
+                created: e["created"].as_i64().expect("created"),
+            };
+            since = entry.version;
+            out.push(entry);
+        }
+    }
+}
+
+/// Downloads a snapshot of `db` into `path`; returns its advertised version and sha256, after
+/// checking the sha256 against the bytes.
+pub fn download(node: &Node, token: &str, db: &str, path: &Path) -> (i64, String) {
+    let resp = node
+        .http
+        .get(format!("{}/api/replica/download?db={db}", node.url))
+        .header("Authorization", format!("Bearer {token}"))
+        .send()
+        .expect("download");
+    assert_eq!(resp.status().as_u16(), 200, "download");
+    let header = |k: &str| {
+        resp.headers()
+            .get(k)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+            .unwrap_or_else(|| panic!("header {k}"))
+    };
+    let version: i64 = header("x-replica-version").parse().expect("version header");
+    let sha = header("x-replica-sha256");
+    let bytes = resp.bytes().expect("body");
+    assert_eq!(vski::util::sha256_hex(&bytes), sha, "sha256 header matches the bytes");
+    std::fs::write(path, &bytes).expect("write snapshot");
+    (version, sha)
+}
+
+/// Applies `entries` to the database file at `path`, each in its own transaction.
+pub fn apply_all(path: &Path, entries: &[vski::replica::recorder::Entry], policy: vski::replica::apply::Conflicts) {
+    let conn = vski::rusqlite::Connection::open(path).expect("open copy");
+    conn.execute_batch("PRAGMA foreign_keys = OFF").expect("pragma");
+    for e in entries {
+        conn.execute_batch("BEGIN").expect("begin");
+        if let Err(err) = vski::replica::apply::apply_entry(&conn, e, policy) {
+            panic!("applying version {}: {err}", e.version);
+        }
+        conn.execute_batch("COMMIT").expect("commit");
+    }
+}
+
+/// The logical checksum of the database file at `path`.
+pub fn checksum_of(path: &Path) -> String {
+    let conn = vski::rusqlite::Connection::open(path).expect("open copy");
+    vski::replica::checksum::logical_checksum(&conn).expect("checksum")
 }

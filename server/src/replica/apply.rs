@@ -8,10 +8,19 @@ use super::recorder::Entry;
 use super::schema;
 use crate::error::{ApiError, ApiResult};
 
+/// What to do when a change does not fit the local row (the copy drifted).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Conflicts {
+    /// The master's row wins; a missing row to update or delete is skipped. Converges.
+    Converge,
+    /// Any conflict aborts the entry: for checks that a copy is exactly at a version.
+    Strict,
+}
+
 /// Applies one entry inside the caller's transaction: migrates to its schema when it carries
 /// one, then applies its changeset. Refuses (instead of silently skipping, as SQLite would) a
 /// changeset for a table the local schema lacks or has fewer columns in.
-pub fn apply_entry(conn: &Connection, e: &Entry) -> ApiResult<()> {
+pub fn apply_entry(conn: &Connection, e: &Entry, policy: Conflicts) -> ApiResult<()> {
     if let Some(objects) = &e.schema {
         schema::migrate(conn, objects)?;
     }
@@ -22,13 +31,12 @@ pub fn apply_entry(conn: &Connection, e: &Entry) -> ApiResult<()> {
     conn.apply_strm(
         &mut &e.changeset[..],
         None::<fn(&str) -> bool>,
-        |kind: ConflictType, _: &ChangesetItem| match kind {
-            // Versions are applied once each, so conflicts mean the copy drifted; the master's
-            // row wins, which converges.
-            ConflictType::SQLITE_CHANGESET_DATA | ConflictType::SQLITE_CHANGESET_CONFLICT => {
+        move |kind: ConflictType, _: &ChangesetItem| match (policy, kind) {
+            // Versions are applied once each, so conflicts mean the copy drifted.
+            (Conflicts::Converge, ConflictType::SQLITE_CHANGESET_DATA | ConflictType::SQLITE_CHANGESET_CONFLICT) => {
                 ConflictAction::SQLITE_CHANGESET_REPLACE
             }
-            ConflictType::SQLITE_CHANGESET_NOTFOUND => ConflictAction::SQLITE_CHANGESET_OMIT,
+            (Conflicts::Converge, ConflictType::SQLITE_CHANGESET_NOTFOUND) => ConflictAction::SQLITE_CHANGESET_OMIT,
             _ => ConflictAction::SQLITE_CHANGESET_ABORT,
         },
     )?;

@@ -17,7 +17,7 @@ use crate::app::{AppState, resource};
 use crate::auth::Identity;
 use crate::db::{Database, STATS_DB};
 use crate::error::{ApiError, ApiResult};
-use crate::util::{now_string, random_id, sha256_hex};
+use crate::util::{now_string, random_id};
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.service(resource("/api/replica/status").route(web::get().to(status)))
@@ -289,27 +289,53 @@ async fn changesets(
     ))
 }
 
-/// A consistent copy of `db` written with `VACUUM INTO` from a read-only connection (never the
-/// live file), with its version read from its own changelog and the sha256 of its bytes.
+/// A consistent copy of `db` made with SQLite's backup API from a read-only connection, in a
+/// single step (one read transaction: writers go on, the copy is one committed state). Never
+/// the live file. Returns the open copy, its size, its version (read from its own changelog)
+/// and the sha256 of its bytes.
 pub fn snapshot(db: &Database, dir: &Path) -> ApiResult<(std::fs::File, u64, i64, String)> {
+    use rusqlite::{Connection, OpenFlags};
     std::fs::create_dir_all(dir)?;
     let path = dir.join(format!("{}-{}.db", db.name, random_id(12)));
     let result = (|| -> ApiResult<_> {
-        let src = rusqlite::Connection::open_with_flags(&db.path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+        let src = Connection::open_with_flags(&db.path, OpenFlags::SQLITE_OPEN_READ_ONLY)?;
         src.busy_timeout(std::time::Duration::from_secs(10))?;
-        src.execute("VACUUM INTO ?1", [path.to_string_lossy()])?;
+        let mut dst = Connection::open(&path)?;
+        // The copy is a private temporary file: if anything fails it is thrown away, so it needs
+        // neither a journal nor fsyncs while it is written.
+        dst.execute_batch("PRAGMA journal_mode = OFF; PRAGMA synchronous = OFF;")?;
+        rusqlite::backup::Backup::new(&src, &mut dst)?.step(-1)?;
+        // A snapshot is a plain single file; the replica sets WAL mode when it opens it.
+        dst.query_row("PRAGMA journal_mode = DELETE", [], |_| Ok(()))?;
+        let version = recorder::head(&dst)?;
+        drop(dst);
         drop(src);
-        let snap = rusqlite::Connection::open_with_flags(&path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
-        let version = recorder::head(&snap)?;
-        drop(snap);
-        let bytes = std::fs::read(&path)?;
-        let sha = sha256_hex(&bytes);
+        let (len, sha) = sha256_file(&path)?;
         let file = std::fs::File::open(&path)?;
-        Ok((file, bytes.len() as u64, version, sha))
+        Ok((file, len, version, sha))
     })();
     // The open file handle keeps the data readable; the name is not needed any more.
     let _ = std::fs::remove_file(&path);
     result
+}
+
+/// Size and hex sha256 of a file, read in 1 MiB chunks.
+fn sha256_file(path: &Path) -> std::io::Result<(u64, String)> {
+    use sha2::Digest;
+    use std::io::Read;
+    let mut f = std::fs::File::open(path)?;
+    let mut h = sha2::Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut len = 0u64;
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+        len += n as u64;
+    }
+    Ok((len, crate::util::hex(&h.finalize())))
 }
 
 async fn download(

@@ -55,7 +55,8 @@ impl ChangeRecorder {
 }
 
 fn schema_version(conn: &Connection) -> rusqlite::Result<i64> {
-    conn.query_row("PRAGMA schema_version", [], |r| r.get(0))
+    conn.prepare_cached("PRAGMA schema_version")?
+        .query_row([], |r| r.get(0))
 }
 
 fn now_ms() -> i64 {

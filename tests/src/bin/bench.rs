@@ -14,12 +14,18 @@ use vski_tests::{NodeOptions, Value, json, spawn_master_with};
 struct Args {
     seconds: u64,
     concurrency: Vec<usize>,
+    /// `http`, `replication` or `all`.
+    suite: String,
+    /// Records in the database whose snapshot download is timed.
+    snapshot_rows: usize,
 }
 
 fn parse_args() -> Args {
     let mut args = Args {
         seconds: 5,
         concurrency: vec![1, 16],
+        suite: "all".into(),
+        snapshot_rows: 200_000,
     };
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
@@ -35,7 +41,13 @@ fn parse_args() -> Args {
                     })
                     .expect("--concurrency 1,16")
             }
-            other => panic!("unknown argument {other}; use --seconds N --concurrency 1,16"),
+            "--suite" => args.suite = it.next().expect("--suite http|replication|all"),
+            "--snapshot-rows" => {
+                args.snapshot_rows = it.next().and_then(|v| v.parse().ok()).expect("--snapshot-rows N")
+            }
+            other => panic!(
+                "unknown argument {other}; use --seconds N --concurrency 1,16 --suite http|replication|all --snapshot-rows N"
+            ),
         }
     }
     args
@@ -83,6 +95,15 @@ fn check(resp: reqwest::blocking::Response) -> Value {
 
 fn main() {
     let args = parse_args();
+    if args.suite == "http" || args.suite == "all" {
+        http_suite(&args);
+    }
+    if args.suite == "replication" || args.suite == "all" {
+        replication_suite(&args);
+    }
+}
+
+fn http_suite(args: &Args) {
     let node = spawn_master_with(NodeOptions::default().env("RUST_LOG", "warn,vski::app=info"));
     let token = node.admin_token();
     let (s, b) = node.post(
@@ -170,4 +191,220 @@ fn main() {
         }
     }
     println!("(list requests ran over a table of {} records)", total["totalItems"]);
+}
+
+const SECRET: &str = "bench-secret-0123456789abcdef";
+
+fn bench_master(changelog: &str) -> vski_tests::Node {
+    let node = spawn_master_with(
+        NodeOptions::default()
+            .env("RUST_LOG", "warn,vski::app=info")
+            .env("JWT_SECRET", SECRET)
+            .env("CHANGELOG", changelog),
+    );
+    let token = node.admin_token();
+    let (s, b) = node.post(
+        "/api/collections",
+        Some(&token),
+        &json!({"name": "bench", "listRule": "", "viewRule": "", "createRule": "", "updateRule": "", "deleteRule": "",
+                "fields": [{"name": "title", "type": "text"}, {"name": "n", "type": "number"}]}),
+    );
+    assert_eq!(s, 200, "{b}");
+    node
+}
+
+fn create_rate(node: &vski_tests::Node, conns: usize, secs: u64) -> f64 {
+    let url = node.url.clone();
+    measure(conns, secs, move |client, w, i| {
+        let body = json!({"title": format!("Post title number {w}-{i}"), "n": i});
+        check(
+            client
+                .post(format!("{url}/api/collections/bench/records"))
+                .json(&body)
+                .send()
+                .expect("create"),
+        );
+    })
+}
+
+/// Recording cost, changeset sizes and snapshot download speed.
+fn replication_suite(args: &Args) {
+    println!();
+    println!(
+        "vski replication benchmark (master side), {} s per throughput row",
+        args.seconds
+    );
+    println!(
+        "{:<44} {:>12} {:>12} {:>10}",
+        "write throughput (create record)", "changelog on", "off", "cost"
+    );
+    for &c in &args.concurrency {
+        // Alternate on/off runs and take medians: the client shares the machine's two cores, so
+        // single runs are noisy. Server CPU per request is the steadier figure.
+        let (mut on, mut off, mut on_cpu, mut off_cpu) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..5 {
+            for (mode, rates, cpus) in [("on", &mut on, &mut on_cpu), ("off", &mut off, &mut off_cpu)] {
+                let n = bench_master(mode);
+                let cpu0 = vski_tests::cpu_seconds(n.pid());
+                let rate = create_rate(&n, c, args.seconds);
+                let cpu = vski_tests::cpu_seconds(n.pid()) - cpu0;
+                rates.push(rate);
+                cpus.push(cpu * 1e6 / (rate * args.seconds as f64));
+            }
+        }
+        let (on, off, on_cpu, off_cpu) = (median(on), median(off), median(on_cpu), median(off_cpu));
+        println!(
+            "{:<44} {:>12.0} {:>12.0} {:>9.1}%   target: <= 15%",
+            format!("  {c} connection(s), req/s (median of 5)"),
+            on,
+            off,
+            (1.0 - on / off) * 100.0
+        );
+        println!(
+            "{:<44} {:>12.0} {:>12.0} {:>9.1}%",
+            "    server CPU µs per request",
+            on_cpu,
+            off_cpu,
+            (on_cpu / off_cpu - 1.0) * 100.0
+        );
+    }
+
+    let node = bench_master("on");
+    let rt = vski_tests::replica_token(SECRET, "bench");
+    let head = |n: &vski_tests::Node| {
+        n.get("/api/replica/status", Some(&rt)).1["dbs"][0]["version"]
+            .as_i64()
+            .expect("version")
+    };
+    let rows = 1000;
+    let v0 = head(&node);
+    let mut ids = Vec::new();
+    for i in 0..rows {
+        let (s, b) = node.post(
+            "/api/collections/bench/records",
+            None,
+            &json!({"title": format!("Post title number {i}"), "n": i}),
+        );
+        assert_eq!(s, 200, "{b}");
+        ids.push(b["id"].clone());
+    }
+    let v1 = head(&node);
+    let (s, _) = node.patch(
+        "/api/collections/bench/records/bulk",
+        None,
+        &json!({"ids": ids, "data": {"title": "Edited title", "n": 7}}),
+    );
+    assert_eq!(s, 200);
+    let v2 = head(&node);
+    let (s, _) = node.request(
+        "DELETE",
+        "/api/collections/bench/records/bulk",
+        None,
+        Some(&json!({"ids": ids})),
+        &[],
+    );
+    assert_eq!(s, 200);
+    let entries = vski_tests::changelog(&node, &rt, "default", v0);
+    let bytes = |from: i64, to: i64| -> usize {
+        entries
+            .iter()
+            .filter(|e| e.version > from && e.version <= to)
+            .map(|e| e.changeset.len())
+            .sum()
+    };
+    let v3 = head(&node);
+    println!(
+        "{:<44} {:>12}",
+        "changeset bytes per row (id, 2 dates, title, n)", "bytes/row"
+    );
+    println!(
+        "{:<44} {:>12.1}   (one row per transaction)",
+        "  insert",
+        bytes(v0, v1) as f64 / rows as f64
+    );
+    println!(
+        "{:<44} {:>12.1}   (1000 rows in one bulk update)",
+        "  update (title, n, updated)",
+        bytes(v1, v2) as f64 / rows as f64
+    );
+    println!(
+        "{:<44} {:>12.1}   (1000 rows in one bulk delete)",
+        "  delete",
+        bytes(v2, v3) as f64 / rows as f64
+    );
+    drop(node);
+
+    // Snapshot download vs copying the file.
+    let node = bench_master("on");
+    let url = node.url.clone();
+    let target = args.snapshot_rows;
+    let written = Arc::new(AtomicUsize::new(0));
+    let w2 = written.clone();
+    let filler: Vec<_> = (0..8)
+        .map(|w| {
+            let (url, written) = (url.clone(), w2.clone());
+            std::thread::spawn(move || {
+                let client = reqwest::blocking::Client::new();
+                let mut i = 0;
+                while written.fetch_add(1, Ordering::Relaxed) < target {
+                    let body = json!({"title": format!("Snapshot row {w}-{i} with some padding text to look like a real title"), "n": i});
+                    check(client.post(format!("{url}/api/collections/bench/records")).json(&body).send().expect("fill"));
+                    i += 1;
+                }
+            })
+        })
+        .collect();
+    for h in filler {
+        h.join().expect("filler");
+    }
+    let db_path = node.data_dir.join("default.db");
+    let dir = tempfile::tempdir().expect("tmp");
+    let client = reqwest::blocking::Client::new();
+    let mut best_dl = f64::MAX;
+    let mut size = 0u64;
+    for _ in 0..3 {
+        let start = Instant::now();
+        let mut resp = client
+            .get(format!("{url}/api/replica/download?db=default"))
+            .bearer_auth(&rt)
+            .send()
+            .expect("download");
+        assert!(resp.status().is_success());
+        let mut f = std::fs::File::create(dir.path().join("dl.db")).expect("file");
+        size = std::io::copy(&mut resp, &mut f).expect("body");
+        best_dl = best_dl.min(start.elapsed().as_secs_f64());
+    }
+    let mut best_cp = f64::MAX;
+    for _ in 0..3 {
+        let start = Instant::now();
+        std::fs::copy(&db_path, dir.path().join("cp.db")).expect("copy");
+        best_cp = best_cp.min(start.elapsed().as_secs_f64());
+    }
+    let file_size = std::fs::metadata(&db_path).map(|m| m.len()).unwrap_or(0);
+    println!(
+        "{:<44} {:>12} {:>12} {:>10}",
+        format!("snapshot of {target} records"),
+        "seconds",
+        "MB/s",
+        "ratio"
+    );
+    println!(
+        "{:<44} {:>12.3} {:>12.0} {:>9.1}x",
+        format!("  GET /api/replica/download ({} MB)", size / 1_000_000),
+        best_dl,
+        size as f64 / 1e6 / best_dl,
+        best_dl / best_cp
+    );
+    println!(
+        "{:<44} {:>12.3} {:>12.0} {:>10}",
+        format!("  cp of the database file ({} MB, no WAL)", file_size / 1_000_000),
+        best_cp,
+        file_size as f64 / 1e6 / best_cp,
+        "1.0x"
+    );
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
 }
