@@ -48,5 +48,8 @@ async fn delete(state: web::Data<AppState>, who: Identity, path: web::Path<Strin
         .await
         .map_err(|e| ApiError::internal("delete database", e.to_string()))??;
     state.schemas.forget(&name);
+    if let Ok(mut c) = state.master.checksums.lock() {
+        c.remove(&name);
+    }
     Ok(HttpResponse::NoContent().finish())
 }

@@ -62,7 +62,15 @@ fn status_lists_replicated_databases_only() {
         assert_eq!(names, vec!["default", "tenant"], "stats and workflows are never listed");
         assert_eq!(b["epoch"].as_str().unwrap().len(), 20);
         let d = &b["dbs"][0];
-        for key in ["size", "sha256", "schemaVersion", "schemaHash", "version", "minVersion"] {
+        for key in [
+            "uid",
+            "size",
+            "sha256",
+            "schemaVersion",
+            "schemaHash",
+            "version",
+            "minVersion",
+        ] {
             assert!(!d[key].is_null(), "{key} in {d}");
         }
         assert!(
@@ -70,6 +78,26 @@ fn status_lists_replicated_databases_only() {
             "bootstrap and the collection are logged: {d}"
         );
     }
+    // A database deleted and created again is another history: another uid.
+    let uid = status_of(&n, &rt, "tenant")["uid"].as_str().unwrap().to_string();
+    assert_eq!(uid.len(), 20);
+    assert_eq!(n.delete("/api/databases/tenant", Some(&admin)).0, 204);
+    assert_eq!(
+        n.post("/api/databases", Some(&admin), &json!({"name": "tenant"})).0,
+        201
+    );
+    let again = status_of(&n, &rt, "tenant");
+    assert_ne!(again["uid"].as_str().unwrap(), uid);
+    let dir = tempfile::tempdir().unwrap();
+    let snap = dir.path().join("t.db");
+    download(&n, &rt, "tenant", &snap);
+    let conn = vski::rusqlite::Connection::open(&snap).unwrap();
+    assert_eq!(
+        vski::replica::recorder::database_uid(&conn).unwrap(),
+        again["uid"].as_str().unwrap(),
+        "snapshots carry the uid"
+    );
+    assert_eq!(checksum_of(&snap), again["sha256"].as_str().unwrap());
     for db in ["stats", "workflows", "nope"] {
         assert_eq!(
             n.get(&format!("/api/replica/changesets?db={db}&since=0"), Some(&rt)).0,

@@ -103,3 +103,10 @@ fn wiki_links_point_at_pages_that_exist() {
         }
     }
 }
+
+#[test]
+fn replication_examples_run() {
+    let out = run_page("Replication.md", true);
+    assert!(out.contains("\"default\""), "{out}");
+    assert!(out.trim_end().ends_with("403"), "{out}");
+}

@@ -154,6 +154,13 @@ fn replicated_db(state: &AppState, name: Option<&str>) -> ApiResult<Arc<Database
         .ok_or_else(|| ApiError::not_found(format!("Database '{name}' not found.")))
 }
 
+/// The common start of a replica's pull: check the token, note the call, find the database.
+fn pull_request(state: &AppState, req: &HttpRequest, who: &Identity, db: Option<&str>) -> ApiResult<Arc<Database>> {
+    authorize(who, false)?;
+    touch(state, req, who, None);
+    replicated_db(state, db)
+}
+
 async fn status(state: web::Data<AppState>, req: HttpRequest, who: Identity) -> ApiResult<HttpResponse> {
     authorize(&who, true)?;
     touch(&state, &req, &who, None);
@@ -168,6 +175,7 @@ async fn status(state: web::Data<AppState>, req: HttpRequest, who: Identity) -> 
                 conn.execute_batch("BEGIN")?;
                 let result = (|| -> ApiResult<Value> {
                     let (min, head) = bounds(conn)?;
+                    let uid = recorder::database_uid(conn)?;
                     let schema_version: i64 = conn.query_row("PRAGMA schema_version", [], |r| r.get(0))?;
                     let schema_hash = schema::hash(&schema::objects(conn)?);
                     let cached = cache
@@ -185,7 +193,7 @@ async fn status(state: web::Data<AppState>, req: HttpRequest, who: Identity) -> 
                         }
                     };
                     Ok(
-                        json!({"name": name, "size": size, "sha256": sha, "schemaVersion": schema_version,
+                        json!({"name": name, "uid": uid, "size": size, "sha256": sha, "schemaVersion": schema_version,
                               "schemaHash": schema_hash, "version": head, "minVersion": min}),
                     )
                 })();
@@ -209,9 +217,7 @@ async fn schema_sync(
     who: Identity,
     q: web::Query<DbQuery>,
 ) -> ApiResult<HttpResponse> {
-    authorize(&who, false)?;
-    touch(&state, &req, &who, None);
-    let db = replicated_db(&state, q.db.as_deref())?;
+    let db = pull_request(&state, &req, &who, q.db.as_deref())?;
     let objects = db.read(|conn| Ok(schema::objects(conn)?)).await?;
     Ok(HttpResponse::Ok().json(json!({"db": db.name, "schemaHash": schema::hash(&objects), "objects": objects})))
 }
@@ -253,7 +259,7 @@ async fn changesets(
     }
     .clamp(1, MAX_ENTRIES);
     touch(&state, &req, &who, None);
-    let (min, head, entries) = db
+    let (min, head, uid, entries) = db
         .read(move |conn| {
             conn.execute_batch("BEGIN")?;
             let r = (|| -> rusqlite::Result<_> {
@@ -263,7 +269,8 @@ async fn changesets(
                 } else {
                     Vec::new()
                 };
-                Ok((min, head, entries))
+                let uid = recorder::database_uid(conn)?;
+                Ok((min, head, uid, entries))
             })();
             conn.execute_batch("COMMIT")?;
             Ok(r?)
@@ -285,7 +292,7 @@ async fn changesets(
         })
         .collect();
     Ok(HttpResponse::Ok().json(
-        json!({"db": db.name, "epoch": state.master.epoch, "version": head, "minVersion": min, "entries": entries}),
+        json!({"db": db.name, "uid": uid, "epoch": state.master.epoch, "version": head, "minVersion": min, "entries": entries}),
     ))
 }
 
@@ -293,7 +300,7 @@ async fn changesets(
 /// single step (one read transaction: writers go on, the copy is one committed state). Never
 /// the live file. Returns the open copy, its size, its version (read from its own changelog)
 /// and the sha256 of its bytes.
-pub fn snapshot(db: &Database, dir: &Path) -> ApiResult<(std::fs::File, u64, i64, String)> {
+pub fn snapshot(db: &Database, dir: &Path) -> ApiResult<(std::fs::File, u64, i64, String, String)> {
     use rusqlite::{Connection, OpenFlags};
     std::fs::create_dir_all(dir)?;
     let path = dir.join(format!("{}-{}.db", db.name, random_id(12)));
@@ -308,11 +315,12 @@ pub fn snapshot(db: &Database, dir: &Path) -> ApiResult<(std::fs::File, u64, i64
         // A snapshot is a plain single file; the replica sets WAL mode when it opens it.
         dst.query_row("PRAGMA journal_mode = DELETE", [], |_| Ok(()))?;
         let version = recorder::head(&dst)?;
+        let uid = recorder::database_uid(&dst)?;
         drop(dst);
         drop(src);
         let (len, sha) = sha256_file(&path)?;
         let file = std::fs::File::open(&path)?;
-        Ok((file, len, version, sha))
+        Ok((file, len, version, sha, uid))
     })();
     // The open file handle keeps the data readable; the name is not needed any more.
     let _ = std::fs::remove_file(&path);
@@ -344,11 +352,9 @@ async fn download(
     who: Identity,
     q: web::Query<DbQuery>,
 ) -> ApiResult<HttpResponse> {
-    authorize(&who, false)?;
-    touch(&state, &req, &who, None);
-    let db = replicated_db(&state, q.db.as_deref())?;
+    let db = pull_request(&state, &req, &who, q.db.as_deref())?;
     let dir = state.dbs.data_dir().join(".snapshots");
-    let (file, len, version, sha) = tokio::task::spawn_blocking(move || snapshot(&db, &dir))
+    let (file, len, version, sha, uid) = tokio::task::spawn_blocking(move || snapshot(&db, &dir))
         .await
         .map_err(|e| ApiError::internal("snapshot task", e.to_string()))??;
     let stream = tokio_util::io::ReaderStream::with_capacity(tokio::fs::File::from_std(file), 256 * 1024);
@@ -357,6 +363,7 @@ async fn download(
         .insert_header(("X-Replica-Version", version.to_string()))
         .insert_header(("X-Replica-Sha256", sha))
         .insert_header(("X-Replica-Epoch", state.master.epoch.clone()))
+        .insert_header(("X-Replica-Db-Uid", uid))
         .body(actix_web::body::SizedStream::new(len, stream)))
 }
 

@@ -21,7 +21,18 @@ const CHANGELOG_DDL: &str = "CREATE TABLE IF NOT EXISTS _changelog (
     schema TEXT,
     changeset BLOB NOT NULL,
     created INTEGER NOT NULL
-)";
+);
+CREATE TABLE IF NOT EXISTS _replica_origin (key TEXT PRIMARY KEY NOT NULL, value TEXT NOT NULL);";
+
+/// The random id of a database file, created with its changelog and carried by its snapshots.
+/// A database deleted and created again under the same name gets a new one, so replicas can
+/// tell the two histories apart.
+pub fn database_uid(conn: &Connection) -> rusqlite::Result<String> {
+    Ok(conn
+        .query_row("SELECT value FROM _replica_origin WHERE key = 'uid'", [], |r| r.get(0))
+        .optional()?
+        .unwrap_or_default())
+}
 
 /// One changelog entry: the net changes of one committed write transaction.
 #[derive(Debug, Clone)]
@@ -69,6 +80,10 @@ fn now_ms() -> i64 {
 impl Recorder for ChangeRecorder {
     fn init(&self, conn: &Connection) -> rusqlite::Result<()> {
         conn.execute_batch(CHANGELOG_DDL)?;
+        conn.execute(
+            "INSERT OR IGNORE INTO _replica_origin (key, value) VALUES ('uid', ?1)",
+            [crate::util::random_id(20)],
+        )?;
         let h = schema::hash(&schema::objects(conn)?);
         if let Ok(mut cur) = self.schema_hash.lock() {
             *cur = h;

@@ -124,17 +124,7 @@ fn http_suite(args: &Args) {
         "operation", "conns", "req/s"
     );
     for &c in &args.concurrency {
-        let url = base.clone();
-        let rate = measure(c, args.seconds, move |client, w, i| {
-            let body = json!({"title": format!("record {w}-{i}"), "n": i});
-            check(
-                client
-                    .post(format!("{url}/api/collections/bench/records"))
-                    .json(&body)
-                    .send()
-                    .expect("create"),
-            );
-        });
+        let rate = create_rate(&node, c, args.seconds);
         let anchor = if c == 1 { "1,500-1,700 sequential creates/s" } else { "" };
         println!("{:<34} {:>6} {:>12.0}   {anchor}", "create record", c, rate);
     }
