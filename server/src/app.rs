@@ -37,24 +37,34 @@ pub struct AppState {
     pub settings: Settings,
     /// Replication state of this master: epoch, known replicas, cached checksums.
     pub master: MasterState,
+    /// The sync engine and its state, on a replica; `None` on a master.
+    pub follower: Option<crate::replica::follower::Follower>,
 }
 
 impl AppState {
     /// Opens the data directory and bootstraps every database in it.
     pub async fn open(config: &ServeConfig, secret: &str) -> ApiResult<Self> {
-        let recorders: Option<crate::db::RecorderFactory> = (config.changelog == "on").then(|| {
-            let f: crate::db::RecorderFactory = Arc::new(|name: &str| {
-                is_replicated_db(name).then(|| ChangeRecorder::new() as Arc<dyn crate::db::writer::Recorder>)
+        // Replicas record nothing: their replicated databases change only by applying the master's log.
+        let recorders: Option<crate::db::RecorderFactory> =
+            (config.changelog == "on" && !config.is_replica()).then(|| {
+                let f: crate::db::RecorderFactory = Arc::new(|name: &str| {
+                    is_replicated_db(name).then(|| ChangeRecorder::new() as Arc<dyn crate::db::writer::Recorder>)
+                });
+                f
             });
-            f
-        });
         let dbs = Registry::open(&config.data_dir, config.read_pool_size, recorders)?;
         let stats = dbs
             .get(crate::db::STATS_DB)
             .ok_or_else(|| ApiError::internal("open", "stats database missing"))?;
         let master = MasterState::open(&config.data_dir, &stats).await?;
+        let follower = if config.is_replica() {
+            Some(crate::replica::follower::Follower::new(config)?)
+        } else {
+            None
+        };
         let state = AppState {
             master,
+            follower,
             dbs,
             schemas: SchemaCache::default(),
             tokens: TokenKeys::new(secret),
@@ -65,7 +75,12 @@ impl AppState {
             },
         };
         for db in state.dbs.list() {
-            state.bootstrap(&db).await?;
+            // A replica's replicated databases get their tables from the master's snapshot.
+            if state.follower.as_ref().is_some_and(|f| f.follows(&db.name)) {
+                state.schemas.reload(&db).await?;
+            } else {
+                state.bootstrap(&db).await?;
+            }
         }
         Ok(state)
     }
@@ -162,14 +177,19 @@ fn query_config() -> web::QueryConfig {
         .error_handler(|err, _| ApiError::bad_request(format!("Invalid query parameters: {err}")).into())
 }
 
-/// Registers every route table. Used by [`run`] and usable by tests of the app in-process.
-pub fn configure(cfg: &mut web::ServiceConfig) {
+/// Registers every route table: the master's replication endpoints on a master, the manual
+/// sync on a replica.
+pub fn configure(cfg: &mut web::ServiceConfig, replica: bool) {
     crate::health::configure(cfg);
     crate::databases::configure(cfg);
     crate::auth::configure(cfg);
     crate::records::configure(cfg);
     crate::collections::configure(cfg);
-    crate::replica::configure(cfg);
+    if replica {
+        crate::replica::follower::configure(cfg);
+    } else {
+        crate::replica::configure(cfg);
+    }
 }
 
 /// Resolves when SIGTERM or SIGINT (Ctrl-C) arrives; returns the signal's name.
@@ -188,18 +208,32 @@ pub async fn run(config: ServeConfig, secret: String, listener: TcpListener) -> 
         .await
         .map_err(|e| std::io::Error::other(format!("cannot open the data directory: {e}")))?;
     let state = web::Data::new(state);
-    match state.has_admins().await {
-        Ok(false) => log::warn!(
-            "no admin exists yet: create one with `vski admin create EMAIL PASSWORD --data-dir {}` or POST /api/admins/init",
-            config.data_dir.display()
-        ),
-        Ok(true) => {}
-        Err(e) => log::error!("cannot count admins: {e}"),
+    let replica = config.is_replica();
+    let mut headers = vec![("X-Replica-Mode", if replica { "replica" } else { "master" }.to_string())];
+    if let Some(f) = &state.follower {
+        headers.push(("X-Replica-Id", f.replica_id.clone()));
+        headers.push(("X-Master-Url", f.master_url.clone()));
+        log::info!(
+            "replica '{}' of {} (sync every {} s; 0 = manual)",
+            f.replica_id,
+            f.master_url,
+            f.interval
+        );
+        actix_web::rt::spawn(crate::replica::follower::sync_loop(state.clone()));
+    } else {
+        match state.has_admins().await {
+            Ok(false) => log::warn!(
+                "no admin exists yet: create one with `vski admin create EMAIL PASSWORD --data-dir {}` or POST /api/admins/init",
+                config.data_dir.display()
+            ),
+            Ok(true) => {}
+            Err(e) => log::error!("cannot count admins: {e}"),
+        }
+        actix_web::rt::spawn(crate::replica::master::retention_loop(
+            state.clone(),
+            config.changelog_retention_hours,
+        ));
     }
-    actix_web::rt::spawn(crate::replica::master::retention_loop(
-        state.clone(),
-        config.changelog_retention_hours,
-    ));
     let limit = config.body_limit;
     let app_state = state.clone();
     let mut server = HttpServer::new(move || {
@@ -208,9 +242,17 @@ pub async fn run(config: ServeConfig, secret: String, listener: TcpListener) -> 
             .app_data(json_config(limit))
             .app_data(web::PayloadConfig::default().limit(limit))
             .app_data(query_config())
-            .wrap(DefaultHeaders::new().add(("X-Replica-Mode", "master")))
+            .wrap(actix_web::middleware::Condition::new(
+                replica,
+                actix_web::middleware::from_fn(crate::replica::follower::read_only_guard),
+            ))
+            .wrap(
+                headers
+                    .iter()
+                    .fold(DefaultHeaders::new(), |h, (k, v)| h.add((*k, v.clone()))),
+            )
             .wrap(Logger::new("%a \"%r\" %s %b %Dms").log_target("vski::access"))
-            .configure(configure)
+            .configure(|cfg| configure(cfg, replica))
             .default_service(web::to(not_found))
     })
     .shutdown_timeout(30);

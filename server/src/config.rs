@@ -17,7 +17,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the HTTP server.
-    Serve(ServeConfig),
+    Serve(Box<ServeConfig>),
     /// Manage administrators without a running server.
     Admin {
         #[command(subcommand)]
@@ -43,6 +43,52 @@ fn parse_retention(s: &str) -> Result<f64, String> {
     match s.parse::<f64>() {
         Ok(h) if h.is_finite() && h > 0.0 => Ok(h),
         _ => Err(format!("'{s}' is not a positive number of hours")),
+    }
+}
+
+impl ServeConfig {
+    pub fn is_replica(&self) -> bool {
+        self.replica_mode == "replica"
+    }
+
+    /// Checks combinations clap cannot express. The message is printed as the one error line.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.is_replica() {
+            let url = self.master_url.as_deref().unwrap_or("").trim();
+            if url.is_empty() {
+                return Err(
+                    "REPLICA_MODE=replica needs MASTER_URL (the master's base URL, e.g. http://master:3001)".into(),
+                );
+            }
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                return Err(format!("MASTER_URL must start with http:// or https://, got '{url}'"));
+            }
+            if self.jwt_secret.as_deref().unwrap_or("").is_empty() {
+                return Err("REPLICA_MODE=replica needs JWT_SECRET, the same value as on the master".into());
+            }
+        }
+        if let Some(id) = &self.replica_id {
+            if id.is_empty()
+                || id.len() > 64
+                || !id
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+            {
+                return Err(format!(
+                    "REPLICA_ID must be 1-64 characters of letters, digits, '-', '_' and '.', got '{id}'"
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Databases this replica leaves out, besides `stats` and `workflows`.
+    pub fn omitted_dbs(&self) -> Vec<String> {
+        self.replica_omit_dbs
+            .split(',')
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty())
+            .collect()
     }
 }
 
@@ -91,6 +137,31 @@ pub struct ServeConfig {
     /// that ran with `off` miss those changes.
     #[arg(long, env = "CHANGELOG", default_value = "on", value_parser = ["on", "off"])]
     pub changelog: String,
+
+    /// `master` takes writes; `replica` follows MASTER_URL and serves reads only.
+    #[arg(long, env = "REPLICA_MODE", default_value = "master", value_parser = ["master", "replica"])]
+    pub replica_mode: String,
+
+    /// Base URL of the master (replica only, required there).
+    #[arg(long, env = "MASTER_URL")]
+    pub master_url: Option<String>,
+
+    /// Seconds between sync rounds of a replica; 0 = only when asked (POST /api/replica/sync).
+    #[arg(long, env = "SYNC_INTERVAL", default_value_t = 60)]
+    pub sync_interval: u64,
+
+    /// This replica's id, sent to the master and returned in X-Replica-Id. Default: generated
+    /// once and kept in DATA_DIR/.replica_id.
+    #[arg(long, env = "REPLICA_ID")]
+    pub replica_id: Option<String>,
+
+    /// This node's public URL, reported to the master (replicas).
+    #[arg(long, env = "PUBLIC_URL")]
+    pub public_url: Option<String>,
+
+    /// Comma-separated databases a replica does not replicate (stats and workflows never are).
+    #[arg(long, env = "REPLICA_OMIT_DBS", default_value = "")]
+    pub replica_omit_dbs: String,
 
     /// HTTP worker threads. Default: one per CPU core.
     #[arg(long, env = "WORKERS")]

@@ -26,12 +26,14 @@ pub use rusqlite;
 
 /// Starts the server on an already-bound listener (tests bind `127.0.0.1:0`).
 pub async fn run(config: ServeConfig, listener: TcpListener) -> std::io::Result<()> {
+    config.validate().map_err(std::io::Error::other)?;
     let secret = resolve_secret(&config)?;
     app::run(config, secret, listener).await
 }
 
 /// Binds `HOST:PORT` and runs the server.
 pub async fn serve(config: ServeConfig) -> std::io::Result<()> {
+    config.validate().map_err(std::io::Error::other)?;
     let addr = format!("{}:{}", config.host, config.port);
     let listener =
         TcpListener::bind(&addr).map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))?;

@@ -10,6 +10,7 @@ fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     match cli.command {
         Command::Serve(config) => {
+            let config = *config;
             let result = actix_web::rt::System::new().block_on(vski::serve(config));
             match result {
                 Ok(()) => ExitCode::SUCCESS,

@@ -99,6 +99,8 @@ pub struct NodeOptions {
     pub env: Vec<(String, String)>,
     /// Extra command-line arguments after `serve`.
     pub args: Vec<String>,
+    /// Port to listen on; default: an ephemeral one.
+    pub port: Option<u16>,
 }
 
 impl NodeOptions {
@@ -140,7 +142,8 @@ impl Node {
         let log_file = std::fs::File::create(&log).expect("log file");
         let mut cmd = Command::new(vski_bin());
         cmd.arg("serve")
-            .args(["--host", "127.0.0.1", "--port", "0", "--workers", "2"])
+            .args(["--host", "127.0.0.1", "--workers", "2"])
+            .args(["--port", &opts.port.unwrap_or(0).to_string()])
             .arg("--data-dir")
             .arg(&data_dir)
             .args(&opts.args)
@@ -220,8 +223,19 @@ impl Node {
         status.code()
     }
 
-    /// Starts a new process on the same data directory with the same options.
+    /// The port this node listens on.
+    pub fn port(&self) -> u16 {
+        self.url
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.parse().ok())
+            .expect("port in url")
+    }
+
+    /// Starts a new process on the same data directory and port with the same options.
     pub fn restart(mut self) -> Node {
+        let port = self.port();
+        self.opts.port = Some(port);
         // Also used after `terminate`/`kill`: then there is no process left to stop.
         self.kill();
         let tmp = self.tmp_handle.take();
@@ -457,4 +471,81 @@ pub fn apply_all(path: &Path, entries: &[vski::replica::recorder::Entry], policy
 pub fn checksum_of(path: &Path) -> String {
     let conn = vski::rusqlite::Connection::open(path).expect("open copy");
     vski::replica::checksum::logical_checksum(&conn).expect("checksum")
+}
+
+/// Starts a replica of `master` (with `secret`, the master's JWT_SECRET) on a fresh data directory.
+pub fn spawn_replica(master: &Node, secret: &str, opts: NodeOptions) -> Node {
+    let tmp = std::sync::Arc::new(tempfile::tempdir().expect("temp dir"));
+    let dir = tmp.path().join("data");
+    let opts = NodeOptions {
+        env: [
+            vec![
+                ("REPLICA_MODE".to_string(), "replica".to_string()),
+                ("MASTER_URL".to_string(), master.url.clone()),
+                ("JWT_SECRET".to_string(), secret.to_string()),
+            ],
+            opts.env,
+        ]
+        .concat(),
+        ..opts
+    };
+    Node::start(dir, opts, Some(tmp))
+}
+
+impl Node {
+    /// The replica's health document.
+    pub fn health(&self) -> Value {
+        self.get("/health", None).1
+    }
+
+    /// Local version of `db` on this replica (from `/health`), or -1 when unknown.
+    pub fn replica_version(&self, db: &str) -> i64 {
+        self.health()["dbs"][db]["localVersion"].as_i64().unwrap_or(-1)
+    }
+}
+
+/// The logical checksum of a live database file of a running node, read without writing.
+pub fn live_checksum(path: &Path) -> String {
+    let conn = vski::rusqlite::Connection::open_with_flags(path, vski::rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+        .expect("open live database");
+    conn.busy_timeout(Duration::from_secs(10)).expect("busy timeout");
+    conn.execute_batch("BEGIN").expect("begin");
+    let sum = vski::replica::checksum::logical_checksum(&conn).expect("checksum");
+    conn.execute_batch("COMMIT").expect("commit");
+    sum
+}
+
+/// The master's status entry for `db` (with a replica token signed by `secret`).
+pub fn master_db_status(master: &Node, secret: &str, db: &str) -> Value {
+    let (s, b) = master.get("/api/replica/status", Some(&replica_token(secret, "test-observer")));
+    assert_eq!(s, 200, "{b}");
+    b["dbs"]
+        .as_array()
+        .expect("dbs")
+        .iter()
+        .find(|d| d["name"] == db)
+        .cloned()
+        .unwrap_or(Value::Null)
+}
+
+/// Waits until `replica` holds `db` at the master's current version with the same content.
+pub fn wait_converged(master: &Node, replica: &Node, secret: &str, db: &str, timeout: Duration) {
+    let path = replica.data_dir.join(format!("{db}.db"));
+    let mut last = String::new();
+    wait_for(&format!("replica to converge on '{db}'"), timeout, || {
+        let st = master_db_status(master, secret, db);
+        let want = st["version"].as_i64()?;
+        let have = replica.replica_version(db);
+        if have != want || !path.exists() {
+            last = format!("replica at {have}, master at {want}; health {}", replica.health());
+            return None;
+        }
+        let (a, b) = (live_checksum(&path), st["sha256"].as_str()?.to_string());
+        if a != b {
+            last = format!("same version {want}, checksums differ");
+            return None;
+        }
+        Some(())
+    });
+    let _ = last;
 }

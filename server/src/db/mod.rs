@@ -124,6 +124,22 @@ impl Database {
         writer::submit(&tx, f).await
     }
 
+    /// Runs `f` on the writer thread alone, outside any transaction and without the recorder.
+    /// Only for operations SQLite refuses inside a transaction (restoring a snapshot).
+    pub async fn write_exclusive<T, F>(&self, f: F) -> ApiResult<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Connection) -> ApiResult<T> + Send + 'static,
+    {
+        let tx = self
+            .writer
+            .lock()
+            .map_err(|_| ApiError::internal("writer", "lock poisoned"))?
+            .clone()
+            .ok_or_else(|| ApiError::not_found(format!("Database '{}' is closed.", self.name)))?;
+        writer::submit_exclusive(&tx, f).await
+    }
+
     /// Runs `f` with a read-only connection on a blocking thread.
     pub async fn read<T, F>(&self, f: F) -> ApiResult<T>
     where

@@ -24,11 +24,21 @@ pub const MAX_BATCH: usize = 256;
 
 type Output = Box<dyn Any + Send>;
 type Run = Box<dyn FnOnce(&Connection) -> ApiResult<Output> + Send>;
+type RunExclusive = Box<dyn FnOnce(&mut Connection) -> ApiResult<Output> + Send>;
+type Reply = oneshot::Sender<ApiResult<Output>>;
+
+/// What a job does: run inside the shared write transaction, or alone, outside any
+/// transaction, with the connection to itself (a replica restoring a snapshot into the live
+/// database with the backup API).
+enum Work {
+    InTransaction(Run),
+    Exclusive(RunExclusive),
+}
 
 /// One unit of work for the writer: a closure and where to send its result.
 pub struct Job {
-    run: Run,
-    reply: oneshot::Sender<ApiResult<Output>>,
+    work: Work,
+    reply: Reply,
 }
 
 /// Observes every write transaction on the writer connection. The replication recorder
@@ -53,25 +63,59 @@ where
     T: Send + 'static,
     F: FnOnce(&Connection) -> ApiResult<T> + Send + 'static,
 {
-    let (reply, rx) = oneshot::channel();
     let run: Run = Box::new(move |conn| f(conn).map(|v| Box::new(v) as Output));
-    tx.send(Job { run, reply })
+    send(tx, Work::InTransaction(run)).await
+}
+
+/// Sends `f` to the writer to run alone, outside any transaction and without the recorder.
+pub async fn submit_exclusive<T, F>(tx: &mpsc::Sender<Job>, f: F) -> ApiResult<T>
+where
+    T: Send + 'static,
+    F: FnOnce(&mut Connection) -> ApiResult<T> + Send + 'static,
+{
+    let run: RunExclusive = Box::new(move |conn| f(conn).map(|v| Box::new(v) as Output));
+    send(tx, Work::Exclusive(run)).await
+}
+
+async fn send<T: 'static>(tx: &mpsc::Sender<Job>, work: Work) -> ApiResult<T> {
+    let (reply, rx) = oneshot::channel();
+    tx.send(Job { work, reply })
         .await
         .map_err(|_| ApiError::internal("writer", "database is closed"))?;
     let out = rx
         .await
         .map_err(|_| ApiError::internal("writer", "writer thread stopped"))??;
-    // The closure above boxed a `T`, so the downcast cannot fail.
+    // The submitting function boxed a `T`, so the downcast cannot fail.
     Ok(*out.downcast::<T>().expect("writer output has the submitted type"))
 }
 
 /// The writer loop. Returns when every sender is dropped and the queue is drained.
-pub fn run(conn: Connection, mut rx: mpsc::Receiver<Job>, recorder: Option<Arc<dyn Recorder>>) {
-    while let Some(first) = rx.blocking_recv() {
+pub fn run(mut conn: Connection, mut rx: mpsc::Receiver<Job>, recorder: Option<Arc<dyn Recorder>>) {
+    // An exclusive job that arrived while a batch was gathered; it runs right after the batch.
+    let mut pending: Option<Job> = None;
+    while let Some(first) = pending.take().or_else(|| rx.blocking_recv()) {
+        let first = match first.work {
+            Work::Exclusive(run) => {
+                let result = match catch_unwind(AssertUnwindSafe(|| run(&mut conn))) {
+                    Ok(r) => r,
+                    Err(_) => Err(ApiError::internal("writer", "exclusive job panicked")),
+                };
+                let _ = first.reply.send(result);
+                continue;
+            }
+            Work::InTransaction(run) => (run, first.reply),
+        };
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
             match rx.try_recv() {
-                Ok(job) => batch.push(job),
+                Ok(Job {
+                    work: Work::InTransaction(run),
+                    reply,
+                }) => batch.push((run, reply)),
+                Ok(job) => {
+                    pending = Some(job);
+                    break;
+                }
                 Err(_) => break,
             }
         }
@@ -82,26 +126,30 @@ pub fn run(conn: Connection, mut rx: mpsc::Receiver<Job>, recorder: Option<Arc<d
     }
 }
 
-fn run_batch(conn: &Connection, recorder: Option<&dyn Recorder>, batch: Vec<Job>) {
+fn run_batch(conn: &Connection, recorder: Option<&dyn Recorder>, batch: Vec<(Run, Reply)>) {
     if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
         let msg = e.to_string();
-        for job in batch {
-            let _ = job
-                .reply
-                .send(Err(ApiError::internal("begin write transaction", msg.clone())));
+        for (_, reply) in batch {
+            let _ = reply.send(Err(ApiError::internal("begin write transaction", msg.clone())));
         }
         return;
     }
     let recording = match recorder.map(|r| r.begin(conn)).transpose() {
         Ok(r) => r,
-        Err(e) => return abort(conn, batch.into_iter().map(|j| j.reply).collect(), &e.to_string()),
+        Err(e) => {
+            return abort(
+                conn,
+                batch.into_iter().map(|(_, reply)| reply).collect(),
+                &e.to_string(),
+            );
+        }
     };
 
     let mut results = Vec::with_capacity(batch.len());
     let mut replies = Vec::with_capacity(batch.len());
-    for job in batch {
-        replies.push(job.reply);
-        results.push(run_job(conn, job.run));
+    for (run, reply) in batch {
+        replies.push(reply);
+        results.push(run_job(conn, run));
     }
 
     let finished = match recording {
@@ -132,7 +180,7 @@ fn run_job(conn: &Connection, run: Run) -> ApiResult<Output> {
     result
 }
 
-fn abort(conn: &Connection, replies: Vec<oneshot::Sender<ApiResult<Output>>>, cause: &str) {
+fn abort(conn: &Connection, replies: Vec<Reply>, cause: &str) {
     if !conn.is_autocommit() {
         if let Err(e) = conn.execute_batch("ROLLBACK") {
             log::error!("rollback after failed write transaction: {e}");

@@ -5,6 +5,7 @@
 
 pub mod apply;
 pub mod checksum;
+pub mod follower;
 pub mod master;
 pub mod recorder;
 pub mod schema;

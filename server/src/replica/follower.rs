@@ -1,0 +1,619 @@
+//! The replica side: sync rounds that bootstrap databases from snapshots and follow the
+//! master's changelog, the read-only guard, and the sync state shown in `/health`.
+//!
+//! Architecture invariant: a replicated database on a replica is written only by this module,
+//! through the database's writer: each page of changelog entries is applied in one
+//! transaction together with the new local version (`_replica_state`), and a snapshot is
+//! restored into the live file with the backup API in one step. A crash at any point leaves
+//! the database at a clean version, and the next round continues from there.
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use actix_web::body::BoxBody;
+use actix_web::dev::{ServiceRequest, ServiceResponse};
+use actix_web::http::{Method, StatusCode};
+use actix_web::middleware::Next;
+use actix_web::{HttpResponse, web};
+use base64::Engine;
+use rusqlite::{Connection, OpenFlags, OptionalExtension};
+use serde::Serialize;
+use serde_json::{Value, json};
+
+use super::apply::{Conflicts, apply_entry};
+use super::recorder::Entry;
+use super::{is_replicated_db, schema};
+use crate::app::{AppState, resource};
+use crate::auth::Identity;
+use crate::auth::token::{TokenKeys, TokenType};
+use crate::config::ServeConfig;
+use crate::db::Database;
+use crate::error::{ApiError, ApiResult, error_body};
+use crate::util::{now_string, random_id};
+
+const STATE_DDL: &str =
+    "CREATE TABLE IF NOT EXISTS _replica_state (key TEXT PRIMARY KEY NOT NULL, value TEXT NOT NULL)";
+
+/// Where a replica's copy of a database stands, kept inside that database.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LocalState {
+    pub version: i64,
+    pub epoch: String,
+    pub uid: String,
+}
+
+/// Reads the replica state of a database file; `None` if it was never bootstrapped.
+pub fn local_state(conn: &Connection) -> rusqlite::Result<Option<LocalState>> {
+    let has = conn
+        .query_row(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = '_replica_state'",
+            [],
+            |_| Ok(()),
+        )
+        .optional()?;
+    if has.is_none() {
+        return Ok(None);
+    }
+    let get = |k: &str| -> rusqlite::Result<Option<String>> {
+        conn.query_row("SELECT value FROM _replica_state WHERE key = ?1", [k], |r| r.get(0))
+            .optional()
+    };
+    match (get("version")?, get("epoch")?, get("uid")?) {
+        (Some(v), Some(epoch), Some(uid)) => Ok(v.parse().ok().map(|version| LocalState { version, epoch, uid })),
+        _ => Ok(None),
+    }
+}
+
+fn set_state(conn: &Connection, key: &str, value: &str) -> rusqlite::Result<()> {
+    conn.execute(
+        "INSERT INTO _replica_state (key, value) VALUES (?1, ?2) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+        [key, value],
+    )?;
+    Ok(())
+}
+
+/// Sync state of one database, for `/health`.
+#[derive(Debug, Clone, Default, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DbSync {
+    pub local_version: i64,
+    pub master_version: i64,
+    /// Time of the last round that brought this database up to the master's version.
+    pub last_sync: Option<String>,
+    /// Versions behind the master's last known version.
+    pub lag: i64,
+    pub last_error: Option<String>,
+    /// Snapshots downloaded for this database since start.
+    pub bootstraps: u64,
+}
+
+/// A replica's configuration and sync state.
+pub struct Follower {
+    pub master_url: String,
+    pub replica_id: String,
+    pub public_url: Option<String>,
+    pub interval: u64,
+    omit: HashSet<String>,
+    http: reqwest::Client,
+    /// One round at a time: the scheduled loop and `POST /api/replica/sync` share it.
+    round_lock: tokio::sync::Mutex<()>,
+    /// Per-database state for `/health`. Held only to read or update.
+    pub dbs: Mutex<BTreeMap<String, DbSync>>,
+    /// Time of the last round that completed without error, and the last error.
+    pub last_round: Mutex<(Option<String>, Option<String>)>,
+    /// When the last round completed without error.
+    last_ok_at: Mutex<Option<Instant>>,
+    started: Instant,
+}
+
+/// The replica id: `REPLICA_ID`, else the one kept in `DATA_DIR/.replica_id`, else a new one.
+pub fn replica_id(config: &ServeConfig) -> std::io::Result<String> {
+    if let Some(id) = &config.replica_id {
+        return Ok(id.clone());
+    }
+    let path = config.data_dir.join(".replica_id");
+    if let Ok(s) = std::fs::read_to_string(&path) {
+        if !s.trim().is_empty() {
+            return Ok(s.trim().to_string());
+        }
+    }
+    let id = format!("replica-{}", random_id(8));
+    std::fs::write(&path, &id)?;
+    Ok(id)
+}
+
+impl Follower {
+    pub fn new(config: &ServeConfig) -> std::io::Result<Self> {
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(10))
+            .read_timeout(Duration::from_secs(60))
+            .build()
+            .map_err(std::io::Error::other)?;
+        Ok(Follower {
+            master_url: config
+                .master_url
+                .clone()
+                .unwrap_or_default()
+                .trim_end_matches('/')
+                .to_string(),
+            replica_id: replica_id(config)?,
+            public_url: config.public_url.clone(),
+            interval: config.sync_interval,
+            omit: config.omitted_dbs().into_iter().collect(),
+            http,
+            round_lock: tokio::sync::Mutex::new(()),
+            dbs: Mutex::new(BTreeMap::new()),
+            last_round: Mutex::new((None, None)),
+            last_ok_at: Mutex::new(None),
+            started: Instant::now(),
+        })
+    }
+
+    /// Whether database `name` is replicated to this node.
+    pub fn follows(&self, name: &str) -> bool {
+        is_replicated_db(name) && !self.omit.contains(name)
+    }
+
+    fn request(&self, state: &AppState, method: reqwest::Method, path: &str) -> ApiResult<reqwest::RequestBuilder> {
+        let token = state
+            .tokens
+            .mint(&TokenKeys::claims(TokenType::Replica, &self.replica_id, 300))?;
+        let mut rb = self
+            .http
+            .request(method, format!("{}{path}", self.master_url))
+            .bearer_auth(token)
+            .header("X-Replica-Id", &self.replica_id);
+        if let Some(url) = &self.public_url {
+            rb = rb.header("X-Replica-Public-Url", url);
+        }
+        Ok(rb)
+    }
+
+    async fn get_json(&self, state: &AppState, path: &str) -> Result<(u16, Value), String> {
+        let resp = self
+            .request(state, reqwest::Method::GET, path)
+            .map_err(|e| e.to_string())?
+            .timeout(Duration::from_secs(60))
+            .send()
+            .await
+            .map_err(|e| format!("GET {path}: {e}"))?;
+        let status = resp.status().as_u16();
+        let body = resp.json::<Value>().await.unwrap_or(Value::Null);
+        Ok((status, body))
+    }
+
+    fn note<F: FnOnce(&mut DbSync)>(&self, db: &str, f: F) {
+        if let Ok(mut m) = self.dbs.lock() {
+            f(m.entry(db.to_string()).or_default());
+        }
+    }
+
+    /// One sync round: every followed database of the master is brought up to date.
+    pub async fn round(&self, state: &AppState) -> Result<(), String> {
+        let _one_at_a_time = self.round_lock.lock().await;
+        let result = self.round_inner(state).await;
+        if let Ok(mut last) = self.last_round.lock() {
+            match &result {
+                Ok(()) => {
+                    *last = (Some(now_string()), None);
+                    if let Ok(mut at) = self.last_ok_at.lock() {
+                        *at = Some(Instant::now());
+                    }
+                }
+                Err(e) => last.1 = Some(e.clone()),
+            }
+        }
+        result
+    }
+
+    async fn round_inner(&self, state: &AppState) -> Result<(), String> {
+        let (status, body) = self.get_json(state, "/api/replica/status").await?;
+        if status != 200 {
+            return Err(format!(
+                "master answered {status} to /api/replica/status: {}",
+                body["message"]
+            ));
+        }
+        let epoch = body["epoch"].as_str().unwrap_or_default().to_string();
+        let mut errors = Vec::new();
+        for d in body["dbs"].as_array().cloned().unwrap_or_default() {
+            let name = d["name"].as_str().unwrap_or_default().to_string();
+            if !self.follows(&name) || !crate::db::is_valid_db_name(&name) {
+                continue;
+            }
+            if let Err(e) = self.sync_db(state, &epoch, &name, &d).await {
+                log::warn!("sync of '{name}' failed: {e}");
+                self.note(&name, |s| s.last_error = Some(e.clone()));
+                errors.push(format!("{name}: {e}"));
+            }
+        }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(errors.join("; "))
+        }
+    }
+
+    async fn sync_db(&self, state: &AppState, epoch: &str, name: &str, master: &Value) -> Result<(), String> {
+        let master_version = master["version"].as_i64().unwrap_or(0);
+        let master_uid = master["uid"].as_str().unwrap_or_default().to_string();
+        let db = match state.dbs.get(name) {
+            Some(db) => db,
+            None => state.dbs.create(name).map_err(|e| e.to_string())?,
+        };
+        let local = db
+            .read(|conn| Ok(local_state(conn)?))
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut changed =
+            !matches!(&local, Some(l) if l.epoch == epoch && l.uid == master_uid && l.version <= master_version);
+        let mut version = match local {
+            Some(l) if l.epoch == epoch && l.uid == master_uid && l.version <= master_version => l.version,
+            other => {
+                let why = match other {
+                    None => "no local copy".to_string(),
+                    Some(l) if l.epoch != epoch => "the master's epoch changed".to_string(),
+                    Some(l) if l.uid != master_uid => "the database was re-created on the master".to_string(),
+                    Some(l) => format!("local version {} is ahead of the master's {master_version}", l.version),
+                };
+                self.bootstrap(state, &db, &why).await?
+            }
+        };
+        loop {
+            let path = format!("/api/replica/changesets?db={name}&since={version}&limit=1000");
+            let (status, body) = self.get_json(state, &path).await?;
+            if status == 410 {
+                version = self
+                    .bootstrap(state, &db, "the master pruned the versions this copy needs")
+                    .await?;
+                changed = true;
+                continue;
+            }
+            if status != 200 {
+                return Err(format!("master answered {status} to changesets: {}", body["message"]));
+            }
+            if body["epoch"].as_str() != Some(epoch) || body["uid"].as_str() != Some(master_uid.as_str()) {
+                return Err("the master changed during the round; the next round starts over".into());
+            }
+            let entries = decode_entries(&body)?;
+            let Some(last) = entries.last().map(|e| e.version) else {
+                break;
+            };
+            if entries[0].version != version + 1 {
+                return Err(format!(
+                    "expected version {} next, got {}",
+                    version + 1,
+                    entries[0].version
+                ));
+            }
+            let (first, count, db_name) = (entries[0].version, entries.len(), name.to_string());
+            log::debug!("applying {count} entries to '{db_name}' (versions {first}..={last})");
+            version = db
+                .write(move |conn| {
+                    for e in &entries {
+                        apply_entry(conn, e, Conflicts::Converge)?;
+                    }
+                    conn.execute_batch(STATE_DDL)?;
+                    set_state(conn, "version", &last.to_string())?;
+                    Ok(last)
+                })
+                .await
+                .map_err(|e| e.to_string())?;
+            changed = true;
+            log::debug!("applied entries to '{name}', now at version {version}");
+            self.note(name, |s| s.local_version = version);
+        }
+        // A safety net: once caught up, the schemas must agree; if not, migrate to the master's.
+        let local_hash = db
+            .read(|conn| Ok(schema::hash(&schema::objects(conn)?)))
+            .await
+            .map_err(|e| e.to_string())?;
+        if version == master_version && Some(local_hash.as_str()) != master["schemaHash"].as_str() {
+            log::warn!("schema of '{name}' differs from the master's; migrating via schema-sync");
+            let (status, body) = self
+                .get_json(state, &format!("/api/replica/schema-sync?db={name}"))
+                .await?;
+            if status != 200 {
+                return Err(format!("master answered {status} to schema-sync"));
+            }
+            let objects: Vec<schema::SchemaObject> =
+                serde_json::from_value(body["objects"].clone()).map_err(|e| format!("schema-sync: {e}"))?;
+            db.write(move |conn| Ok(schema::migrate(conn, &objects)?))
+                .await
+                .map_err(|e| e.to_string())?;
+            changed = true;
+        }
+        if changed {
+            state.schemas.reload(&db).await.map_err(|e| e.to_string())?;
+        }
+        let now = now_string();
+        self.note(name, |s| {
+            s.local_version = version;
+            s.master_version = master_version.max(version);
+            s.lag = (s.master_version - version).max(0);
+            s.last_sync = Some(now);
+            s.last_error = None;
+        });
+        let ack = self
+            .request(state, reqwest::Method::POST, "/api/replica/ack")
+            .map_err(|e| e.to_string())?
+            .timeout(Duration::from_secs(30))
+            .json(&json!({"db": name, "version": version}))
+            .send()
+            .await;
+        if let Err(e) = ack {
+            log::warn!("ack of '{name}' failed: {e}");
+        }
+        Ok(())
+    }
+
+    /// Downloads a snapshot, checks it, and restores it into the live database in one step.
+    /// Returns the version the database is at afterwards.
+    async fn bootstrap(&self, state: &AppState, db: &Arc<Database>, why: &str) -> Result<i64, String> {
+        log::info!("downloading a snapshot of '{}': {why}", db.name);
+        let dir = state.dbs.data_dir().join(".snapshots");
+        std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+        let tmp = dir.join(format!("download-{}-{}.db", db.name, random_id(8)));
+        let result = self.bootstrap_into(state, db, &tmp).await;
+        let _ = std::fs::remove_file(&tmp);
+        let version = result?;
+        self.note(&db.name, |s| {
+            s.bootstraps += 1;
+            s.local_version = version;
+        });
+        log::info!("restored '{}' from a snapshot at version {version}", db.name);
+        Ok(version)
+    }
+
+    async fn bootstrap_into(&self, state: &AppState, db: &Arc<Database>, tmp: &Path) -> Result<i64, String> {
+        use sha2::Digest;
+        use tokio::io::AsyncWriteExt;
+        let path = format!("/api/replica/download?db={}", db.name);
+        let mut resp = self
+            .request(state, reqwest::Method::GET, &path)
+            .map_err(|e| e.to_string())?
+            .send()
+            .await
+            .map_err(|e| format!("GET {path}: {e}"))?;
+        if resp.status().as_u16() != 200 {
+            return Err(format!("master answered {} to {path}", resp.status().as_u16()));
+        }
+        let header = |k: &str| {
+            resp.headers()
+                .get(k)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+                .to_string()
+        };
+        let (version, sha, epoch, uid) = (
+            header("x-replica-version"),
+            header("x-replica-sha256"),
+            header("x-replica-epoch"),
+            header("x-replica-db-uid"),
+        );
+        let version: i64 = version
+            .parse()
+            .map_err(|_| "snapshot without a version header".to_string())?;
+        let mut file = tokio::fs::File::create(tmp).await.map_err(|e| e.to_string())?;
+        let mut hasher = sha2::Sha256::new();
+        while let Some(chunk) = resp
+            .chunk()
+            .await
+            .map_err(|e| format!("downloading the snapshot: {e}"))?
+        {
+            hasher.update(&chunk);
+            file.write_all(&chunk).await.map_err(|e| e.to_string())?;
+        }
+        file.sync_all().await.map_err(|e| e.to_string())?;
+        drop(file);
+        if crate::util::hex(&hasher.finalize()) != sha {
+            return Err("the snapshot's sha256 does not match its header".into());
+        }
+        let prepared: PathBuf = tmp.to_path_buf();
+        let (e2, u2) = (epoch.clone(), uid.clone());
+        tokio::task::spawn_blocking(move || prepare_snapshot(&prepared, version, &e2, &u2))
+            .await
+            .map_err(|e| e.to_string())??;
+        let src = tmp.to_path_buf();
+        db.write_exclusive(move |conn| restore(conn, &src))
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(version)
+    }
+}
+
+/// Checks a downloaded snapshot and records in it where it stands, so the restore carries its
+/// own replica state: the data and the version switch together.
+fn prepare_snapshot(path: &Path, version: i64, epoch: &str, uid: &str) -> Result<(), String> {
+    let conn = Connection::open(path).map_err(|e| e.to_string())?;
+    let check: String = conn
+        .query_row("PRAGMA quick_check", [], |r| r.get(0))
+        .map_err(|e| e.to_string())?;
+    if check != "ok" {
+        return Err(format!("the snapshot failed quick_check: {check}"));
+    }
+    let inner = super::recorder::head(&conn).map_err(|e| e.to_string())?;
+    if inner != version {
+        return Err(format!("the snapshot holds version {inner}, its header says {version}"));
+    }
+    conn.execute_batch(STATE_DDL).map_err(|e| e.to_string())?;
+    for (k, v) in [
+        ("version", version.to_string()),
+        ("epoch", epoch.to_string()),
+        ("uid", uid.to_string()),
+    ] {
+        set_state(&conn, k, &v).map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}
+
+/// Replaces the content of the live database with the file at `src`, in one step of the backup
+/// API on the writer connection: readers see the old content until it commits, then the new.
+fn restore(conn: &mut Connection, src: &Path) -> ApiResult<()> {
+    let from = Connection::open_with_flags(src, OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+    rusqlite::backup::Backup::new(&from, conn)?.step(-1)?;
+    conn.query_row("PRAGMA journal_mode = WAL", [], |_| Ok(()))?;
+    Ok(())
+}
+
+fn decode_entries(body: &Value) -> Result<Vec<Entry>, String> {
+    let b64 = base64::engine::general_purpose::STANDARD;
+    body["entries"]
+        .as_array()
+        .ok_or("changesets response without entries")?
+        .iter()
+        .map(|e| {
+            Ok(Entry {
+                version: e["version"].as_i64().ok_or("entry without version")?,
+                schema_hash: e["schemaHash"].as_str().unwrap_or_default().to_string(),
+                schema: serde_json::from_value(e["schema"].clone()).map_err(|e| format!("entry schema: {e}"))?,
+                changeset: b64
+                    .decode(e["changeset"].as_str().unwrap_or_default())
+                    .map_err(|e| format!("entry changeset: {e}"))?,
+                created: e["created"].as_i64().unwrap_or(0),
+            })
+        })
+        .collect()
+}
+
+/// Runs a round now and then every `SYNC_INTERVAL` seconds (never when it is 0, apart from the
+/// first round at start). A failed round is retried with exponential backoff, at most 5 minutes.
+pub async fn sync_loop(state: web::Data<AppState>) {
+    let Some(f) = state.follower.as_ref() else { return };
+    let mut failures: u32 = 0;
+    loop {
+        match f.round(&state).await {
+            Ok(()) => {
+                if failures > 0 {
+                    log::info!("sync with {} works again", f.master_url);
+                }
+                failures = 0;
+            }
+            Err(e) => {
+                failures = failures.saturating_add(1);
+                log::warn!("sync round with {} failed (attempt {failures}): {e}", f.master_url);
+            }
+        }
+        let wait = if failures > 0 {
+            // 2, 4, 8 … seconds, never sooner than the interval, at most 8 intervals (5 min).
+            let cap = (f.interval.max(1) * 8).min(300);
+            Duration::from_secs((1u64 << failures.min(9)).max(f.interval).min(cap))
+        } else if f.interval == 0 {
+            return;
+        } else {
+            Duration::from_secs(f.interval)
+        };
+        tokio::time::sleep(wait).await;
+    }
+}
+
+pub fn configure(cfg: &mut web::ServiceConfig) {
+    cfg.service(resource("/api/replica/sync").route(web::post().to(sync_now)));
+}
+
+/// `POST /api/replica/sync` (admin): runs a round now and answers when it is done.
+async fn sync_now(state: web::Data<AppState>, who: Identity) -> ApiResult<HttpResponse> {
+    who.require_admin()?;
+    let f = state
+        .follower
+        .as_ref()
+        .ok_or_else(|| ApiError::not_found("This node is not a replica."))?;
+    match f.round(&state).await {
+        Ok(()) => Ok(HttpResponse::Ok().json(json!({"synced": true, "dbs": health(f)["dbs"].clone()}))),
+        Err(e) => Ok(error_body(
+            StatusCode::BAD_GATEWAY,
+            &format!("Sync failed: {e}"),
+            json!({}),
+        )),
+    }
+}
+
+/// The replica part of `/health`.
+pub fn health(f: &Follower) -> Value {
+    let dbs = f.dbs.lock().map(|m| m.clone()).unwrap_or_default();
+    let (last_ok, last_error) = f.last_round.lock().map(|l| l.clone()).unwrap_or_default();
+    // Seconds since the last successful round (since start when there was none yet).
+    let since_ok = f
+        .last_ok_at
+        .lock()
+        .ok()
+        .and_then(|t| *t)
+        .unwrap_or(f.started)
+        .elapsed()
+        .as_secs_f64();
+    // Stale: the last round failed and, in scheduled mode, no round succeeded for 3 intervals.
+    let stale = last_error.is_some() && (f.interval == 0 || since_ok > (f.interval * 3) as f64);
+    json!({
+        "secondsSinceLastSync": (since_ok * 10.0).round() / 10.0,
+        "replicaId": f.replica_id,
+        "masterUrl": f.master_url,
+        "syncInterval": f.interval,
+        "lastSuccessfulRound": last_ok,
+        "lastError": last_error,
+        "stale": stale,
+        "dbs": dbs,
+    })
+}
+
+/// Methods that write.
+fn is_write(m: &Method) -> bool {
+    matches!(*m, Method::POST | Method::PUT | Method::PATCH | Method::DELETE)
+}
+
+/// Writes a replica still accepts: sign-in and token refresh (they write nothing), and the
+/// manual sync.
+fn allowed_on_replica(path: &str) -> bool {
+    let p = path.trim_end_matches('/');
+    let parts: Vec<&str> = p.split('/').collect();
+    matches!(
+        p,
+        "/api/admins/auth-with-password" | "/api/auth/login" | "/api/replica/sync"
+    ) || (parts.len() == 5
+        && parts[1] == "api"
+        && parts[2] == "collections"
+        && matches!(parts[4], "auth-with-password" | "auth-refresh"))
+}
+
+/// Refuses writes on a replica before any handler runs: 403 `replica is read-only`.
+pub async fn read_only_guard(
+    req: ServiceRequest,
+    next: Next<BoxBody>,
+) -> Result<ServiceResponse<BoxBody>, actix_web::Error> {
+    if is_write(req.method()) && !allowed_on_replica(req.path()) {
+        let resp = error_body(StatusCode::FORBIDDEN, "replica is read-only", json!({}));
+        return Ok(req.into_response(resp));
+    }
+    next.call(req).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::allowed_on_replica;
+
+    #[test]
+    fn only_sign_in_refresh_and_sync_write_on_a_replica() {
+        for ok in [
+            "/api/admins/auth-with-password",
+            "/api/collections/users/auth-with-password",
+            "/api/collections/_superusers/auth-with-password",
+            "/api/collections/users/auth-refresh",
+            "/api/auth/login",
+            "/api/replica/sync",
+        ] {
+            assert!(allowed_on_replica(ok), "{ok}");
+        }
+        for no in [
+            "/api/collections/users/records",
+            "/api/collections",
+            "/api/auth/register",
+            "/api/admins/init",
+            "/api/databases",
+            "/api/collections/users/records/x/auth-refresh",
+            "/api/replica/ack",
+        ] {
+            assert!(!allowed_on_replica(no), "{no}");
+        }
+    }
+}

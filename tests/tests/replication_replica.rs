@@ -1,0 +1,656 @@
+//! The replica half of replication, with real master and replica processes on loopback.
+
+use std::time::Duration;
+
+use vski_tests::*;
+
+const SECRET: &str = "your-shared-secret-0123456789";
+const READ_ONLY: &str = "replica is read-only";
+
+fn master() -> Node {
+    spawn_master_with(NodeOptions::default().env("JWT_SECRET", SECRET))
+}
+
+fn replica(m: &Node, interval: &str) -> Node {
+    spawn_replica(m, SECRET, NodeOptions::default().env("SYNC_INTERVAL", interval))
+}
+
+/// Creates an open `posts` collection with one record; returns the admin token.
+fn seed(m: &Node) -> String {
+    let t = m.admin_token();
+    let (s, b) = m.post(
+        "/api/collections",
+        Some(&t),
+        &json!({"name": "posts", "listRule": "", "viewRule": "", "createRule": "", "updateRule": "", "deleteRule": "",
+                "fields": [{"name": "title", "type": "text"}, {"name": "n", "type": "number"}]}),
+    );
+    assert_eq!(s, 200, "{b}");
+    assert_eq!(
+        m.post(
+            "/api/collections/posts/records",
+            None,
+            &json!({"title": "first", "n": 1})
+        )
+        .0,
+        200
+    );
+    t
+}
+
+fn titles(n: &Node) -> Vec<String> {
+    let (s, b) = n.get("/api/collections/posts/records?perPage=1000&sort=title", None);
+    if s != 200 {
+        return vec![];
+    }
+    b["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["title"].as_str().unwrap().to_string())
+        .collect()
+}
+
+const TIMEOUT: Duration = Duration::from_secs(30);
+
+#[test]
+fn quick_start_as_written() {
+    // Master: JWT_SECRET=your-shared-secret DATA_DIR=./data vski serve --port 3001
+    let m = master();
+    seed(&m);
+    // Replica: REPLICA_MODE=replica MASTER_URL=… JWT_SECRET=… DATA_DIR=… SYNC_INTERVAL=5 vski serve
+    let r = replica(&m, "5");
+    wait_converged(&m, &r, SECRET, "default", TIMEOUT);
+    assert_eq!(titles(&r), vec!["first"]);
+    let (s, b) = r.post("/api/collections/posts/records", None, &json!({"title": "New Post"}));
+    assert_eq!(s, 403);
+    assert_eq!(b["error"], READ_ONLY);
+    assert_eq!(b["code"], 403);
+    let h = r.headers("/health");
+    assert_eq!(h["x-replica-mode"], "replica");
+    assert_eq!(h["x-master-url"], m.url.as_str());
+    assert!(h["x-replica-id"].to_str().unwrap().starts_with("replica-"));
+    let health = r.health();
+    assert_eq!(
+        (health["mode"].clone(), health["masterUrl"].clone()),
+        (json!("replica"), json!(m.url))
+    );
+    assert_eq!(health["dbs"]["default"]["lag"], 0);
+    assert!(health["dbs"]["default"]["lastSync"].is_string());
+    assert!(health["dbs"].get("stats").is_none() && health["dbs"].get("workflows").is_none());
+    assert_eq!(m.headers("/health")["x-replica-mode"], "master");
+}
+
+#[test]
+fn data_and_schema_changes_arrive() {
+    let m = master();
+    let t = seed(&m);
+    let r = replica(&m, "1");
+    wait_converged(&m, &r, SECRET, "default", TIMEOUT);
+    // New field, new index, new collection, update, delete, new database.
+    let (_, posts) = m.get("/api/collections/posts", Some(&t));
+    let mut fields = posts["fields"].as_array().unwrap().clone();
+    fields.push(json!({"name": "extra", "type": "text"}));
+    let (s, b) = m.patch(
+        "/api/collections/posts",
+        Some(&t),
+        &json!({"fields": fields, "indexes": ["CREATE INDEX idx_n ON posts (n)"]}),
+    );
+    assert_eq!(s, 200, "{b}");
+    let (_, rec) = m.post(
+        "/api/collections/posts/records",
+        None,
+        &json!({"title": "second", "extra": "x"}),
+    );
+    let (_, gone) = m.post("/api/collections/posts/records", None, &json!({"title": "doomed"}));
+    let id = rec["id"].as_str().unwrap();
+    assert_eq!(
+        m.patch(
+            &format!("/api/collections/posts/records/{id}"),
+            None,
+            &json!({"title": "second (edited)"})
+        )
+        .0,
+        200
+    );
+    assert_eq!(
+        m.delete(
+            &format!("/api/collections/posts/records/{}", gone["id"].as_str().unwrap()),
+            None
+        )
+        .0,
+        204
+    );
+    assert_eq!(
+        m.post(
+            "/api/collections",
+            Some(&t),
+            &json!({"name": "notes", "listRule": "", "fields": [{"name": "body", "type": "text"}]})
+        )
+        .0,
+        200
+    );
+    assert_eq!(m.post("/api/databases", Some(&t), &json!({"name": "tenant"})).0, 201);
+    let (s, _) = m.request(
+        "POST",
+        "/api/collections",
+        Some(&t),
+        Some(&json!({"name": "t1", "listRule": "", "fields": [{"name": "x", "type": "number"}]})),
+        &[("X-Dbname", "tenant")],
+    );
+    assert_eq!(s, 200);
+    wait_converged(&m, &r, SECRET, "default", TIMEOUT);
+    wait_converged(&m, &r, SECRET, "tenant", TIMEOUT);
+    assert_eq!(titles(&r), vec!["first", "second (edited)"]);
+    let (_, got) = r.get(&format!("/api/collections/posts/records/{id}"), None);
+    assert_eq!(got["extra"], "x", "the new field arrived with its data");
+    assert_eq!(r.get("/api/collections/notes/records", None).0, 200);
+    assert_eq!(r.get("/api/collections/t1/records?db=tenant", None).0, 200);
+    let conn = vski::rusqlite::Connection::open_with_flags(
+        r.data_dir.join("default.db"),
+        vski::rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+    )
+    .unwrap();
+    let objects = vski::replica::schema::objects(&conn).unwrap();
+    assert!(objects.iter().any(|o| o.name == "idx_n"), "the index arrived");
+    assert_eq!(
+        vski::replica::schema::hash(&objects),
+        master_db_status(&m, SECRET, "default")["schemaHash"].as_str().unwrap()
+    );
+}
+
+#[test]
+fn writes_are_refused_and_sign_in_works() {
+    let m = master();
+    let t = seed(&m);
+    let (_, reg) = m.post(
+        "/api/auth/register",
+        None,
+        &json!({"email": "u@example.com", "password": "userpass1", "passwordConfirm": "userpass1"}),
+    );
+    let user_on_master = reg["token"].as_str().unwrap().to_string();
+    let r = replica(&m, "1");
+    wait_converged(&m, &r, SECRET, "default", TIMEOUT);
+    let id = r.get("/api/collections/posts/records", None).1["items"][0]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let body = json!({"status": 403, "code": 403, "message": READ_ONLY, "error": READ_ONLY, "data": {}});
+    let writes: Vec<(&str, String)> = vec![
+        ("POST", "/api/collections/posts/records".into()),
+        ("PATCH", format!("/api/collections/posts/records/{id}")),
+        ("DELETE", format!("/api/collections/posts/records/{id}")),
+        ("PUT", format!("/api/collections/posts/records/{id}")),
+        ("PATCH", "/api/collections/posts/records/bulk".into()),
+        ("DELETE", "/api/collections/posts/records/bulk".into()),
+        ("POST", "/api/collections".into()),
+        ("PATCH", "/api/collections/posts".into()),
+        ("DELETE", "/api/collections/posts".into()),
+        ("POST", "/api/databases".into()),
+        ("DELETE", "/api/databases/default".into()),
+        ("POST", "/api/admins/init".into()),
+        ("POST", "/api/auth/register".into()),
+        ("POST", "/api/collections/users/records".into()),
+        ("POST", "/api/no/such/route".into()),
+    ];
+    for (method, path) in &writes {
+        for token in [None, Some(t.as_str())] {
+            let (s, b) = r.request(method, path, token, Some(&json!({"title": "x"})), &[]);
+            assert_eq!((s, &b), (403, &body), "{method} {path}");
+        }
+    }
+    assert_eq!(titles(&r), vec!["first"], "nothing changed");
+    // Sign-in and refresh work on the replica, and tokens cross between nodes.
+    let (s, a) = r.post(
+        "/api/admins/auth-with-password",
+        None,
+        &json!({"identity": ADMIN_EMAIL, "password": ADMIN_PASSWORD}),
+    );
+    assert_eq!(s, 200, "{a}");
+    let admin_on_replica = a["token"].as_str().unwrap().to_string();
+    assert_eq!(
+        m.get("/api/admins/me", Some(&admin_on_replica)).0,
+        200,
+        "replica token works on the master"
+    );
+    assert_eq!(
+        r.get("/api/admins/me", Some(&t)).0,
+        200,
+        "master token works on the replica"
+    );
+    let (s, u) = r.post(
+        "/api/collections/users/auth-with-password",
+        None,
+        &json!({"identity": "u@example.com", "password": "userpass1"}),
+    );
+    assert_eq!(s, 200, "{u}");
+    assert_eq!(
+        r.post(
+            "/api/auth/login",
+            None,
+            &json!({"identity": "u@example.com", "password": "userpass1"})
+        )
+        .0,
+        200
+    );
+    assert_eq!(r.get("/api/auth/me", Some(&user_on_master)).0, 200);
+    let (s, refreshed) = r.post("/api/collections/users/auth-refresh", Some(&user_on_master), &json!({}));
+    assert_eq!(s, 200);
+    assert_eq!(m.get("/api/auth/me", Some(refreshed["token"].as_str().unwrap())).0, 200);
+    // The master's replication endpoints are not served by a replica.
+    assert_eq!(r.get("/api/replica/status", Some(&replica_token(SECRET, "x"))).0, 404);
+}
+
+#[test]
+fn omitted_databases_stay_away() {
+    let m = master();
+    let t = seed(&m);
+    for name in ["tenant", "cache"] {
+        assert_eq!(m.post("/api/databases", Some(&t), &json!({"name": name})).0, 201);
+    }
+    let r = spawn_replica(
+        &m,
+        SECRET,
+        NodeOptions::default()
+            .env("SYNC_INTERVAL", "1")
+            .env("REPLICA_OMIT_DBS", "cache, tenant"),
+    );
+    wait_converged(&m, &r, SECRET, "default", TIMEOUT);
+    let health = r.health();
+    assert!(
+        health["dbs"].get("tenant").is_none() && health["dbs"].get("cache").is_none(),
+        "{health}"
+    );
+    assert!(!r.data_dir.join("tenant.db").exists());
+    assert_eq!(r.get("/api/collections?db=tenant", Some(&t)).0, 404);
+}
+
+#[test]
+fn manual_mode_syncs_only_when_asked() {
+    let m = master();
+    let t = seed(&m);
+    let r = replica(&m, "0");
+    wait_converged(&m, &r, SECRET, "default", TIMEOUT);
+    assert_eq!(
+        m.post("/api/collections/posts/records", None, &json!({"title": "later"}))
+            .0,
+        200
+    );
+    std::thread::sleep(Duration::from_millis(1500)); // nothing may arrive on its own
+    assert_eq!(titles(&r), vec!["first"]);
+    assert_eq!(r.post("/api/replica/sync", None, &json!({})).0, 401);
+    let (s, b) = r.post("/api/replica/sync", Some(&t), &json!({}));
+    assert_eq!(s, 200, "{b}");
+    assert_eq!(titles(&r), vec!["first", "later"], "visible when the sync call returns");
+    assert_eq!(
+        m.post("/api/replica/sync", Some(&t), &json!({})).0,
+        404,
+        "a master has nothing to sync"
+    );
+}
+
+#[test]
+fn two_replicas_at_different_positions_and_the_master_knows_them() {
+    let m = master();
+    let t = seed(&m);
+    let a = spawn_replica(
+        &m,
+        SECRET,
+        NodeOptions::default()
+            .env("SYNC_INTERVAL", "0")
+            .env("REPLICA_ID", "r001")
+            .env("PUBLIC_URL", "https://r001.example.com"),
+    );
+    let b = spawn_replica(
+        &m,
+        SECRET,
+        NodeOptions::default()
+            .env("SYNC_INTERVAL", "1")
+            .env("REPLICA_ID", "r002"),
+    );
+    wait_converged(&m, &a, SECRET, "default", TIMEOUT);
+    for i in 0..5 {
+        assert_eq!(
+            m.post(
+                "/api/collections/posts/records",
+                None,
+                &json!({"title": format!("more {i}")})
+            )
+            .0,
+            200
+        );
+    }
+    wait_converged(&m, &b, SECRET, "default", TIMEOUT);
+    assert_eq!(titles(&a).len(), 1);
+    assert_eq!(titles(&b).len(), 6);
+    assert_eq!(a.headers("/health")["x-replica-id"], "r001");
+    let (_, list) = m.get("/api/replica/replicas", Some(&t));
+    let find = |id: &str| {
+        list.as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["id"] == id)
+            .cloned()
+            .unwrap_or_else(|| panic!("{id} in {list}"))
+    };
+    let (ra, rb) = (find("r001"), find("r002"));
+    assert_eq!(ra["publicUrl"], "https://r001.example.com");
+    assert!(
+        ra["positions"]["default"].as_i64().unwrap() < rb["positions"]["default"].as_i64().unwrap(),
+        "{list}"
+    );
+}
+
+#[test]
+fn master_restart_resumes_without_a_new_download() {
+    let m = master();
+    seed(&m);
+    let r = replica(&m, "1");
+    wait_converged(&m, &r, SECRET, "default", TIMEOUT);
+    let m = m.restart();
+    assert_eq!(
+        m.post(
+            "/api/collections/posts/records",
+            None,
+            &json!({"title": "after restart"})
+        )
+        .0,
+        200
+    );
+    wait_converged(&m, &r, SECRET, "default", TIMEOUT);
+    assert_eq!(r.health()["dbs"]["default"]["bootstraps"], 1, "no second download");
+    // A replica restart resumes too.
+    let r = r.restart();
+    assert_eq!(
+        m.post(
+            "/api/collections/posts/records",
+            None,
+            &json!({"title": "after replica restart"})
+        )
+        .0,
+        200
+    );
+    wait_converged(&m, &r, SECRET, "default", TIMEOUT);
+    assert_eq!(
+        r.health()["dbs"]["default"]["bootstraps"],
+        0,
+        "resumed from its own version"
+    );
+    assert_eq!(titles(&r).len(), 3);
+}
+
+#[test]
+fn a_replaced_master_data_dir_means_a_new_bootstrap() {
+    let mut m = master();
+    seed(&m);
+    let r = replica(&m, "1");
+    wait_converged(&m, &r, SECRET, "default", TIMEOUT);
+    let port = m.port();
+    m.kill();
+    // Another data directory behind the same URL: another epoch, other content.
+    let m2 = spawn_master_with(NodeOptions {
+        port: Some(port),
+        ..NodeOptions::default().env("JWT_SECRET", SECRET)
+    });
+    let t = m2.admin_token();
+    assert_eq!(
+        m2.post(
+            "/api/collections",
+            Some(&t),
+            &json!({"name": "posts", "listRule": "", "createRule": "", "fields": [{"name": "title", "type": "text"}]})
+        )
+        .0,
+        200
+    );
+    for title in ["from the new master", "another"] {
+        assert_eq!(
+            m2.post("/api/collections/posts/records", None, &json!({"title": title}))
+                .0,
+            200
+        );
+    }
+    wait_converged(&m2, &r, SECRET, "default", TIMEOUT);
+    assert_eq!(titles(&r), vec!["another", "from the new master"]);
+    assert_eq!(r.health()["dbs"]["default"]["bootstraps"], 2);
+}
+
+#[test]
+fn a_pruned_log_means_a_new_bootstrap() {
+    let m = spawn_master_with(
+        NodeOptions::default()
+            .env("JWT_SECRET", SECRET)
+            .env("CHANGELOG_RETENTION_HOURS", "0.0003"),
+    );
+    let t = seed(&m);
+    let r = replica(&m, "0");
+    wait_converged(&m, &r, SECRET, "default", TIMEOUT);
+    for i in 0..5 {
+        assert_eq!(
+            m.post(
+                "/api/collections/posts/records",
+                None,
+                &json!({"title": format!("p{i}")})
+            )
+            .0,
+            200
+        );
+    }
+    let head = master_db_status(&m, SECRET, "default")["version"].as_i64().unwrap();
+    wait_for("pruning", TIMEOUT, || {
+        (master_db_status(&m, SECRET, "default")["minVersion"].as_i64()? == head).then_some(())
+    });
+    let (s, b) = r.post("/api/replica/sync", Some(&t), &json!({}));
+    assert_eq!(s, 200, "{b}");
+    wait_converged(&m, &r, SECRET, "default", TIMEOUT);
+    assert_eq!(
+        r.health()["dbs"]["default"]["bootstraps"],
+        2,
+        "410 led to a second download"
+    );
+    assert_eq!(titles(&r).len(), 6);
+}
+
+#[test]
+fn an_unreachable_master_leaves_reads_served_and_staleness_reported() {
+    let mut m = master();
+    seed(&m);
+    let r = replica(&m, "1");
+    wait_converged(&m, &r, SECRET, "default", TIMEOUT);
+    let (port, dir) = (m.port(), m.data_dir.clone());
+    m.kill();
+    wait_for("staleness to show", TIMEOUT, || {
+        let h = r.health();
+        (h["stale"] == true && h["lastError"].is_string()).then_some(())
+    });
+    assert_eq!(titles(&r), vec!["first"], "reads are still served");
+    let m = Node::start(
+        dir,
+        NodeOptions {
+            port: Some(port),
+            ..NodeOptions::default().env("JWT_SECRET", SECRET)
+        },
+        None,
+    );
+    assert_eq!(
+        m.post("/api/collections/posts/records", None, &json!({"title": "back"}))
+            .0,
+        200
+    );
+    wait_converged(&m, &r, SECRET, "default", Duration::from_secs(40));
+    let h = r.health();
+    assert_eq!(
+        (h["stale"].clone(), h["lastError"].clone()),
+        (json!(false), Value::Null),
+        "{h}"
+    );
+    assert_eq!(titles(&r), vec!["back", "first"]);
+}
+
+#[test]
+fn replica_configuration_errors_are_one_clear_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_str().unwrap();
+    let cases: Vec<(Vec<(&str, &str)>, &str)> = vec![
+        (vec![("REPLICA_MODE", "replica"), ("JWT_SECRET", SECRET)], "MASTER_URL"),
+        (
+            vec![("REPLICA_MODE", "replica"), ("MASTER_URL", "http://127.0.0.1:9")],
+            "JWT_SECRET",
+        ),
+        (
+            vec![
+                ("REPLICA_MODE", "replica"),
+                ("MASTER_URL", "ftp://x"),
+                ("JWT_SECRET", SECRET),
+            ],
+            "MASTER_URL",
+        ),
+        (vec![("REPLICA_MODE", "primary")], "primary"),
+        (vec![("SYNC_INTERVAL", "soon")], "soon"),
+        (vec![("REPLICA_ID", "bad id!")], "REPLICA_ID"),
+    ];
+    for (env, needle) in cases {
+        let mut env = env;
+        env.push(("PORT", "0"));
+        let (code, _, err) = run_cli(&["serve", "--data-dir", d], &env);
+        assert_ne!(code, 0, "{env:?}");
+        assert!(err.contains(needle) && !err.contains("panicked"), "{env:?}: {err}");
+    }
+}
+
+#[test]
+fn a_generated_replica_id_is_kept() {
+    let m = master();
+    seed(&m);
+    let r = replica(&m, "0");
+    let id = r.headers("/health")["x-replica-id"].to_str().unwrap().to_string();
+    let r = r.restart();
+    assert_eq!(r.headers("/health")["x-replica-id"].to_str().unwrap(), id);
+}
+
+/// Writes, updates and deletes on the master from one thread until `stop` is set.
+fn churn(url: String, stop: std::sync::Arc<std::sync::atomic::AtomicBool>) -> std::thread::JoinHandle<usize> {
+    std::thread::spawn(move || {
+        let c = reqwest::blocking::Client::new();
+        let mut ids: Vec<String> = Vec::new();
+        let mut n = 0;
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            n += 1;
+            let r: Value = c
+                .post(format!("{url}/api/collections/posts/records"))
+                .json(&json!({"title": format!("c{n}"), "n": n}))
+                .send()
+                .unwrap()
+                .json()
+                .unwrap();
+            ids.push(r["id"].as_str().unwrap().to_string());
+            if n % 3 == 0 {
+                let id = &ids[n % ids.len()];
+                c.patch(format!("{url}/api/collections/posts/records/{id}"))
+                    .json(&json!({"n+": 1}))
+                    .send()
+                    .unwrap();
+            }
+            if n % 7 == 0 {
+                let id = ids.remove(0);
+                c.delete(format!("{url}/api/collections/posts/records/{id}"))
+                    .send()
+                    .unwrap();
+            }
+        }
+        n
+    })
+}
+
+#[test]
+fn a_replica_killed_at_random_moments_converges() {
+    // A short retention makes most restarts find their version pruned (410), so kills land in
+    // snapshot downloads as well as in changeset applies.
+    let m = spawn_master_with(
+        NodeOptions::default()
+            .env("JWT_SECRET", SECRET)
+            .env("CHANGELOG_RETENTION_HOURS", "0.0002"),
+    );
+    seed(&m);
+    // Enough rows that a snapshot download takes a moment.
+    let url = m.url.clone();
+    let fill: Vec<_> = (0..4)
+        .map(|w| {
+            let url = url.clone();
+            std::thread::spawn(move || {
+                let c = reqwest::blocking::Client::new();
+                for i in 0..1500 {
+                    let title = format!("fill {w}-{i} {}", "x".repeat(200));
+                    c.post(format!("{url}/api/collections/posts/records"))
+                        .json(&json!({"title": title}))
+                        .send()
+                        .unwrap();
+                }
+            })
+        })
+        .collect();
+    fill.into_iter().for_each(|h| h.join().unwrap());
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = churn(m.url.clone(), stop.clone());
+    let tmp = std::sync::Arc::new(tempfile::tempdir().unwrap());
+    let dir = tmp.path().join("data");
+    let opts = NodeOptions::default()
+        .env("REPLICA_MODE", "replica")
+        .env("MASTER_URL", &m.url)
+        .env("JWT_SECRET", SECRET)
+        .env("SYNC_INTERVAL", "1")
+        .env("RUST_LOG", "info,vski::access=warn,vski::replica::follower=debug");
+    // A cheap deterministic spread of kill delays (0–600 ms after the replica listens).
+    let mut seed = 0x9e37_79b9_u64;
+    let (mut kills, mut in_download, mut in_apply) = (0, 0, 0);
+    for i in 0..30 {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        // Aim a third of the kills at a download, a third at an apply, a third anywhere.
+        let aim = match i % 3 {
+            0 => Some("downloading a snapshot"),
+            1 => Some("applying "),
+            _ => None,
+        };
+        if aim == Some("downloading a snapshot") {
+            // Stay away longer than the retention, so the next start needs a snapshot.
+            std::thread::sleep(Duration::from_millis(1200));
+        }
+        let mut r = Node::start(dir.clone(), opts.clone(), Some(tmp.clone()));
+        match aim {
+            Some(marker) => {
+                let deadline = std::time::Instant::now() + Duration::from_secs(3);
+                while !r.log().contains(marker) && std::time::Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                std::thread::sleep(Duration::from_millis(seed % 15));
+            }
+            None => std::thread::sleep(Duration::from_millis(seed % 400)),
+        }
+        r.kill();
+        kills += 1;
+        let log = r.log();
+        let last = |needle: &str| log.rfind(needle);
+        if last("downloading a snapshot") > last("restored '") {
+            in_download += 1;
+        }
+        if last("applying ") > last("applied entries") {
+            in_apply += 1;
+        }
+    }
+    eprintln!("{kills} kills: {in_download} during a download or restore, {in_apply} during an apply");
+    assert!(
+        in_download >= 4 && in_apply >= 4,
+        "kills must hit both paths: {in_download} downloads, {in_apply} applies"
+    );
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let writes = writer.join().unwrap();
+    assert!(kills >= 20 && writes > 20, "{kills} kills, {writes} writes");
+    let r = Node::start(dir, opts, Some(tmp));
+    wait_converged(&m, &r, SECRET, "default", Duration::from_secs(60));
+    let (_, on_master) = m.get("/api/collections/posts/records?perPage=1", None);
+    let (_, on_replica) = r.get("/api/collections/posts/records?perPage=1", None);
+    assert_eq!(
+        on_master["totalItems"], on_replica["totalItems"],
+        "no lost or duplicated row"
+    );
+}
