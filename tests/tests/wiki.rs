@@ -106,7 +106,40 @@ fn wiki_links_point_at_pages_that_exist() {
 
 #[test]
 fn replication_examples_run() {
-    let out = run_page("Replication.md", true);
-    assert!(out.contains("\"default\""), "{out}");
-    assert!(out.trim_end().ends_with("403"), "{out}");
+    let secret = "wiki-shared-secret-0123456789";
+    let master = spawn_master_with(NodeOptions::default().env("JWT_SECRET", secret));
+    let (s, b) = master.post(
+        "/api/admins/init",
+        None,
+        &json!({"email": "admin@example.com", "password": "change-me-now"}),
+    );
+    assert_eq!(s, 200, "{b}");
+    let replica = spawn_replica(&master, secret, NodeOptions::default().env("SYNC_INTERVAL", "0"));
+    let script = format!("set -euo pipefail\n{}", sh_blocks("Replication.md"));
+    let out = Command::new("bash")
+        .arg("-c")
+        .arg(&script)
+        .env("VSKI", &master.url)
+        .env("REPLICA", &replica.url)
+        .output()
+        .expect("run bash");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "Replication.md examples failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for needle in [
+        "Hello from the master",
+        "replica is read-only",
+        "x-replica-mode: replica",
+        "x-master-url",
+        "\"lag\": 0",
+        "admin@example.com",
+    ] {
+        assert!(
+            stdout.to_lowercase().contains(&needle.to_lowercase()),
+            "missing {needle:?} in:\n{stdout}"
+        );
+    }
 }

@@ -209,7 +209,7 @@ impl Follower {
     }
 
     async fn round_inner(&self, state: &AppState) -> Result<(), String> {
-        let (status, body) = self.get_json(state, "/api/replica/status").await?;
+        let (status, body) = self.get_json(state, "/api/replica/status?checksum=0").await?;
         if status != 200 {
             return Err(format!(
                 "master answered {status} to /api/replica/status: {}",

@@ -161,9 +161,22 @@ fn pull_request(state: &AppState, req: &HttpRequest, who: &Identity, db: Option<
     replicated_db(state, db)
 }
 
-async fn status(state: web::Data<AppState>, req: HttpRequest, who: Identity) -> ApiResult<HttpResponse> {
+#[derive(Debug, Deserialize)]
+struct StatusQuery {
+    /// `0`: do not compute checksums (sync rounds do not need them); `sha256` is then the cached
+    /// value if it is still current, else null.
+    checksum: Option<String>,
+}
+
+async fn status(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    who: Identity,
+    q: web::Query<StatusQuery>,
+) -> ApiResult<HttpResponse> {
     authorize(&who, true)?;
     touch(&state, &req, &who, None);
+    let compute = q.checksum.as_deref() != Some("0");
     let mut dbs = Vec::new();
     for db in state.dbs.list().into_iter().filter(|d| is_replicated_db(&d.name)) {
         let cache = state.master.checksums.clone();
@@ -183,14 +196,15 @@ async fn status(state: web::Data<AppState>, req: HttpRequest, who: Identity) -> 
                         .ok()
                         .and_then(|c| c.get(&name).filter(|(v, _)| *v == head).cloned());
                     let sha = match cached {
-                        Some((_, sha)) => sha,
-                        None => {
+                        Some((_, sha)) => Some(sha),
+                        None if compute => {
                             let sha = logical_checksum(conn)?;
                             if let Ok(mut c) = cache.lock() {
                                 c.insert(name.clone(), (head, sha.clone()));
                             }
-                            sha
+                            Some(sha)
                         }
+                        None => None,
                     };
                     Ok(
                         json!({"name": name, "uid": uid, "size": size, "sha256": sha, "schemaVersion": schema_version,

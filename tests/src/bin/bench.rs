@@ -18,6 +18,8 @@ struct Args {
     suite: String,
     /// Records in the database whose snapshot download is timed.
     snapshot_rows: usize,
+    /// Size in MB of the database whose replica bootstrap is timed.
+    bootstrap_mb: usize,
 }
 
 fn parse_args() -> Args {
@@ -26,6 +28,7 @@ fn parse_args() -> Args {
         concurrency: vec![1, 16],
         suite: "all".into(),
         snapshot_rows: 200_000,
+        bootstrap_mb: 1000,
     };
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
@@ -41,12 +44,13 @@ fn parse_args() -> Args {
                     })
                     .expect("--concurrency 1,16")
             }
-            "--suite" => args.suite = it.next().expect("--suite http|replication|all"),
+            "--suite" => args.suite = it.next().expect("--suite http|replication|replica|all"),
+            "--bootstrap-mb" => args.bootstrap_mb = it.next().and_then(|v| v.parse().ok()).expect("--bootstrap-mb N"),
             "--snapshot-rows" => {
                 args.snapshot_rows = it.next().and_then(|v| v.parse().ok()).expect("--snapshot-rows N")
             }
             other => panic!(
-                "unknown argument {other}; use --seconds N --concurrency 1,16 --suite http|replication|all --snapshot-rows N"
+                "unknown argument {other}; use --seconds N --concurrency 1,16 --suite http|replication|replica|all --snapshot-rows N"
             ),
         }
     }
@@ -100,6 +104,9 @@ fn main() {
     }
     if args.suite == "replication" || args.suite == "all" {
         replication_suite(&args);
+    }
+    if args.suite == "replica" || args.suite == "all" {
+        replica_suite(&args);
     }
 }
 
@@ -397,4 +404,172 @@ fn replication_suite(args: &Args) {
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v[v.len() / 2]
+}
+
+fn bench_replica(master: &vski_tests::Node, interval: &str, extra: &[(&str, &str)]) -> vski_tests::Node {
+    let mut opts = NodeOptions::default()
+        .env("RUST_LOG", "warn,vski::app=info")
+        .env("SYNC_INTERVAL", interval);
+    for (k, v) in extra {
+        opts = opts.env(k, v);
+    }
+    vski_tests::spawn_replica(master, SECRET, opts)
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+/// Replica side: lag, catch-up apply rate, bootstrap time.
+fn replica_suite(args: &Args) {
+    println!();
+    println!("vski replication benchmark (replica side)");
+
+    // Lag: a write acknowledged by the master until it is readable on the replica.
+    let master = bench_master("on");
+    let replica = bench_replica(&master, "1", &[]);
+    vski_tests::wait_converged(&master, &replica, SECRET, "default", Duration::from_secs(60));
+    let samples = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let workers: Vec<_> = (0..4)
+        .map(|w| {
+            let (m, r, samples) = (master.url.clone(), replica.url.clone(), samples.clone());
+            std::thread::spawn(move || {
+                let c = reqwest::blocking::Client::new();
+                let mut rng = 0x2545_f491_4f6c_dd1d_u64 ^ (w as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+                for i in 0..25 {
+                    // A uniform pause over the whole sync interval, so writes land at every phase
+                    // of the replica's rounds (a fixed pause after the last arrival would not).
+                    rng ^= rng << 13;
+                    rng ^= rng >> 7;
+                    rng ^= rng << 17;
+                    std::thread::sleep(Duration::from_millis(rng % 1000));
+                    let created = check(
+                        c.post(format!("{m}/api/collections/bench/records"))
+                            .json(&json!({"title": format!("lag {w}-{i}")}))
+                            .send()
+                            .expect("write"),
+                    );
+                    let acked = Instant::now();
+                    let id = created["id"].as_str().expect("id").to_string();
+                    loop {
+                        let resp = c
+                            .get(format!("{r}/api/collections/bench/records/{id}"))
+                            .send()
+                            .expect("read");
+                        if resp.status().as_u16() == 200 {
+                            break;
+                        }
+                        assert!(acked.elapsed() < Duration::from_secs(30), "write never arrived");
+                        std::thread::sleep(Duration::from_millis(2));
+                    }
+                    samples
+                        .lock()
+                        .expect("samples")
+                        .push(acked.elapsed().as_secs_f64() * 1000.0);
+                }
+            })
+        })
+        .collect();
+    workers.into_iter().for_each(|h| h.join().expect("lag worker"));
+    let mut lag = samples.lock().expect("samples").clone();
+    lag.sort_by(|a, b| a.total_cmp(b));
+    println!(
+        "{:<48} p50 {:>6.0} ms   p99 {:>6.0} ms   ({} writes; Litestream 0.5.17 at 1 s intervals: p50 1131 ms)",
+        "lag, write acked on master -> readable on replica (SYNC_INTERVAL=1)",
+        percentile(&lag, 0.5),
+        percentile(&lag, 0.99),
+        lag.len()
+    );
+    drop(replica);
+    drop(master);
+
+    // Catch-up: a manual-mode replica applies 100k inserts in one sync call.
+    let master = bench_master("on");
+    let replica = bench_replica(&master, "0", &[]);
+    vski_tests::wait_converged(&master, &replica, SECRET, "default", Duration::from_secs(60));
+    let rows = 100_000;
+    let written = Arc::new(AtomicUsize::new(0));
+    let fill: Vec<_> = (0..16)
+        .map(|w| {
+            let (url, written) = (master.url.clone(), written.clone());
+            std::thread::spawn(move || {
+                let c = reqwest::blocking::Client::new();
+                let mut i = 0;
+                while written.fetch_add(1, Ordering::Relaxed) < rows {
+                    check(
+                        c.post(format!("{url}/api/collections/bench/records"))
+                            .json(&json!({"title": format!("Post title number {w}-{i}"), "n": i}))
+                            .send()
+                            .expect("fill"),
+                    );
+                    i += 1;
+                }
+            })
+        })
+        .collect();
+    fill.into_iter().for_each(|h| h.join().expect("fill"));
+    let admin = master.admin_login();
+    let start = Instant::now();
+    let (s, b) = replica.post("/api/replica/sync", Some(&admin), &json!({}));
+    let took = start.elapsed().as_secs_f64();
+    assert_eq!(s, 200, "{b}");
+    vski_tests::wait_converged(&master, &replica, SECRET, "default", Duration::from_secs(60));
+    println!(
+        "{:<48} {:>8.0} rows/s   ({rows} inserts in {took:.2} s, fetched and applied)",
+        "catch-up apply (one POST /api/replica/sync)",
+        rows as f64 / took
+    );
+    drop(replica);
+    drop(master);
+
+    // Bootstrap of a large database against cp of its file.
+    let mb = args.bootstrap_mb;
+    let tmp = tempfile::tempdir().expect("tmp");
+    let data = tmp.path().join("data");
+    std::fs::create_dir_all(&data).expect("data dir");
+    let big = data.join("big.db");
+    {
+        let conn = vski::rusqlite::Connection::open(&big).expect("big.db");
+        conn.execute_batch(
+            "PRAGMA journal_mode = WAL; CREATE TABLE bulk (id TEXT PRIMARY KEY NOT NULL, payload TEXT NOT NULL);",
+        )
+        .expect("schema");
+        let payload = "p".repeat(1000);
+        conn.execute_batch("BEGIN").expect("begin");
+        let mut stmt = conn
+            .prepare("INSERT INTO bulk (id, payload) VALUES (?1, ?2)")
+            .expect("insert");
+        for i in 0..mb * 950 {
+            stmt.execute(vski::rusqlite::params![format!("{i:012}"), payload])
+                .expect("row");
+        }
+        drop(stmt);
+        conn.execute_batch("COMMIT; PRAGMA wal_checkpoint(TRUNCATE);")
+            .expect("commit");
+    }
+    let size = std::fs::metadata(&big).expect("size").len();
+    let start = Instant::now();
+    std::fs::copy(&big, tmp.path().join("copy.db")).expect("cp");
+    let cp = start.elapsed().as_secs_f64();
+    std::fs::remove_file(tmp.path().join("copy.db")).expect("rm copy");
+    let master = vski_tests::Node::start(
+        data,
+        NodeOptions::default()
+            .env("RUST_LOG", "warn,vski::app=info")
+            .env("JWT_SECRET", SECRET),
+        None,
+    );
+    let start = Instant::now();
+    let replica = bench_replica(&master, "0", &[("REPLICA_OMIT_DBS", "default")]);
+    vski_tests::wait_for("big.db on the replica", Duration::from_secs(1800), || {
+        (replica.health()["dbs"]["big"]["lastSync"].is_string()).then_some(())
+    });
+    let boot = start.elapsed().as_secs_f64();
+    println!(
+        "{:<48} {:>8.1} s   cp {cp:.1} s   ratio {:.1}x   ({} MB: snapshot, transfer, sha256, check, restore)",
+        "bootstrap of a large database (replica start -> synced)",
+        boot,
+        boot / cp,
+        size / 1_000_000
+    );
 }
