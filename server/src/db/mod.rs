@@ -57,6 +57,7 @@ pub fn open_connection(path: &Path, read_only: bool) -> rusqlite::Result<Connect
         "PRAGMA synchronous = NORMAL;
          PRAGMA foreign_keys = ON;
          PRAGMA cache_size = -16000;
+         PRAGMA journal_size_limit = 67108864;
          PRAGMA temp_store = MEMORY;",
     )?;
     if read_only {
