@@ -11,6 +11,7 @@ pub mod databases;
 pub mod db;
 pub mod error;
 pub mod health;
+pub mod query;
 pub mod records;
 pub mod replica;
 pub mod util;

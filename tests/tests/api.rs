@@ -450,7 +450,11 @@ fn collections_api() {
             "index on unknown column",
             json!({"name": "a8", "indexes": ["CREATE INDEX i8 ON a8 (nope)"]}),
         ),
-        ("expression rule", json!({"name": "a9", "listRule": "id = 1"})),
+        (
+            "rule naming an unknown field",
+            json!({"name": "a9", "listRule": "nope = 1"}),
+        ),
+        ("rule that does not parse", json!({"name": "a12", "listRule": "id = "})),
         ("bad type", json!({"name": "a10", "type": "view"})),
         ("fields not a list", json!({"name": "a11", "fields": "x"})),
     ];
@@ -699,7 +703,8 @@ fn records_crud_modifiers_bulk_and_paging() {
         "sort=nope",
         "sort=-x%3BDROP",
         "page=abc",
-        "filter=title%3D1",
+        "filter=nope%3D1",
+        "filter=title%20%3D",
         "expand=author",
     ] {
         let (s, b) = n.get(&format!("/api/collections/posts/records?{bad}"), None);

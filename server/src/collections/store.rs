@@ -213,7 +213,7 @@ fn create_in(conn: &Connection, input: CollectionInput, system: bool) -> ApiResu
         created: now.clone(),
         updated: now,
     };
-    apply_rules(&mut collection, &input, &mut errors);
+    apply_rules(&mut collection, &input);
     let mut seen = HashSet::new();
     for (i, f) in input.fields.into_iter().flatten().enumerate() {
         if f.system && is_system_column(&f.name, kind) {
@@ -225,6 +225,7 @@ fn create_in(conn: &Connection, input: CollectionInput, system: bool) -> ApiResu
         }
     }
     let indexes = check_indexes(&collection, input.indexes.as_deref().unwrap_or_default(), &mut errors);
+    validate_rules(conn, &collection, &mut errors)?;
     if !errors.is_empty() {
         return Err(ApiError::validation(errors));
     }
@@ -263,7 +264,7 @@ pub fn update(conn: &Connection, id_or_name: &str, input: CollectionInput) -> Ap
             );
         }
     }
-    apply_rules(&mut c, &input, &mut errors);
+    apply_rules(&mut c, &input);
     let mut new_columns = Vec::new();
     if let Some(inputs) = input.fields {
         let mut kept = HashSet::new();
@@ -335,6 +336,7 @@ pub fn update(conn: &Connection, id_or_name: &str, input: CollectionInput) -> Ap
         }
     }
     let indexes = input.indexes.as_ref().map(|list| check_indexes(&c, list, &mut errors));
+    validate_rules(conn, &c, &mut errors)?;
     if !errors.is_empty() {
         return Err(ApiError::validation(errors));
     }
@@ -426,7 +428,7 @@ fn save(conn: &Connection, c: &Collection, insert: bool) -> ApiResult<()> {
     Ok(())
 }
 
-fn apply_rules(c: &mut Collection, input: &CollectionInput, errors: &mut FieldErrors) {
+fn apply_rules(c: &mut Collection, input: &CollectionInput) {
     let targets = [
         &mut c.list_rule,
         &mut c.view_rule,
@@ -434,14 +436,29 @@ fn apply_rules(c: &mut Collection, input: &CollectionInput, errors: &mut FieldEr
         &mut c.update_rule,
         &mut c.delete_rule,
     ];
-    for ((slot, given), key) in targets.into_iter().zip(&input.rules).zip(super::model::RULE_KEYS) {
+    for (slot, given) in targets.into_iter().zip(&input.rules) {
         if let Some(rule) = given {
-            match crate::records::rules::check_rule(rule.as_deref()) {
-                Ok(()) => *slot = rule.clone(),
-                Err(msg) => field_error(errors, key, "validation_invalid_rule", msg),
-            }
+            *slot = rule.clone();
         }
     }
+}
+
+/// Checks every rule of `c` against its fields (run once the fields are final).
+fn validate_rules(conn: &Connection, c: &Collection, errors: &mut FieldErrors) -> ApiResult<()> {
+    let schema = load(conn)?;
+    let rules = [
+        &c.list_rule,
+        &c.view_rule,
+        &c.create_rule,
+        &c.update_rule,
+        &c.delete_rule,
+    ];
+    for (rule, key) in rules.into_iter().zip(super::model::RULE_KEYS) {
+        if let Err(msg) = crate::records::rules::check_rule(rule.as_deref(), c, &schema) {
+            field_error(errors, key, "validation_invalid_rule", msg);
+        }
+    }
+    Ok(())
 }
 
 fn is_system_column(name: &str, kind: CollectionType) -> bool {

@@ -8,14 +8,16 @@ use rusqlite::types::Value as Sql;
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
-use super::rules::{Action, authorize};
+use super::rules::{Action, auth_record, authorize, condition, matches};
 use super::store::{self, Stored};
 use super::values::{self, Changes};
 use crate::app::{AppState, resource};
 use crate::auth::{Identity, password};
 use crate::collections::model::Collection;
+use crate::collections::store::Schema;
 use crate::db::Database;
 use crate::error::{ApiError, ApiResult, FieldErrors, field_error};
+use crate::query::Condition;
 use crate::util::random_id;
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
@@ -86,14 +88,7 @@ fn pick_fields(v: Value, fields: Option<&str>) -> Value {
     }
 }
 
-fn refuse_unsupported(filter: Option<&str>, expand: Option<&str>) -> ApiResult<()> {
-    if filter.is_some_and(|f| !f.trim().is_empty()) {
-        return Err(ApiError::invalid_field(
-            "filter",
-            "validation_unsupported",
-            "Filters are not supported yet.",
-        ));
-    }
+fn refuse_unsupported(expand: Option<&str>) -> ApiResult<()> {
     if expand.is_some_and(|e| !e.trim().is_empty()) {
         return Err(ApiError::invalid_field(
             "expand",
@@ -104,18 +99,48 @@ fn refuse_unsupported(filter: Option<&str>, expand: Option<&str>) -> ApiResult<(
     Ok(())
 }
 
-/// The database and collection a request addresses, once `who` passes the rule for `action`.
+/// What a request addresses: its database and collection, and the condition the records must
+/// match under the collection's rule for the action (`None`: all of them).
+struct Target {
+    db: Arc<Database>,
+    c: Arc<Collection>,
+    schema: Arc<Schema>,
+    cond: Option<Condition>,
+}
+
+/// Resolves the target of a request once `who` passes the rule for `action` (403 for a `null`
+/// rule). `body` is what `@request.body` sees.
 async fn target(
     state: &AppState,
     req: &HttpRequest,
     coll: &str,
     who: &Identity,
     action: Action,
-) -> ApiResult<(Arc<Database>, Arc<Collection>)> {
+    body: Option<&Map<String, Value>>,
+) -> ApiResult<Target> {
     let db = state.db(req)?;
     let c = state.collection(&db, coll).await?;
-    authorize(&c, action, who)?;
-    Ok((db, c))
+    let access = authorize(&c, action, who)?;
+    let schema = state.schemas.get(&db).await?;
+    let auth = auth_record(who);
+    let cond = condition(&access, &c, &schema, auth.as_ref(), body)?;
+    Ok(Target { db, c, schema, cond })
+}
+
+/// `a AND b` of two optional conditions.
+fn both(a: Option<Condition>, b: Option<Condition>) -> Option<Condition> {
+    match (a, b) {
+        (Some(a), Some(b)) => {
+            let mut params = a.params;
+            params.extend(b.params);
+            Some(Condition {
+                sql: format!("({}) AND ({})", a.sql, b.sql),
+                params,
+            })
+        }
+        (a, None) => a,
+        (None, b) => b,
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -147,15 +172,30 @@ async fn list(
     path: web::Path<String>,
     q: web::Query<ListQuery>,
 ) -> ApiResult<HttpResponse> {
-    let (db, c) = target(&state, &req, &path, &who, Action::List).await?;
-    refuse_unsupported(q.filter.as_deref(), q.expand.as_deref())?;
+    let Target { db, c, schema, cond } = target(&state, &req, &path, &who, Action::List, None).await?;
+    refuse_unsupported(q.expand.as_deref())?;
+    let filter = match crate::query::parse(q.filter.as_deref().unwrap_or("")) {
+        Ok(None) => None,
+        Ok(Some(e)) => {
+            let auth = auth_record(&who);
+            let ctx = crate::query::Context {
+                schema: &schema,
+                auth: auth.as_ref(),
+                body: None,
+                now: crate::util::now_string(),
+            };
+            Some(crate::query::compile(&e, &c, &ctx).map_err(|e| filter_error(&e))?)
+        }
+        Err(e) => return Err(filter_error(&e)),
+    };
+    let cond = both(cond, filter);
     let page = parse_positive("page", q.page.as_deref(), 1)?;
     let per_page = parse_positive("perPage", q.per_page.as_deref(), 30)?.min(MAX_PER_PAGE);
     let skip_total = matches!(q.skip_total.as_deref(), Some("1" | "true"));
     let sort = store::parse_sort(&c, q.sort.as_deref().unwrap_or(""))?;
     let c2 = c.clone();
     let (items, total) = db
-        .read(move |conn| store::list(conn, &c2, &sort, page, per_page, skip_total))
+        .read(move |conn| store::list(conn, &c2, cond.as_ref(), &sort, page, per_page, skip_total))
         .await?;
     let items: Vec<Value> = items
         .iter()
@@ -184,11 +224,14 @@ async fn view(
     q: web::Query<ViewQuery>,
 ) -> ApiResult<HttpResponse> {
     let (coll, id) = path.into_inner();
-    let (db, c) = target(&state, &req, &coll, &who, Action::View).await?;
-    refuse_unsupported(None, q.expand.as_deref())?;
+    let Target { db, c, cond, .. } = target(&state, &req, &coll, &who, Action::View, None).await?;
+    refuse_unsupported(q.expand.as_deref())?;
     let c2 = c.clone();
     let rec = db
-        .read(move |conn| store::get(conn, &c2, &id))
+        .read(move |conn| match store::get(conn, &c2, &id)? {
+            Some(r) if matches(conn, &c2, &id, cond.as_ref())? => Ok(Some(r)),
+            _ => Ok(None),
+        })
         .await?
         .ok_or_else(|| ApiError::not_found("Record not found."))?;
     Ok(HttpResponse::Ok().json(pick_fields(public_record(&c, &rec, &who), q.fields.as_deref())))
@@ -264,7 +307,7 @@ pub async fn create_record(
     who: &Identity,
     body: Value,
 ) -> ApiResult<Stored> {
-    authorize(&c, Action::Create, who)?;
+    let access = authorize(&c, Action::Create, who)?;
     let body = body_object(body)?;
     let mut errors = FieldErrors::new();
     let id = match body.get("id") {
@@ -301,15 +344,30 @@ pub async fn create_record(
         changes.push(("password".into(), Sql::Text(password::hash_async(p).await?)));
     }
     let schema = state.schemas.get(db).await?;
+    let auth = auth_record(who);
+    let cond = condition(&access, &c, &schema, auth.as_ref(), Some(&body))?;
     db.write(move |conn| {
         let mut errors = FieldErrors::new();
         store::check_relations(conn, &schema, &relations, &mut errors)?;
         if !errors.is_empty() {
             return Err(ApiError::validation(errors));
         }
-        store::insert(conn, &c, id, changes)
+        let rec = store::insert(conn, &c, id, changes)?;
+        // The create rule is checked on the stored record; failing, the job's savepoint rolls
+        // the insert back.
+        if !matches(conn, &c, rec.id(), cond.as_ref())? {
+            return Err(ApiError::bad_request(
+                "Failed to create record: the collection's createRule does not match.",
+            ));
+        }
+        Ok(rec)
     })
     .await
+}
+
+/// A 400 for a filter that does not parse or names unknown fields.
+fn filter_error(e: &crate::query::FilterError) -> ApiError {
+    ApiError::invalid_field("filter", "validation_invalid_filter", format!("Invalid filter: {e}"))
 }
 
 async fn create(
@@ -319,7 +377,8 @@ async fn create(
     path: web::Path<String>,
     body: web::Json<Value>,
 ) -> ApiResult<HttpResponse> {
-    let (db, c) = target(&state, &req, &path, &who, Action::Create).await?;
+    let db = state.db(&req)?;
+    let c = state.collection(&db, &path).await?;
     let rec = create_record(&state, &db, c.clone(), &who, body.into_inner()).await?;
     Ok(HttpResponse::Ok().json(public_record(&c, &rec, &who)))
 }
@@ -332,13 +391,16 @@ async fn update(
     body: web::Json<Value>,
 ) -> ApiResult<HttpResponse> {
     let (coll, id) = path.into_inner();
-    let (db, c) = target(&state, &req, &coll, &who, Action::Update).await?;
     let body = body_object(body.into_inner())?;
+    let Target { db, c, schema, cond } = target(&state, &req, &coll, &who, Action::Update, Some(&body)).await?;
     let mut auth = Changes::new();
     if c.is_auth() {
-        let (c2, id2) = (c.clone(), id.clone());
+        let (c2, id2, cond2) = (c.clone(), id.clone(), cond.clone());
         let current = db
-            .read(move |conn| store::get(conn, &c2, &id2))
+            .read(move |conn| match store::get(conn, &c2, &id2)? {
+                Some(r) if matches(conn, &c2, &id2, cond2.as_ref())? => Ok(Some(r)),
+                _ => Ok(None),
+            })
             .await?
             .ok_or_else(|| ApiError::not_found("Record not found."))?;
         let mut errors = FieldErrors::new();
@@ -370,11 +432,12 @@ async fn update(
         }
         auth.extend(changes);
     }
-    let schema = state.schemas.get(&db).await?;
     let c2 = c.clone();
     let rec = db
         .write(move |conn| {
-            let current = store::get(conn, &c2, &id)?.ok_or_else(|| ApiError::not_found("Record not found."))?;
+            let current = store::get(conn, &c2, &id)?
+                .filter(|_| matches(conn, &c2, &id, cond.as_ref()).unwrap_or(false))
+                .ok_or_else(|| ApiError::not_found("Record not found."))?;
             let (mut changes, relations) =
                 values::prepare(&c2, &body, Some(&current.data)).map_err(ApiError::validation)?;
             let mut errors = FieldErrors::new();
@@ -396,9 +459,14 @@ async fn delete(
     path: web::Path<(String, String)>,
 ) -> ApiResult<HttpResponse> {
     let (coll, id) = path.into_inner();
-    let (db, c) = target(&state, &req, &coll, &who, Action::Delete).await?;
-    let schema = state.schemas.get(&db).await?;
-    db.write(move |conn| store::delete(conn, &schema, &c, &id)).await?;
+    let Target { db, c, schema, cond } = target(&state, &req, &coll, &who, Action::Delete, None).await?;
+    db.write(move |conn| {
+        if !matches(conn, &c, &id, cond.as_ref())? {
+            return Err(ApiError::not_found("Record not found."));
+        }
+        store::delete(conn, &schema, &c, &id)
+    })
+    .await?;
     Ok(HttpResponse::NoContent().finish())
 }
 
@@ -430,10 +498,10 @@ async fn bulk_update(
     path: web::Path<String>,
     body: web::Json<Value>,
 ) -> ApiResult<HttpResponse> {
-    let (db, c) = target(&state, &req, &path, &who, Action::Update).await?;
     let ids = bulk_ids(&body)?;
     let data = body_object(body.get("data").cloned().unwrap_or(Value::Null))
         .map_err(|_| ApiError::invalid_field("data", "validation_required", "An object of changes is required."))?;
+    let Target { db, c, schema, cond } = target(&state, &req, &path, &who, Action::Update, Some(&data)).await?;
     if c.is_auth()
         && ["email", "password", "verified", "emailVisibility"]
             .iter()
@@ -445,11 +513,11 @@ async fn bulk_update(
             "Auth fields cannot be changed in bulk.",
         ));
     }
-    let schema = state.schemas.get(&db).await?;
     let updated = db
         .write(move |conn| {
             for id in &ids {
                 let current = store::get(conn, &c, id)?
+                    .filter(|_| matches(conn, &c, id, cond.as_ref()).unwrap_or(false))
                     .ok_or_else(|| ApiError::not_found(format!("Record '{id}' not found.")))?;
                 let (changes, relations) =
                     values::prepare(&c, &data, Some(&current.data)).map_err(ApiError::validation)?;
@@ -474,12 +542,14 @@ async fn bulk_delete(
     path: web::Path<String>,
     body: web::Json<Value>,
 ) -> ApiResult<HttpResponse> {
-    let (db, c) = target(&state, &req, &path, &who, Action::Delete).await?;
+    let Target { db, c, schema, cond } = target(&state, &req, &path, &who, Action::Delete, None).await?;
     let ids = bulk_ids(&body)?;
-    let schema = state.schemas.get(&db).await?;
     let deleted = db
         .write(move |conn| {
             for id in &ids {
+                if !matches(conn, &c, id, cond.as_ref())? {
+                    return Err(ApiError::not_found(format!("Record '{id}' not found.")));
+                }
                 store::delete(conn, &schema, &c, id).map_err(|e| match e {
                     ApiError::NotFound(_) => ApiError::not_found(format!("Record '{id}' not found.")),
                     other => other,

@@ -1,28 +1,19 @@
 //! Collection rules: who may list, view, create, update and delete records.
 //!
-//! A rule is `null` (admins only), `""` (everyone) or a filter expression. Filter expressions
-//! are not evaluated yet (the query-language issue adds them), so they are refused when a
-//! collection is saved rather than silently ignored.
+//! A rule is `null` (admins only: others get 403), `""` (everyone) or a filter expression that
+//! the record must match: list rules filter rows, view/update/delete answer 404 for records
+//! that do not match, and create answers 400 when the new record does not match. Admins pass
+//! every rule.
+
+use rusqlite::{Connection, OptionalExtension, params_from_iter};
+use serde_json::{Map, Value, json};
 
 use crate::auth::Identity;
 use crate::collections::model::Collection;
+use crate::collections::store::Schema;
 use crate::error::{ApiError, ApiResult};
-
-/// Whether `rule` is acceptable in a collection definition.
-pub fn check_rule(rule: Option<&str>) -> Result<(), String> {
-    match rule {
-        None => Ok(()),
-        Some(r) if r.trim().is_empty() => Ok(()),
-        Some(_) => {
-            Err("Filter expressions in rules are not supported yet: use null (admins only) or \"\" (everyone).".into())
-        }
-    }
-}
-
-/// Whether `who` passes `rule`. Admins pass every rule.
-pub fn allows(rule: &Option<String>, who: &Identity) -> bool {
-    who.is_admin() || matches!(rule, Some(r) if r.trim().is_empty())
-}
+use crate::query::{Condition, Context, Expr, compile, parse};
+use crate::util::{now_string, quote_ident};
 
 /// The five actions a collection has a rule for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -45,13 +36,104 @@ pub fn rule_for(c: &Collection, action: Action) -> &Option<String> {
     }
 }
 
-/// `Ok` when `who` may perform `action` on `c`; otherwise 403 (admins-only or denied).
-pub fn authorize(c: &Collection, action: Action, who: &Identity) -> ApiResult<()> {
+/// What a caller may do with the records of a collection for one action.
+#[derive(Debug, Clone)]
+pub enum Access {
+    /// Every record (admins, or a `""` rule).
+    All,
+    /// The records matching this expression.
+    Matching(Expr),
+}
+
+/// The caller's access for `action`; 403 when the rule is `null` and the caller no admin.
+pub fn authorize(c: &Collection, action: Action, who: &Identity) -> ApiResult<Access> {
+    if who.is_admin() {
+        return Ok(Access::All);
+    }
     match rule_for(c, action) {
-        rule if allows(rule, who) => Ok(()),
         None => Err(ApiError::Forbidden("Only admins can perform this action.".into())),
-        Some(_) => Err(ApiError::Forbidden(
-            "You are not allowed to perform this request.".into(),
-        )),
+        Some(r) => match parse(r) {
+            Ok(None) => Ok(Access::All),
+            Ok(Some(e)) => Ok(Access::Matching(e)),
+            Err(e) => Err(ApiError::internal("stored rule", e.to_string())),
+        },
+    }
+}
+
+/// The `@request.auth` record of a caller: its fields plus `id`, `collectionId`, `collectionName`.
+pub fn auth_record(who: &Identity) -> Option<Map<String, Value>> {
+    match who {
+        Identity::User { collection, record, .. } => {
+            let mut m = record.data.clone();
+            m.insert("collectionId".into(), json!(collection.id));
+            m.insert("collectionName".into(), json!(collection.name));
+            Some(m)
+        }
+        Identity::Admin(a) => {
+            let mut m = a.data.clone();
+            m.insert("collectionName".into(), json!("_superusers"));
+            Some(m)
+        }
+        Identity::Guest | Identity::Replica(_) => None,
+    }
+}
+
+/// Compiles the access condition of `access` for collection `c` (`None` for [`Access::All`]).
+pub fn condition(
+    access: &Access,
+    c: &Collection,
+    schema: &Schema,
+    auth: Option<&Map<String, Value>>,
+    body: Option<&Map<String, Value>>,
+) -> ApiResult<Option<Condition>> {
+    match access {
+        Access::All => Ok(None),
+        Access::Matching(e) => {
+            let ctx = Context {
+                schema,
+                auth,
+                body,
+                now: now_string(),
+            };
+            compile(e, c, &ctx)
+                .map(Some)
+                .map_err(|e| ApiError::internal("rule", e.to_string()))
+        }
+    }
+}
+
+/// Whether record `id` of `c` matches `cond` (always, when there is no condition).
+pub fn matches(conn: &Connection, c: &Collection, id: &str, cond: Option<&Condition>) -> ApiResult<bool> {
+    let Some(cond) = cond else { return Ok(true) };
+    let sql = format!(
+        "SELECT 1 FROM {} _t WHERE _t.\"id\" = ? AND ({})",
+        quote_ident(&c.name),
+        cond.sql
+    );
+    let mut params = vec![rusqlite::types::Value::Text(id.to_string())];
+    params.extend(cond.params.iter().cloned());
+    Ok(conn
+        .prepare(&sql)?
+        .query_row(params_from_iter(params), |_| Ok(()))
+        .optional()?
+        .is_some())
+}
+
+/// Checks a rule when a collection is saved: `null`, `""`, or a filter that parses and whose
+/// fields exist in `c` (and, through relations, in `schema`).
+pub fn check_rule(rule: Option<&str>, c: &Collection, schema: &Schema) -> Result<(), String> {
+    let Some(r) = rule else { return Ok(()) };
+    match parse(r) {
+        Ok(None) => Ok(()),
+        Ok(Some(e)) => {
+            let ctx = Context {
+                schema,
+                auth: None,
+                body: None,
+                now: now_string(),
+            };
+            compile(&e, c, &ctx).map(|_| ()).map_err(|e| e.to_string())
+        }
+        Err(e) => Err(e.to_string()),
     }
 }

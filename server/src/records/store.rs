@@ -81,7 +81,11 @@ fn read_row(c: &Collection, row: &rusqlite::Row<'_>) -> rusqlite::Result<Stored>
 
 /// One record by id.
 pub fn get(conn: &Connection, c: &Collection, id: &str) -> ApiResult<Option<Stored>> {
-    let sql = format!("SELECT {} FROM {} WHERE id = ?1", select_list(c), quote_ident(&c.name));
+    let sql = format!(
+        "SELECT {} FROM {} _t WHERE _t.id = ?1",
+        select_list(c),
+        quote_ident(&c.name)
+    );
     Ok(conn
         .prepare_cached(&sql)?
         .query_row([id], |r| read_row(c, r))
@@ -329,10 +333,11 @@ pub fn parse_sort(c: &Collection, sort: &str) -> ApiResult<Vec<SortKey>> {
     Ok(keys)
 }
 
-/// One page of records and, unless `skip_total`, the total count.
+/// One page of the records matching `cond` and, unless `skip_total`, how many match.
 pub fn list(
     conn: &Connection,
     c: &Collection,
+    cond: Option<&crate::query::Condition>,
     sort: &[SortKey],
     page: u64,
     per_page: u64,
@@ -341,31 +346,37 @@ pub fn list(
     let mut order: Vec<String> = sort
         .iter()
         .map(|k| match k {
-            SortKey::Column(n, desc) => format!("{}{}", quote_ident(n), if *desc { " DESC" } else { "" }),
+            SortKey::Column(n, desc) => format!("_t.{}{}", quote_ident(n), if *desc { " DESC" } else { "" }),
             SortKey::Random => "RANDOM()".into(),
         })
         .collect();
     // The rowid makes every order total, so pages never overlap or skip rows.
-    order.push("rowid".into());
+    order.push("_t.rowid".into());
+    let (where_sql, mut params) = match cond {
+        Some(cond) => (format!("WHERE {}", cond.sql), cond.params.clone()),
+        None => (String::new(), Vec::new()),
+    };
     let sql = format!(
-        "SELECT {} FROM {} ORDER BY {} LIMIT ?1 OFFSET ?2",
+        "SELECT {} FROM {} _t {where_sql} ORDER BY {} LIMIT ? OFFSET ?",
         select_list(c),
         quote_ident(&c.name),
         order.join(", ")
     );
     let offset = (page - 1).saturating_mul(per_page);
+    let count_params = params.clone();
+    params.push(Sql::Integer(per_page as i64));
+    params.push(Sql::Integer(offset.min(i64::MAX as u64) as i64));
     let items = conn
         .prepare_cached(&sql)?
-        .query_map([per_page as i64, offset.min(i64::MAX as u64) as i64], |r| {
-            read_row(c, r)
-        })?
+        .query_map(params_from_iter(params), |r| read_row(c, r))?
         .collect::<Result<Vec<_>, _>>()?;
     let total = if skip_total {
         None
     } else {
+        let sql = format!("SELECT COUNT(*) FROM {} _t {where_sql}", quote_ident(&c.name));
         let n: i64 = conn
-            .prepare_cached(&format!("SELECT COUNT(*) FROM {}", quote_ident(&c.name)))?
-            .query_row([], |r| r.get(0))?;
+            .prepare_cached(&sql)?
+            .query_row(params_from_iter(count_params), |r| r.get(0))?;
         Some(n as u64)
     };
     Ok((items, total))

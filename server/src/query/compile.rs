@@ -1,0 +1,299 @@
+//! Compiles a parsed filter to an SQL condition over one collection's table, with every value
+//! a bound parameter: user text never becomes SQL text. Field names are checked against the
+//! collection (and, through relations, against the target collections) and quoted.
+
+use rusqlite::types::Value as Sql;
+use serde_json::{Map, Value};
+
+use super::parse::{Expr, FilterError, Op, Operand};
+use crate::collections::model::{Collection, FieldType};
+use crate::collections::store::Schema;
+use crate::util::quote_ident;
+
+/// What a filter can see besides the record: the caller and the submitted body.
+pub struct Context<'a> {
+    pub schema: &'a Schema,
+    /// The signed-in caller's record (`id`, `collectionId`, `collectionName`, fields), if any.
+    pub auth: Option<&'a Map<String, Value>>,
+    /// The submitted body (create and update rules).
+    pub body: Option<&'a Map<String, Value>>,
+    /// `@now`, in the API's date format.
+    pub now: String,
+}
+
+/// An SQL condition and its parameters (`?` placeholders, in order).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Condition {
+    pub sql: String,
+    pub params: Vec<Sql>,
+}
+
+/// A compiled operand: one value, or a set of values.
+enum Term {
+    Scalar(String),
+    Set(SetQuery),
+}
+
+/// A set of values as the parts of a query: tables and table-valued functions joined left to
+/// right (so `json_each(x.col)` may follow the table `x`), conditions, and the value.
+struct SetQuery {
+    from: Vec<String>,
+    wheres: Vec<String>,
+    value: String,
+}
+
+impl SetQuery {
+    fn sql(&self) -> String {
+        let mut q = format!("SELECT {} AS v FROM {}", self.value, self.from.join(", "));
+        if !self.wheres.is_empty() {
+            q.push_str(&format!(" WHERE {}", self.wheres.join(" AND ")));
+        }
+        q
+    }
+}
+
+struct Compiler<'a> {
+    ctx: &'a Context<'a>,
+    params: Vec<Sql>,
+    aliases: usize,
+}
+
+fn fail<T>(at: usize, message: impl Into<String>) -> Result<T, FilterError> {
+    Err(FilterError {
+        message: message.into(),
+        at,
+    })
+}
+
+fn json_to_sql(v: Option<&Value>) -> Sql {
+    match v {
+        None | Some(Value::Null) => Sql::Null,
+        Some(Value::Bool(b)) => Sql::Integer(*b as i64),
+        Some(Value::Number(n)) => n
+            .as_i64()
+            .map(Sql::Integer)
+            .unwrap_or_else(|| Sql::Real(n.as_f64().unwrap_or(0.0))),
+        Some(Value::String(s)) => Sql::Text(s.clone()),
+        Some(other) => Sql::Text(other.to_string()),
+    }
+}
+
+impl Compiler<'_> {
+    fn param(&mut self, v: Sql) -> String {
+        self.params.push(v);
+        "?".to_string()
+    }
+
+    fn alias(&mut self) -> String {
+        self.aliases += 1;
+        format!("_q{}", self.aliases)
+    }
+
+    /// A column of `c` (seen as `alias`), following relations for longer paths.
+    fn field(&mut self, c: &Collection, alias: &str, path: &[String], at: usize) -> Result<Term, FilterError> {
+        let name = &path[0];
+        let col = format!("{alias}.{}", quote_ident(name));
+        if path.len() == 1 {
+            if ["id", "created", "updated"].contains(&name.as_str())
+                || (c.is_auth() && ["email", "emailVisibility", "verified"].contains(&name.as_str()))
+            {
+                return Ok(Term::Scalar(col));
+            }
+            return match c.field(name) {
+                Some(f) if f.is_multi() => {
+                    let je = self.alias();
+                    Ok(Term::Set(SetQuery {
+                        from: vec![format!("json_each({col}) {je}")],
+                        wheres: vec![],
+                        value: format!("{je}.value"),
+                    }))
+                }
+                Some(_) => Ok(Term::Scalar(col)),
+                None => fail(at, format!("Unknown field '{name}' in '{}'.", c.name)),
+            };
+        }
+        let Some(f) = c.field(name) else {
+            return fail(at, format!("Unknown field '{name}' in '{}'.", c.name));
+        };
+        if f.kind != FieldType::Relation {
+            return fail(
+                at,
+                format!("'{name}' is not a relation, so '{}' cannot follow it.", path.join(".")),
+            );
+        }
+        let target = f
+            .options
+            .collection_id
+            .as_deref()
+            .and_then(|id| self.ctx.schema.by_id(id));
+        let Some(target) = target else {
+            return fail(at, format!("The collection related by '{name}' no longer exists."));
+        };
+        let t = self.alias();
+        let table = quote_ident(&target.name);
+        let inner = self.field(&target, &t, &path[1..], at)?;
+        let link = if f.is_multi() {
+            format!("{t}.\"id\" IN (SELECT value FROM json_each({col}))")
+        } else {
+            format!("{t}.\"id\" = {col}")
+        };
+        Ok(match (inner, f.is_multi()) {
+            (Term::Scalar(e), false) => Term::Scalar(format!("(SELECT {e} FROM {table} {t} WHERE {link})")),
+            (Term::Scalar(e), true) => Term::Set(SetQuery {
+                from: vec![format!("{table} {t}")],
+                wheres: vec![link],
+                value: e,
+            }),
+            (Term::Set(inner), _) => {
+                let mut from = vec![format!("{table} {t}")];
+                from.extend(inner.from);
+                let mut wheres = vec![link];
+                wheres.extend(inner.wheres);
+                Term::Set(SetQuery {
+                    from,
+                    wheres,
+                    value: inner.value,
+                })
+            }
+        })
+    }
+
+    fn operand(&mut self, c: &Collection, o: &Operand, at: usize) -> Result<Term, FilterError> {
+        Ok(match o {
+            Operand::Field(path) => return self.field(c, "_t", path, at),
+            Operand::Str(s) => Term::Scalar(self.param(Sql::Text(s.clone()))),
+            Operand::Num(n) => {
+                let v = if n.fract() == 0.0 && n.abs() < 9.0e15 {
+                    Sql::Integer(*n as i64)
+                } else {
+                    Sql::Real(*n)
+                };
+                Term::Scalar(self.param(v))
+            }
+            Operand::Bool(b) => Term::Scalar(self.param(Sql::Integer(*b as i64))),
+            Operand::Null => Term::Scalar("NULL".into()),
+            Operand::Now => Term::Scalar(self.param(Sql::Text(self.ctx.now.clone()))),
+            // A guest's @request.auth values are empty strings, as in PocketBase.
+            Operand::Auth(_) if self.ctx.auth.is_none() => Term::Scalar(self.param(Sql::Text(String::new()))),
+            Operand::Auth(path) => {
+                let v = match path.as_slice() {
+                    [] => self.ctx.auth.and_then(|a| a.get("id")),
+                    [key] => self.ctx.auth.and_then(|a| a.get(key)),
+                    _ => return fail(at, "@request.auth paths may name one field."),
+                };
+                match v {
+                    Some(Value::Array(items)) => {
+                        let je = self.alias();
+                        let list = self.param(Sql::Text(Value::Array(items.clone()).to_string()));
+                        Term::Set(SetQuery {
+                            from: vec![format!("json_each({list}) {je}")],
+                            wheres: vec![],
+                            value: format!("{je}.value"),
+                        })
+                    }
+                    other => Term::Scalar(self.param(json_to_sql(other))),
+                }
+            }
+            Operand::Body(path) => match path.as_slice() {
+                [key] => Term::Scalar(self.param(json_to_sql(self.ctx.body.and_then(|b| b.get(key))))),
+                _ => return fail(at, "@request.body paths may name one field."),
+            },
+        })
+    }
+
+    fn compare(&mut self, l: &str, op: Op, r: &str, r_is_null: bool) -> String {
+        if r_is_null {
+            return match op {
+                Op::Eq => format!("({l} IS NULL OR {l} = '' OR {l} = '[]')"),
+                Op::Neq => format!("({l} IS NOT NULL AND {l} != '' AND {l} != '[]')"),
+                _ => "0".into(),
+            };
+        }
+        match op {
+            Op::Eq => format!("{l} IS {r}"),
+            Op::Neq => format!("{l} IS NOT {r}"),
+            Op::Gt => format!("{l} > {r}"),
+            Op::Gte => format!("{l} >= {r}"),
+            Op::Lt => format!("{l} < {r}"),
+            Op::Lte => format!("{l} <= {r}"),
+            Op::Like => format!("{l} LIKE {r} ESCAPE '\\'"),
+            Op::NotLike => format!("{l} NOT LIKE {r} ESCAPE '\\'"),
+        }
+    }
+
+    fn expr(&mut self, c: &Collection, e: &Expr) -> Result<String, FilterError> {
+        match e {
+            Expr::And(a, b) => Ok(format!("({} AND {})", self.expr(c, a)?, self.expr(c, b)?)),
+            Expr::Or(a, b) => Ok(format!("({} OR {})", self.expr(c, a)?, self.expr(c, b)?)),
+            Expr::Cmp {
+                left,
+                op,
+                any,
+                right,
+                at,
+            } => {
+                let l = self.operand(c, left, *at)?;
+                // `~` wraps a literal in % unless it already holds one (as PocketBase).
+                let r = match (op, right) {
+                    (Op::Like | Op::NotLike, Operand::Str(s)) => {
+                        let pattern = if s.contains('%') {
+                            s.clone()
+                        } else {
+                            format!("%{}%", s.replace('\\', "\\\\").replace('_', "\\_"))
+                        };
+                        Term::Scalar(self.param(Sql::Text(pattern)))
+                    }
+                    (Op::Like | Op::NotLike, other) => match self.operand(c, other, *at)? {
+                        Term::Scalar(s) => Term::Scalar(format!("('%' || {s} || '%')")),
+                        set => set,
+                    },
+                    _ => self.operand(c, right, *at)?,
+                };
+                let r_null = matches!(right, Operand::Null);
+                Ok(match (l, r) {
+                    (Term::Scalar(l), Term::Scalar(r)) => self.compare(&l, *op, &r, r_null),
+                    // A multi-value operand is "null" when it holds no value.
+                    (Term::Set(s), Term::Scalar(_)) if r_null && matches!(op, Op::Eq | Op::Neq) => {
+                        let exists = format!("EXISTS (SELECT 1 FROM ({}) _e)", s.sql());
+                        if *op == Op::Eq { format!("NOT {exists}") } else { exists }
+                    }
+                    (Term::Set(s), Term::Scalar(r)) => {
+                        let s = s.sql();
+                        let cond = self.compare("_e.v", *op, &r, r_null);
+                        if *any {
+                            format!("EXISTS (SELECT 1 FROM ({s}) _e WHERE {cond})")
+                        } else {
+                            format!(
+                                "(EXISTS (SELECT 1 FROM ({s}) _e) AND NOT EXISTS (SELECT 1 FROM ({s}) _e WHERE NOT ({cond})))"
+                            )
+                        }
+                    }
+                    (Term::Scalar(l), Term::Set(s)) => {
+                        let s = s.sql();
+                        let cond = self.compare(&l, *op, "_e.v", false);
+                        format!("EXISTS (SELECT 1 FROM ({s}) _e WHERE {cond})")
+                    }
+                    (Term::Set(a), Term::Set(b)) => {
+                        let (a, b) = (a.sql(), b.sql());
+                        let cond = self.compare("_a.v", *op, "_b.v", false);
+                        format!("EXISTS (SELECT 1 FROM ({a}) _a, ({b}) _b WHERE {cond})")
+                    }
+                })
+            }
+        }
+    }
+}
+
+/// Compiles `e` to a condition on collection `c`, whose table must be aliased `_t` in the query.
+pub fn compile(e: &Expr, c: &Collection, ctx: &Context) -> Result<Condition, FilterError> {
+    let mut comp = Compiler {
+        ctx,
+        params: Vec::new(),
+        aliases: 0,
+    };
+    let sql = comp.expr(c, e)?;
+    Ok(Condition {
+        sql,
+        params: comp.params,
+    })
+}
