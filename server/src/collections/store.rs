@@ -40,6 +40,17 @@ pub struct Schema {
 }
 
 impl Schema {
+    /// A schema of the given collections (tests and tools).
+    pub fn from_collections(list: Vec<Collection>) -> Schema {
+        let mut s = Schema::default();
+        for c in list {
+            let c = Arc::new(c);
+            s.by_id.insert(c.id.clone(), c.clone());
+            s.by_name.insert(c.name.clone(), c);
+        }
+        s
+    }
+
     pub fn get(&self, id_or_name: &str) -> Option<Arc<Collection>> {
         self.by_name
             .get(id_or_name)
@@ -92,6 +103,11 @@ impl SchemaCache {
             m.remove(db_name);
         }
     }
+}
+
+/// The live collections stored in the database of `conn`.
+pub fn load_schema(conn: &Connection) -> ApiResult<Schema> {
+    load(conn)
 }
 
 fn load(conn: &Connection) -> ApiResult<Schema> {

@@ -56,6 +56,9 @@ struct Compiler<'a> {
     ctx: &'a Context<'a>,
     params: Vec<Sql>,
     aliases: usize,
+    /// Whether the comparison being compiled is an any-of form (`?=` …): then a json field is
+    /// read as the set of its elements.
+    any: bool,
 }
 
 fn fail<T>(at: usize, message: impl Into<String>) -> Result<T, FilterError> {
@@ -100,7 +103,7 @@ impl Compiler<'_> {
                 return Ok(Term::Scalar(col));
             }
             return match c.field(name) {
-                Some(f) if f.is_multi() => {
+                Some(f) if f.is_multi() || (self.any && f.kind == FieldType::Json) => {
                     let je = self.alias();
                     Ok(Term::Set(SetQuery {
                         from: vec![format!("json_each({col}) {je}")],
@@ -204,9 +207,11 @@ impl Compiler<'_> {
     fn compare(&mut self, l: &str, op: Op, r: &str, r_is_null: bool) -> String {
         if r_is_null {
             return match op {
-                Op::Eq => format!("({l} IS NULL OR {l} = '' OR {l} = '[]')"),
-                Op::Neq => format!("({l} IS NOT NULL AND {l} != '' AND {l} != '[]')"),
-                _ => "0".into(),
+                // Each fragment appears once: it may hold `?` placeholders bound by position.
+                Op::Eq => format!("COALESCE({l}, '') IN ('', '[]')"),
+                Op::Neq => format!("COALESCE({l}, '') NOT IN ('', '[]')"),
+                // Ordering against null is never true; `l` stays, since its parameters are bound.
+                _ => format!("({l} IS NULL AND 0)"),
             };
         }
         match op {
@@ -232,7 +237,12 @@ impl Compiler<'_> {
                 right,
                 at,
             } => {
+                self.any = *any;
+                // Placeholders are positional: the parameters of each side are set aside and
+                // bound below in the order the two sides appear in the SQL text.
+                let base = self.params.len();
                 let l = self.operand(c, left, *at)?;
+                let l_params = self.params.split_off(base);
                 // `~` wraps a literal in % unless it already holds one (as PocketBase).
                 let r = match (op, right) {
                     (Op::Like | Op::NotLike, Operand::Str(s)) => {
@@ -249,8 +259,10 @@ impl Compiler<'_> {
                     },
                     _ => self.operand(c, right, *at)?,
                 };
+                let r_params = self.params.split_off(base);
                 let r_null = matches!(right, Operand::Null);
-                Ok(match (l, r) {
+                let mut right_first = false;
+                let sql = match (l, r) {
                     (Term::Scalar(l), Term::Scalar(r)) => self.compare(&l, *op, &r, r_null),
                     // A multi-value operand is "null" when it holds no value.
                     (Term::Set(s), Term::Scalar(_)) if r_null && matches!(op, Op::Eq | Op::Neq) => {
@@ -263,12 +275,15 @@ impl Compiler<'_> {
                         if *any {
                             format!("EXISTS (SELECT 1 FROM ({s}) _e WHERE {cond})")
                         } else {
+                            right_first = true;
+                            // Every value matches, and there is at least one: one pass over the set.
                             format!(
-                                "(EXISTS (SELECT 1 FROM ({s}) _e) AND NOT EXISTS (SELECT 1 FROM ({s}) _e WHERE NOT ({cond})))"
+                                "(SELECT COUNT(*) > 0 AND COALESCE(SUM(CASE WHEN {cond} THEN 0 ELSE 1 END), 0) = 0 FROM ({s}) _e)"
                             )
                         }
                     }
                     (Term::Scalar(l), Term::Set(s)) => {
+                        right_first = true;
                         let s = s.sql();
                         let cond = self.compare(&l, *op, "_e.v", false);
                         format!("EXISTS (SELECT 1 FROM ({s}) _e WHERE {cond})")
@@ -278,7 +293,15 @@ impl Compiler<'_> {
                         let cond = self.compare("_a.v", *op, "_b.v", false);
                         format!("EXISTS (SELECT 1 FROM ({a}) _a, ({b}) _b WHERE {cond})")
                     }
-                })
+                };
+                let (first, second) = if right_first {
+                    (r_params, l_params)
+                } else {
+                    (l_params, r_params)
+                };
+                self.params.extend(first);
+                self.params.extend(second);
+                Ok(sql)
             }
         }
     }
@@ -290,10 +313,36 @@ pub fn compile(e: &Expr, c: &Collection, ctx: &Context) -> Result<Condition, Fil
         ctx,
         params: Vec::new(),
         aliases: 0,
+        any: false,
     };
     let sql = comp.expr(c, e)?;
     Ok(Condition {
         sql,
         params: comp.params,
     })
+}
+
+/// The SQL of one value of `c` (aliased `_t`) reached by a dotted path such as `author.name`,
+/// for sorting. Paths to several values (multi-value fields) are refused.
+pub fn scalar_path(c: &Collection, schema: &Schema, path: &str) -> Result<String, FilterError> {
+    let parts: Vec<String> = path.split('.').map(str::to_string).collect();
+    if parts.iter().any(|p| p.is_empty()) || parts.len() > 7 {
+        return fail(0, format!("'{path}' is not a field path."));
+    }
+    let ctx = Context {
+        schema,
+        auth: None,
+        body: None,
+        now: String::new(),
+    };
+    let mut comp = Compiler {
+        ctx: &ctx,
+        params: Vec::new(),
+        aliases: 100,
+        any: false,
+    };
+    match comp.field(c, "_t", &parts, 0)? {
+        Term::Scalar(sql) => Ok(sql),
+        Term::Set(_) => fail(0, format!("Cannot sort by '{path}': it holds several values.")),
+    }
 }

@@ -8,6 +8,7 @@ use rusqlite::types::Value as Sql;
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
+use super::expand::PathTree;
 use super::rules::{Action, auth_record, authorize, condition, matches};
 use super::store::{self, Stored};
 use super::values::{self, Changes};
@@ -73,30 +74,16 @@ pub fn public_record(c: &Collection, s: &Stored, who: &Identity) -> Value {
     Value::Object(m)
 }
 
-/// Keeps only the requested top-level keys (`fields=id,title`; `*` keeps everything).
-fn pick_fields(v: Value, fields: Option<&str>) -> Value {
-    let Some(list) = fields.map(str::trim).filter(|s| !s.is_empty()) else {
-        return v;
-    };
-    let wanted: Vec<&str> = list.split(',').map(str::trim).collect();
-    if wanted.contains(&"*") {
-        return v;
-    }
-    match v {
-        Value::Object(m) => Value::Object(m.into_iter().filter(|(k, _)| wanted.contains(&k.as_str())).collect()),
-        other => other,
-    }
-}
-
-fn refuse_unsupported(expand: Option<&str>) -> ApiResult<()> {
-    if expand.is_some_and(|e| !e.trim().is_empty()) {
-        return Err(ApiError::invalid_field(
-            "expand",
-            "validation_unsupported",
-            "Expand is not supported yet.",
-        ));
-    }
-    Ok(())
+/// The `expand` and `fields` of a request, checked against the collection.
+fn shape(
+    c: &Collection,
+    schema: &Schema,
+    expand: Option<&str>,
+    fields: Option<&str>,
+) -> ApiResult<(PathTree, PathTree)> {
+    let tree = PathTree::parse(expand.unwrap_or(""));
+    super::expand::check(c, schema, &tree)?;
+    Ok((tree, PathTree::parse(fields.unwrap_or(""))))
 }
 
 /// What a request addresses: its database and collection, and the condition the records must
@@ -173,7 +160,7 @@ async fn list(
     q: web::Query<ListQuery>,
 ) -> ApiResult<HttpResponse> {
     let Target { db, c, schema, cond } = target(&state, &req, &path, &who, Action::List, None).await?;
-    refuse_unsupported(q.expand.as_deref())?;
+    let (tree, fields) = shape(&c, &schema, q.expand.as_deref(), q.fields.as_deref())?;
     let filter = match crate::query::parse(q.filter.as_deref().unwrap_or("")) {
         Ok(None) => None,
         Ok(Some(e)) => {
@@ -192,15 +179,19 @@ async fn list(
     let page = parse_positive("page", q.page.as_deref(), 1)?;
     let per_page = parse_positive("perPage", q.per_page.as_deref(), 30)?.min(MAX_PER_PAGE);
     let skip_total = matches!(q.skip_total.as_deref(), Some("1" | "true"));
-    let sort = store::parse_sort(&c, q.sort.as_deref().unwrap_or(""))?;
-    let c2 = c.clone();
+    let sort = store::parse_sort(&c, &schema, q.sort.as_deref().unwrap_or(""))?;
     let (items, total) = db
-        .read(move |conn| store::list(conn, &c2, cond.as_ref(), &sort, page, per_page, skip_total))
+        .read(move |conn| {
+            let (rows, total) = store::list(conn, &c, cond.as_ref(), &sort, page, per_page, skip_total)?;
+            let mut items: Vec<Value> = rows.iter().map(|s| public_record(&c, s, &who)).collect();
+            if !tree.0.is_empty() {
+                let auth = auth_record(&who);
+                super::expand::expand(conn, &schema, &c, &mut items, &tree, &who, auth.as_ref())?;
+            }
+            Ok((items, total))
+        })
         .await?;
-    let items: Vec<Value> = items
-        .iter()
-        .map(|s| pick_fields(public_record(&c, s, &who), q.fields.as_deref()))
-        .collect();
+    let items: Vec<Value> = items.into_iter().map(|v| super::expand::pick(v, &fields)).collect();
     let (total_items, total_pages) = match total {
         Some(t) => (t as i64, t.div_ceil(per_page) as i64),
         None => (-1, -1),
@@ -224,17 +215,23 @@ async fn view(
     q: web::Query<ViewQuery>,
 ) -> ApiResult<HttpResponse> {
     let (coll, id) = path.into_inner();
-    let Target { db, c, cond, .. } = target(&state, &req, &coll, &who, Action::View, None).await?;
-    refuse_unsupported(q.expand.as_deref())?;
-    let c2 = c.clone();
+    let Target { db, c, schema, cond } = target(&state, &req, &coll, &who, Action::View, None).await?;
+    let (tree, fields) = shape(&c, &schema, q.expand.as_deref(), q.fields.as_deref())?;
     let rec = db
-        .read(move |conn| match store::get(conn, &c2, &id)? {
-            Some(r) if matches(conn, &c2, &id, cond.as_ref())? => Ok(Some(r)),
+        .read(move |conn| match store::get(conn, &c, &id)? {
+            Some(r) if matches(conn, &c, &id, cond.as_ref())? => {
+                let mut items = vec![public_record(&c, &r, &who)];
+                if !tree.0.is_empty() {
+                    let auth = auth_record(&who);
+                    super::expand::expand(conn, &schema, &c, &mut items, &tree, &who, auth.as_ref())?;
+                }
+                Ok(items.pop())
+            }
             _ => Ok(None),
         })
         .await?
         .ok_or_else(|| ApiError::not_found("Record not found."))?;
-    Ok(HttpResponse::Ok().json(pick_fields(public_record(&c, &rec, &who), q.fields.as_deref())))
+    Ok(HttpResponse::Ok().json(super::expand::pick(rec, &fields)))
 }
 
 fn body_object(body: Value) -> ApiResult<Map<String, Value>> {

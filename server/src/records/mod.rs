@@ -1,5 +1,6 @@
 //! Records: the rows of collections, their validation, rules and HTTP API.
 
+pub mod expand;
 pub mod handlers;
 pub mod rules;
 pub mod store;

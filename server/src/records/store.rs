@@ -302,15 +302,15 @@ fn referenced(other: &Collection, rid: &str) -> ApiError {
     ))
 }
 
-/// One sort key: a column and its direction, or random order.
+/// One sort key: an SQL expression over `_t` and its direction, or random order.
 #[derive(Debug, Clone, PartialEq)]
 pub enum SortKey {
-    Column(String, bool),
+    Expr(String, bool),
     Random,
 }
 
-/// Parses `-created,title` against the collection's columns.
-pub fn parse_sort(c: &Collection, sort: &str) -> ApiResult<Vec<SortKey>> {
+/// Parses `-created,title,author.name` against the collection (paths follow relations).
+pub fn parse_sort(c: &Collection, schema: &Schema, sort: &str) -> ApiResult<Vec<SortKey>> {
     let mut keys = Vec::new();
     for part in sort.split(',').map(str::trim).filter(|s| !s.is_empty()) {
         if part == "@random" {
@@ -321,14 +321,14 @@ pub fn parse_sort(c: &Collection, sort: &str) -> ApiResult<Vec<SortKey>> {
             Some(n) => (n, true),
             None => (part.strip_prefix('+').unwrap_or(part), false),
         };
-        if !c.has_column(name) {
-            return Err(ApiError::invalid_field(
+        let sql = crate::query::compile::scalar_path(c, schema, name).map_err(|e| {
+            ApiError::invalid_field(
                 "sort",
                 "validation_invalid_sort",
-                format!("Cannot sort by unknown field '{name}'."),
-            ));
-        }
-        keys.push(SortKey::Column(name.to_string(), desc));
+                format!("Cannot sort by '{name}': {}", e.message),
+            )
+        })?;
+        keys.push(SortKey::Expr(sql, desc));
     }
     Ok(keys)
 }
@@ -346,7 +346,7 @@ pub fn list(
     let mut order: Vec<String> = sort
         .iter()
         .map(|k| match k {
-            SortKey::Column(n, desc) => format!("_t.{}{}", quote_ident(n), if *desc { " DESC" } else { "" }),
+            SortKey::Expr(e, desc) => format!("{e}{}", if *desc { " DESC" } else { "" }),
             SortKey::Random => "RANDOM()".into(),
         })
         .collect();
