@@ -108,7 +108,7 @@ fn expand_level(
             };
             views.insert(target.id.clone(), view);
         }
-        let Some(Some(view)) = views.get(&target.id).map(|v| v.as_ref().map(Option::clone)) else {
+        let Some(Some(view)) = views.get(&target.id).cloned() else {
             continue;
         };
         for item in items.iter_mut() {
