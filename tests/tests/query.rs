@@ -259,3 +259,236 @@ fn rules_with_expressions_for_each_action() {
     assert_eq!(n.delete(&path, Some(&alice)).0, 204);
     let _ = bob_id;
 }
+
+#[test]
+fn expand_fields_and_sort_by_relation() {
+    let (n, t) = fixture();
+    // A related collection nobody but admins may view, and a relation to it.
+    assert_eq!(
+        n.post(
+            "/api/collections",
+            Some(&t),
+            &json!({"name": "secrets", "fields": [{"name": "code", "type": "text"}]})
+        )
+        .0,
+        200
+    );
+    let (_, secret) = n.post("/api/collections/secrets/records", Some(&t), &json!({"code": "s3cr3t"}));
+    let (_, posts) = n.get("/api/collections/posts", Some(&t));
+    let mut fields = posts["fields"].as_array().unwrap().clone();
+    fields.push(json!({"name": "secret", "type": "relation", "collectionId": "secrets"}));
+    fields.push(json!({"name": "readers", "type": "relation", "collectionId": "people", "maxSelect": 5}));
+    fields.push(json!({"name": "meta", "type": "json"}));
+    assert_eq!(
+        n.patch("/api/collections/posts", Some(&t), &json!({"fields": fields}))
+            .0,
+        200
+    );
+    let (_, list) = n.get("/api/collections/posts/records?filter=title%3D'On%20engines'", None);
+    let pid = list["items"][0]["id"].as_str().unwrap().to_string();
+    let body = json!({"secret": secret["id"], "readers": ["bobxs", "ada"], "meta": {"k": ["x", "y"]}});
+    assert_eq!(
+        n.patch(&format!("/api/collections/posts/records/{pid}"), None, &body).0,
+        200
+    );
+    // people has a self relation for nesting.
+    let (_, people) = n.get("/api/collections/people", Some(&t));
+    let mut pf = people["fields"].as_array().unwrap().clone();
+    pf.push(json!({"name": "mentor", "type": "relation", "collectionId": "people"}));
+    assert_eq!(
+        n.patch("/api/collections/people", Some(&t), &json!({"fields": pf})).0,
+        200
+    );
+    assert_eq!(
+        n.patch("/api/collections/people/records/ada", None, &json!({"mentor": "bobxs"}))
+            .0,
+        200
+    );
+
+    let (s, v) = n.get(
+        &format!("/api/collections/posts/records/{pid}?expand=author.mentor,readers,secret"),
+        None,
+    );
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["expand"]["author"]["name"], "Ada");
+    assert_eq!(
+        v["expand"]["author"]["expand"]["mentor"]["name"], "Bob's",
+        "nested expand"
+    );
+    let readers: Vec<&str> = v["expand"]["readers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        readers,
+        vec!["bobxs", "ada"],
+        "multi relations expand to a list, in order"
+    );
+    assert!(
+        v["expand"].get("secret").is_none(),
+        "a target the caller may not view is left out: {v}"
+    );
+    let (_, as_admin) = n.get(&format!("/api/collections/posts/records/{pid}?expand=secret"), Some(&t));
+    assert_eq!(as_admin["expand"]["secret"]["code"], "s3cr3t");
+    // fields with expand paths.
+    let (_, f) = n.get(
+        &format!("/api/collections/posts/records/{pid}?expand=author&fields=id,expand.author.name"),
+        None,
+    );
+    assert_eq!(f, json!({"id": pid, "expand": {"author": {"name": "Ada"}}}));
+    // expand on lists, and bad expands.
+    let (s, l) = n.get("/api/collections/posts/records?expand=author&sort=title", None);
+    assert_eq!(s, 200);
+    assert_eq!(l["items"][0]["expand"]["author"]["name"], "Bob's");
+    for bad in [
+        "title",
+        "nope",
+        "author.name",
+        "author.mentor.mentor.mentor.mentor.mentor.mentor",
+    ] {
+        assert_eq!(
+            n.get(&format!("/api/collections/posts/records?expand={bad}"), None).0,
+            400,
+            "{bad}"
+        );
+    }
+    // Sort by a relation path; multi paths cannot be sorted.
+    let (s, sorted) = n.get("/api/collections/posts/records?sort=-author.age,title", None);
+    assert_eq!(s, 200, "{sorted}");
+    let titles: Vec<&str> = sorted["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["title"].as_str().unwrap())
+        .collect();
+    assert_eq!(titles, vec!["On engines", "Bits", "Orphan"]);
+    assert_eq!(n.get("/api/collections/posts/records?sort=readers.name", None).0, 400);
+    // Any-of on json arrays and multi relations.
+    assert_eq!(
+        names(&n, "posts", "title", "meta.k ?= 'x'", None).0,
+        400,
+        "json paths are not relations"
+    );
+    assert_eq!(
+        names(&n, "posts", "title", "meta ?= 'x'", None).1.len(),
+        0,
+        "an object's values are not an array of 'x'"
+    );
+    assert_eq!(
+        names(&n, "posts", "title", "readers ?= 'ada'", None).1,
+        vec!["On engines"]
+    );
+    assert_eq!(
+        names(&n, "posts", "title", "readers.name ?~ 'bob'", None).1,
+        vec!["On engines"]
+    );
+}
+
+#[test]
+fn declared_indexes_are_used() {
+    let (n, t) = fixture();
+    let (s, b) = n.patch(
+        "/api/collections/people",
+        Some(&t),
+        &json!({"indexes": ["CREATE INDEX idx_people_age ON people (age)"]}),
+    );
+    assert_eq!(s, 200, "{b}");
+    let conn = vski::rusqlite::Connection::open_with_flags(
+        n.data_dir.join("default.db"),
+        vski::rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+    )
+    .unwrap();
+    let schema = vski::collections::store::load_schema(&conn).unwrap();
+    let people = schema.get("people").unwrap();
+    let e = vski::query::parse("age > 30").unwrap().unwrap();
+    let ctx = vski::query::Context {
+        schema: &schema,
+        auth: None,
+        body: None,
+        now: String::new(),
+    };
+    let cond = vski::query::compile(&e, &people, &ctx).unwrap();
+    let sql = format!("EXPLAIN QUERY PLAN SELECT * FROM people _t WHERE {}", cond.sql);
+    let plan: Vec<String> = conn
+        .prepare(&sql)
+        .unwrap()
+        .query_map(vski::rusqlite::params_from_iter(cond.params.iter()), |r| {
+            r.get::<_, String>(3)
+        })
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    assert!(plan.iter().any(|p| p.contains("idx_people_age")), "{plan:?}");
+}
+
+#[test]
+fn random_query_parameters_never_fail_the_server_or_change_data() {
+    let (n, t) = fixture();
+    let before = n.get("/api/collections/people/records?perPage=100&sort=id", Some(&t)).1;
+    let pool = [
+        "name",
+        "age",
+        "tags",
+        "author",
+        "author.name",
+        "author.tags",
+        "id",
+        "-",
+        "+",
+        "@random",
+        ",",
+        ".",
+        "=",
+        "!=",
+        "~",
+        "?=",
+        ">",
+        "&&",
+        "||",
+        "(",
+        ")",
+        "'",
+        "\"",
+        "x",
+        "1",
+        "null",
+        "true",
+        "@now",
+        "@request.auth.id",
+        "*",
+        "expand",
+        ";",
+        "--",
+        "%",
+        "\\",
+        "é",
+        " ",
+        "DROP TABLE people",
+    ];
+    let mut seed = 0x1234_5678_9abc_def1_u64;
+    let mut next = |m: usize| {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        (seed % m as u64) as usize
+    };
+    for i in 0..400 {
+        let len = next(8);
+        let text: String = (0..len)
+            .map(|_| pool[next(pool.len())])
+            .collect::<Vec<_>>()
+            .join(if next(2) == 0 { " " } else { "" });
+        let enc: String = text.bytes().map(|b| format!("%{b:02X}")).collect();
+        let param = ["filter", "sort", "expand", "fields"][i % 4];
+        let coll = if i % 3 == 0 { "people" } else { "posts" };
+        let (s, b) = n.get(&format!("/api/collections/{coll}/records?{param}={enc}"), None);
+        assert!(s == 200 || s == 400, "{param}={text:?}: {s} {b}");
+    }
+    assert_eq!(
+        n.get("/api/collections/people/records?perPage=100&sort=id", Some(&t)).1,
+        before,
+        "no data changed"
+    );
+}
