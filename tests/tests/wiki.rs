@@ -76,6 +76,10 @@ fn records_examples_run() {
     assert!(compact.contains(r#"{"points":5,"labels":["docs","ui"]}"#), "{out}");
     assert!(compact.contains(r#""status":400"#), "{out}");
     assert!(compact.contains(r#""deleted":["#), "{out}");
+    assert!(
+        compact.contains(r#"{"expand":{"project":{"name":"vski"}},"title":"Shipit"}"#),
+        "{out}"
+    );
 }
 
 #[test]

@@ -44,13 +44,13 @@ fn parse_args() -> Args {
                     })
                     .expect("--concurrency 1,16")
             }
-            "--suite" => args.suite = it.next().expect("--suite http|replication|replica|all"),
+            "--suite" => args.suite = it.next().expect("--suite http|query|replication|replica|all"),
             "--bootstrap-mb" => args.bootstrap_mb = it.next().and_then(|v| v.parse().ok()).expect("--bootstrap-mb N"),
             "--snapshot-rows" => {
                 args.snapshot_rows = it.next().and_then(|v| v.parse().ok()).expect("--snapshot-rows N")
             }
             other => panic!(
-                "unknown argument {other}; use --seconds N --concurrency 1,16 --suite http|replication|replica|all --snapshot-rows N"
+                "unknown argument {other}; use --seconds N --concurrency 1,16 --suite http|query|replication|replica|all --snapshot-rows N"
             ),
         }
     }
@@ -104,6 +104,9 @@ fn main() {
     }
     if args.suite == "replication" || args.suite == "all" {
         replication_suite(&args);
+    }
+    if args.suite == "query" || args.suite == "all" {
+        query_suite(&args);
     }
     if args.suite == "replica" || args.suite == "all" {
         replica_suite(&args);
@@ -572,4 +575,68 @@ fn replica_suite(args: &Args) {
         boot / cp,
         size / 1_000_000
     );
+}
+
+/// Filtered, sorted lists over 100k records, with and without an index and a total count.
+fn query_suite(args: &Args) {
+    println!();
+    println!(
+        "vski query benchmark: list with filter and sort over 100,000 records, {} s per row",
+        args.seconds
+    );
+    let node = bench_master("on");
+    let rows = 100_000;
+    let written = Arc::new(AtomicUsize::new(0));
+    let fill: Vec<_> = (0..16)
+        .map(|w| {
+            let (url, written) = (node.url.clone(), written.clone());
+            std::thread::spawn(move || {
+                let c = reqwest::blocking::Client::new();
+                loop {
+                    let i = written.fetch_add(1, Ordering::Relaxed);
+                    if i >= rows {
+                        break;
+                    }
+                    let body = json!({"title": format!("Post title number {w}-{i}"), "n": (i * 7919) % rows});
+                    check(
+                        c.post(format!("{url}/api/collections/bench/records"))
+                            .json(&body)
+                            .send()
+                            .expect("fill"),
+                    );
+                }
+            })
+        })
+        .collect();
+    fill.into_iter().for_each(|h| h.join().expect("fill"));
+    let filter = "filter=n%20%3E%3D%2050000%20%26%26%20n%20%3C%2050100&sort=-n&perPage=30";
+    let run = |label: &str, query: String| {
+        for &c in &args.concurrency {
+            let (url, q) = (node.url.clone(), query.clone());
+            let rate = measure(c, args.seconds, move |client, _, _| {
+                check(
+                    client
+                        .get(format!("{url}/api/collections/bench/records?{q}"))
+                        .send()
+                        .expect("list"),
+                );
+            });
+            println!("{:<58} {:>6} {:>10.0} req/s", label, c, rate);
+        }
+    };
+    println!(
+        "{:<58} {:>6} {:>16}",
+        "filter `n >= 50000 && n < 50100`, sort `-n`, perPage 30", "conns", ""
+    );
+    run("  no index, with total count", filter.to_string());
+    run("  no index, skipTotal", format!("{filter}&skipTotal=1"));
+    let admin = node.admin_login();
+    let (s, b) = node.patch(
+        "/api/collections/bench",
+        Some(&admin),
+        &json!({"indexes": ["CREATE INDEX idx_bench_n ON bench (n)"]}),
+    );
+    assert_eq!(s, 200, "{b}");
+    run("  index on n, with total count", filter.to_string());
+    run("  index on n, skipTotal", format!("{filter}&skipTotal=1"));
 }
