@@ -408,6 +408,7 @@ fn declared_indexes_are_used() {
         auth: None,
         body: None,
         now: String::new(),
+        admin: true,
     };
     let cond = vski::query::compile(&e, &people, &ctx).unwrap();
     let sql = format!("EXPLAIN QUERY PLAN SELECT * FROM people _t WHERE {}", cond.sql);
@@ -491,4 +492,38 @@ fn random_query_parameters_never_fail_the_server_or_change_data() {
         before,
         "no data changed"
     );
+}
+
+#[test]
+fn hidden_fields_cannot_be_probed_by_filter_or_sort() {
+    let n = spawn_master();
+    let t = n.admin_token();
+    let (s, b) = n.post(
+        "/api/collections",
+        Some(&t),
+        &json!({"name": "vault", "listRule": "", "fields": [{"name": "label", "type": "text"}, {"name": "pin", "type": "text", "hidden": true}]}),
+    );
+    assert_eq!(s, 200, "{b}");
+    assert_eq!(
+        n.post(
+            "/api/collections/vault/records",
+            Some(&t),
+            &json!({"label": "a", "pin": "1234"})
+        )
+        .0,
+        200
+    );
+    for q in ["filter=pin%20~%20'1'", "sort=pin", "filter=pin%20%3D%20null"] {
+        let (s, b) = n.get(&format!("/api/collections/vault/records?{q}"), None);
+        assert_eq!(s, 400, "{q}: {b}");
+        assert_eq!(
+            n.get(&format!("/api/collections/vault/records?{q}"), Some(&t)).0,
+            200,
+            "admins may: {q}"
+        );
+    }
+    // A rule may use a hidden field: admins write rules.
+    let (s, b) = n.patch("/api/collections/vault", Some(&t), &json!({"listRule": "pin != ''"}));
+    assert_eq!(s, 200, "{b}");
+    assert_eq!(n.get("/api/collections/vault/records", None).1["totalItems"], 1);
 }

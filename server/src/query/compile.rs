@@ -19,6 +19,9 @@ pub struct Context<'a> {
     pub body: Option<&'a Map<String, Value>>,
     /// `@now`, in the API's date format.
     pub now: String,
+    /// Whether hidden fields may be named: true for admins and for rules (which admins write),
+    /// false for the filters and sorts of everyone else, so hidden values cannot be probed.
+    pub admin: bool,
 }
 
 /// An SQL condition and its parameters (`?` placeholders, in order).
@@ -103,6 +106,7 @@ impl Compiler<'_> {
                 return Ok(Term::Scalar(col));
             }
             return match c.field(name) {
+                Some(f) if f.hidden && !self.ctx.admin => fail(at, format!("Unknown field '{name}' in '{}'.", c.name)),
                 Some(f) if f.is_multi() || (self.any && f.kind == FieldType::Json) => {
                     let je = self.alias();
                     Ok(Term::Set(SetQuery {
@@ -115,7 +119,7 @@ impl Compiler<'_> {
                 None => fail(at, format!("Unknown field '{name}' in '{}'.", c.name)),
             };
         }
-        let Some(f) = c.field(name) else {
+        let Some(f) = c.field(name).filter(|f| !f.hidden || self.ctx.admin) else {
             return fail(at, format!("Unknown field '{name}' in '{}'.", c.name));
         };
         if f.kind != FieldType::Relation {
@@ -324,7 +328,7 @@ pub fn compile(e: &Expr, c: &Collection, ctx: &Context) -> Result<Condition, Fil
 
 /// The SQL of one value of `c` (aliased `_t`) reached by a dotted path such as `author.name`,
 /// for sorting. Paths to several values (multi-value fields) are refused.
-pub fn scalar_path(c: &Collection, schema: &Schema, path: &str) -> Result<String, FilterError> {
+pub fn scalar_path(c: &Collection, schema: &Schema, path: &str, admin: bool) -> Result<String, FilterError> {
     let parts: Vec<String> = path.split('.').map(str::to_string).collect();
     if parts.iter().any(|p| p.is_empty()) || parts.len() > 7 {
         return fail(0, format!("'{path}' is not a field path."));
@@ -334,6 +338,7 @@ pub fn scalar_path(c: &Collection, schema: &Schema, path: &str) -> Result<String
         auth: None,
         body: None,
         now: String::new(),
+        admin,
     };
     let mut comp = Compiler {
         ctx: &ctx,

@@ -141,7 +141,7 @@ mod properties {
             let auth_map = auth_rec.as_object().cloned();
             let body = json!({"name": "Ada"}).as_object().cloned();
             if let Ok(Some(e)) = parse(&src) {
-                let ctx = Context { schema: &schema, auth: if auth { auth_map.as_ref() } else { None }, body: body.as_ref(), now: "2026-01-01 00:00:00.000Z".into() };
+                let ctx = Context { schema: &schema, auth: if auth { auth_map.as_ref() } else { None }, body: body.as_ref(), now: "2026-01-01 00:00:00.000Z".into(), admin: true };
                 if let Ok(cond) = compile(&e, &people, &ctx) {
                     let sql = format!("SELECT COUNT(*) FROM people _t WHERE {}", cond.sql);
                     let n: Result<i64, _> = conn.query_row(&sql, rusqlite::params_from_iter(cond.params.iter()), |r| r.get(0));
@@ -165,7 +165,7 @@ mod properties {
             }
             let e = parse(&src).map_err(|e| TestCaseError::fail(format!("{src}: {e}")))?.expect("non-empty");
             let auth = json!({"id": "p1", "name": "Ada", "tags": ["a"]}).as_object().cloned();
-            let ctx = Context { schema: &schema, auth: auth.as_ref(), body: None, now: "2026-01-01 00:00:00.000Z".into() };
+            let ctx = Context { schema: &schema, auth: auth.as_ref(), body: None, now: "2026-01-01 00:00:00.000Z".into(), admin: true };
             match compile(&e, &people, &ctx) {
                 Ok(cond) => {
                     let sql = format!("SELECT COUNT(*) FROM people _t WHERE {}", cond.sql);

@@ -170,6 +170,7 @@ async fn list(
                 auth: auth.as_ref(),
                 body: None,
                 now: crate::util::now_string(),
+                admin: who.is_admin(),
             };
             Some(crate::query::compile(&e, &c, &ctx).map_err(|e| filter_error(&e))?)
         }
@@ -179,7 +180,7 @@ async fn list(
     let page = parse_positive("page", q.page.as_deref(), 1)?;
     let per_page = parse_positive("perPage", q.per_page.as_deref(), 30)?.min(MAX_PER_PAGE);
     let skip_total = matches!(q.skip_total.as_deref(), Some("1" | "true"));
-    let sort = store::parse_sort(&c, &schema, q.sort.as_deref().unwrap_or(""))?;
+    let sort = store::parse_sort(&c, &schema, q.sort.as_deref().unwrap_or(""), who.is_admin())?;
     let (items, total) = db
         .read(move |conn| {
             let (rows, total) = store::list(conn, &c, cond.as_ref(), &sort, page, per_page, skip_total)?;

@@ -310,7 +310,8 @@ pub enum SortKey {
 }
 
 /// Parses `-created,title,author.name` against the collection (paths follow relations).
-pub fn parse_sort(c: &Collection, schema: &Schema, sort: &str) -> ApiResult<Vec<SortKey>> {
+/// Hidden fields can be sorted by only when `admin`.
+pub fn parse_sort(c: &Collection, schema: &Schema, sort: &str, admin: bool) -> ApiResult<Vec<SortKey>> {
     let mut keys = Vec::new();
     for part in sort.split(',').map(str::trim).filter(|s| !s.is_empty()) {
         if part == "@random" {
@@ -321,7 +322,7 @@ pub fn parse_sort(c: &Collection, schema: &Schema, sort: &str) -> ApiResult<Vec<
             Some(n) => (n, true),
             None => (part.strip_prefix('+').unwrap_or(part), false),
         };
-        let sql = crate::query::compile::scalar_path(c, schema, name).map_err(|e| {
+        let sql = crate::query::compile::scalar_path(c, schema, name, admin).map_err(|e| {
             ApiError::invalid_field(
                 "sort",
                 "validation_invalid_sort",
