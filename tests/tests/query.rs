@@ -522,6 +522,44 @@ fn hidden_fields_cannot_be_probed_by_filter_or_sort() {
             "admins may: {q}"
         );
     }
+    // Filters cannot read through a relation into records the caller may not view, nor probe
+    // emails (users' viewRule is null).
+    assert_eq!(
+        n.post(
+            "/api/auth/register",
+            None,
+            &json!({"email": "ada@example.com", "password": "userpass1", "passwordConfirm": "userpass1"})
+        )
+        .0,
+        200
+    );
+    let (_, v) = n.get("/api/collections/vault", Some(&t));
+    let mut fields = v["fields"].as_array().unwrap().clone();
+    fields.push(json!({"name": "owner", "type": "relation", "collectionId": "users"}));
+    assert_eq!(
+        n.patch("/api/collections/vault", Some(&t), &json!({"fields": fields}))
+            .0,
+        200
+    );
+    let (_, me) = n.post(
+        "/api/auth/login",
+        None,
+        &json!({"identity": "ada@example.com", "password": "userpass1"}),
+    );
+    let user = me["token"].as_str().unwrap().to_string();
+    for token in [None, Some(user.as_str())] {
+        let (s, b) = n.get("/api/collections/vault/records?filter=owner.email%20~%20'ada'", token);
+        assert_eq!(s, 400, "{b}");
+        assert_eq!(n.get("/api/collections/vault/records?sort=owner.email", token).0, 400);
+    }
+    assert_eq!(
+        n.get(
+            "/api/collections/vault/records?filter=owner.email%20~%20'ada'",
+            Some(&t)
+        )
+        .0,
+        200
+    );
     // A rule may use a hidden field: admins write rules.
     let (s, b) = n.patch("/api/collections/vault", Some(&t), &json!({"listRule": "pin != ''"}));
     assert_eq!(s, 200, "{b}");

@@ -100,8 +100,10 @@ impl Compiler<'_> {
         let name = &path[0];
         let col = format!("{alias}.{}", quote_ident(name));
         if path.len() == 1 {
+            // Emails are private unless shown: only admins (and rules) may filter or sort by them.
+            let email_ok = name != "email" || self.ctx.admin;
             if ["id", "created", "updated"].contains(&name.as_str())
-                || (c.is_auth() && ["email", "emailVisibility", "verified"].contains(&name.as_str()))
+                || (c.is_auth() && ["email", "emailVisibility", "verified"].contains(&name.as_str()) && email_ok)
             {
                 return Ok(Term::Scalar(col));
             }
@@ -136,6 +138,17 @@ impl Compiler<'_> {
         let Some(target) = target else {
             return fail(at, format!("The collection related by '{name}' no longer exists."));
         };
+        // Following a relation reads the target's records: outside admins and rules, only into
+        // collections everyone may view.
+        if !self.ctx.admin && target.view_rule.as_deref().map(str::trim) != Some("") {
+            return fail(
+                at,
+                format!(
+                    "'{name}' leads to '{}', whose records are not public; it cannot be filtered through.",
+                    target.name
+                ),
+            );
+        }
         let t = self.alias();
         let table = quote_ident(&target.name);
         let inner = self.field(&target, &t, &path[1..], at)?;

@@ -302,6 +302,9 @@ impl Follower {
                 .await
                 .map_err(|e| e.to_string())?;
             changed = true;
+            // Collections may have changed: the API must know them before the new version is
+            // reported (readers then find what the version promises).
+            state.schemas.reload(&db).await.map_err(|e| e.to_string())?;
             log::debug!("applied entries to '{name}', now at version {version}");
             self.note(name, |s| s.local_version = version);
         }
@@ -359,6 +362,7 @@ impl Follower {
         let result = self.bootstrap_into(state, db, &tmp).await;
         let _ = std::fs::remove_file(&tmp);
         let version = result?;
+        state.schemas.reload(db).await.map_err(|e| e.to_string())?;
         self.note(&db.name, |s| {
             s.bootstraps += 1;
             s.local_version = version;
