@@ -116,13 +116,17 @@ impl Database {
         T: Send + 'static,
         F: FnOnce(&Connection) -> ApiResult<T> + Send + 'static,
     {
-        let tx = self
-            .writer
+        let tx = self.queue()?;
+        writer::submit(&tx, f).await
+    }
+
+    /// The writer's queue; a 404 once the database is closed (deleted).
+    fn queue(&self) -> ApiResult<mpsc::Sender<Job>> {
+        self.writer
             .lock()
             .map_err(|_| ApiError::internal("writer", "lock poisoned"))?
             .clone()
-            .ok_or_else(|| ApiError::not_found(format!("Database '{}' is closed.", self.name)))?;
-        writer::submit(&tx, f).await
+            .ok_or_else(|| ApiError::not_found(format!("Database '{}' is closed.", self.name)))
     }
 
     /// Runs `f` on the writer thread alone, outside any transaction and without the recorder.
@@ -132,12 +136,7 @@ impl Database {
         T: Send + 'static,
         F: FnOnce(&mut Connection) -> ApiResult<T> + Send + 'static,
     {
-        let tx = self
-            .writer
-            .lock()
-            .map_err(|_| ApiError::internal("writer", "lock poisoned"))?
-            .clone()
-            .ok_or_else(|| ApiError::not_found(format!("Database '{}' is closed.", self.name)))?;
+        let tx = self.queue()?;
         writer::submit_exclusive(&tx, f).await
     }
 
