@@ -549,3 +549,45 @@ pub fn wait_converged(master: &Node, replica: &Node, secret: &str, db: &str, tim
     });
     let _ = last;
 }
+
+/// Creates records in `posts` from `threads` threads until `limit` passes or the server stops
+/// answering; each thread returns the ids the server acknowledged.
+pub fn write_burst(url: &str, threads: usize, limit: Duration) -> Vec<std::thread::JoinHandle<Vec<String>>> {
+    (0..threads)
+        .map(|i| {
+            let url = url.to_string();
+            std::thread::spawn(move || {
+                let client = reqwest::blocking::Client::builder()
+                    .timeout(Duration::from_secs(10))
+                    .build()
+                    .expect("client");
+                let start = Instant::now();
+                let mut acked = Vec::new();
+                let mut k = 0;
+                while start.elapsed() < limit {
+                    k += 1;
+                    let resp = client
+                        .post(format!("{url}/api/collections/posts/records"))
+                        .json(&json!({"title": format!("w{i}-{k}"), "n": k}))
+                        .send();
+                    match resp {
+                        Ok(r) if r.status().as_u16() == 200 => match r.json::<Value>() {
+                            Ok(v) => acked.push(v["id"].as_str().unwrap_or_default().to_string()),
+                            Err(_) => break,
+                        },
+                        _ => break,
+                    }
+                }
+                acked
+            })
+        })
+        .collect()
+}
+
+/// Joins the threads of [`write_burst`] and returns every acknowledged id.
+pub fn join_acked(handles: Vec<std::thread::JoinHandle<Vec<String>>>) -> Vec<String> {
+    handles
+        .into_iter()
+        .flat_map(|h| h.join().expect("writer thread"))
+        .collect()
+}

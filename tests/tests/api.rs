@@ -912,42 +912,6 @@ fn restart_keeps_data() {
     assert_eq!((s, got["title"].clone()), (200, json!("durable")));
 }
 
-/// Writes from several threads until the server goes away or `limit` passes; returns the ids
-/// the server acknowledged.
-fn write_burst(url: String, threads: usize, limit: Duration) -> Vec<String> {
-    let handles: Vec<_> = (0..threads)
-        .map(|i| {
-            let url = url.clone();
-            std::thread::spawn(move || {
-                let client = reqwest::blocking::Client::builder()
-                    .timeout(Duration::from_secs(10))
-                    .build()
-                    .unwrap();
-                let mut acked = Vec::new();
-                let start = std::time::Instant::now();
-                let mut k = 0;
-                while start.elapsed() < limit {
-                    k += 1;
-                    let body = json!({"title": format!("w{i}-{k}")});
-                    match client
-                        .post(format!("{url}/api/collections/posts/records"))
-                        .json(&body)
-                        .send()
-                    {
-                        Ok(resp) if resp.status().as_u16() == 200 => match resp.json::<Value>() {
-                            Ok(v) => acked.push(v["id"].as_str().unwrap_or_default().to_string()),
-                            Err(_) => break,
-                        },
-                        Ok(_) | Err(_) => break,
-                    }
-                }
-                acked
-            })
-        })
-        .collect();
-    handles.into_iter().flat_map(|h| h.join().unwrap()).collect()
-}
-
 fn stored_ids(n: &Node) -> std::collections::HashSet<String> {
     let mut stored = std::collections::HashSet::new();
     for page in 1.. {
@@ -968,12 +932,12 @@ fn burst_then(stop: impl FnOnce(&mut Node)) {
     let mut n = master();
     let _t = with_posts(&n);
     let url = n.url.clone();
-    let burst = std::thread::spawn(move || write_burst(url, 6, Duration::from_secs(30)));
+    let burst = write_burst(&url, 6, Duration::from_secs(30));
     wait_for("200 writes", Duration::from_secs(30), || {
         (n.get("/api/collections/posts/records?perPage=1", None).1["totalItems"].as_i64()? >= 200).then_some(())
     });
     stop(&mut n);
-    let acked = burst.join().unwrap();
+    let acked = join_acked(burst);
     assert!(acked.len() >= 200, "burst acknowledged only {}", acked.len());
     let n = n.restart();
     let stored = stored_ids(&n);

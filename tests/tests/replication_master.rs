@@ -293,39 +293,6 @@ fn rolled_back_writes_leave_no_entry() {
     assert!(entries[0].schema.is_none(), "a data-only entry carries no schema");
 }
 
-/// Creates records from `threads` threads until `limit` passes; returns the acknowledged ids.
-fn writers(url: &str, threads: usize, limit: Duration) -> Vec<std::thread::JoinHandle<Vec<String>>> {
-    (0..threads)
-        .map(|i| {
-            let url = url.to_string();
-            std::thread::spawn(move || {
-                let client = reqwest::blocking::Client::builder()
-                    .timeout(Duration::from_secs(10))
-                    .build()
-                    .unwrap();
-                let start = std::time::Instant::now();
-                let mut acked = Vec::new();
-                let mut k = 0;
-                while start.elapsed() < limit {
-                    k += 1;
-                    let resp = client
-                        .post(format!("{url}/api/collections/posts/records"))
-                        .json(&json!({"title": format!("w{i}-{k}"), "n": k}))
-                        .send();
-                    match resp {
-                        Ok(r) if r.status().as_u16() == 200 => match r.json::<Value>() {
-                            Ok(v) => acked.push(v["id"].as_str().unwrap().to_string()),
-                            Err(_) => break,
-                        },
-                        _ => break,
-                    }
-                }
-                acked
-            })
-        })
-        .collect()
-}
-
 fn ids_in(path: &std::path::Path) -> HashSet<String> {
     let conn = vski::rusqlite::Connection::open(path).unwrap();
     let mut stmt = conn.prepare("SELECT id FROM posts").unwrap();
@@ -339,10 +306,7 @@ fn ids_in(path: &std::path::Path) -> HashSet<String> {
 fn versions_are_gap_free_under_concurrent_writers() {
     let n = master();
     let (_, rt) = setup(&n);
-    let acked: Vec<String> = writers(&n.url, 8, Duration::from_millis(1500))
-        .into_iter()
-        .flat_map(|h| h.join().unwrap())
-        .collect();
+    let acked = join_acked(write_burst(&n.url, 8, Duration::from_millis(1500)));
     assert!(acked.len() > 100, "only {} writes", acked.len());
     let entries = changelog(&n, &rt, "default", 0);
     let versions: Vec<i64> = entries.iter().map(|e| e.version).collect();
@@ -368,12 +332,12 @@ fn versions_are_gap_free_under_concurrent_writers() {
 fn kill_9_during_a_write_burst_keeps_every_acknowledged_write_in_data_and_changelog() {
     let mut n = master();
     let (_, rt) = setup(&n);
-    let handles = writers(&n.url, 6, Duration::from_secs(30));
+    let handles = write_burst(&n.url, 6, Duration::from_secs(30));
     wait_for("300 writes", Duration::from_secs(30), || {
         (version(&n, &rt) > 300).then_some(())
     });
     n.kill();
-    let acked: Vec<String> = handles.into_iter().flat_map(|h| h.join().unwrap()).collect();
+    let acked = join_acked(handles);
     let n = n.restart();
     let entries = changelog(&n, &rt, "default", 0);
     let dir = tempfile::tempdir().unwrap();
@@ -398,7 +362,7 @@ fn kill_9_during_a_write_burst_keeps_every_acknowledged_write_in_data_and_change
 fn snapshot_under_writes_plus_later_changesets_reproduce_the_master() {
     let n = master();
     let (admin, rt) = setup(&n);
-    let handles = writers(&n.url, 4, Duration::from_secs(3));
+    let handles = write_burst(&n.url, 4, Duration::from_secs(3));
     wait_for("some writes", Duration::from_secs(10), || {
         (version(&n, &rt) > 50).then_some(())
     });
@@ -434,7 +398,7 @@ fn snapshot_under_writes_plus_later_changesets_reproduce_the_master() {
             200
         );
     }
-    let acked: Vec<String> = handles.into_iter().flat_map(|h| h.join().unwrap()).collect();
+    let acked = join_acked(handles);
     let entries = changelog(&n, &rt, "default", at);
     assert_eq!(
         entries.first().map(|e| e.version),

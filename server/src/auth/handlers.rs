@@ -109,7 +109,11 @@ pub async fn upsert_admin(
     let hash = password::hash_async(password).await?;
     db.write(move |conn| {
         use rusqlite::types::Value as Sql;
-        let count: i64 = conn.query_row(&format!("SELECT COUNT(*) FROM \"{}\"", c.name), [], |r| r.get(0))?;
+        let count: i64 = conn.query_row(
+            &format!("SELECT COUNT(*) FROM {}", crate::util::quote_ident(&c.name)),
+            [],
+            |r| r.get(0),
+        )?;
         if only_first && count > 0 {
             return Err(ApiError::bad_request("An admin already exists."));
         }

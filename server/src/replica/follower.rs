@@ -247,8 +247,6 @@ impl Follower {
             .read(|conn| Ok(local_state(conn)?))
             .await
             .map_err(|e| e.to_string())?;
-        let mut changed =
-            !matches!(&local, Some(l) if l.epoch == epoch && l.uid == master_uid && l.version <= master_version);
         let mut version = match local {
             Some(l) if l.epoch == epoch && l.uid == master_uid && l.version <= master_version => l.version,
             other => {
@@ -268,7 +266,6 @@ impl Follower {
                 version = self
                     .bootstrap(state, &db, "the master pruned the versions this copy needs")
                     .await?;
-                changed = true;
                 continue;
             }
             if status != 200 {
@@ -301,7 +298,6 @@ impl Follower {
                 })
                 .await
                 .map_err(|e| e.to_string())?;
-            changed = true;
             // Collections may have changed: the API must know them before the new version is
             // reported (readers then find what the version promises).
             state.schemas.reload(&db).await.map_err(|e| e.to_string())?;
@@ -326,9 +322,6 @@ impl Follower {
             db.write(move |conn| Ok(schema::migrate(conn, &objects)?))
                 .await
                 .map_err(|e| e.to_string())?;
-            changed = true;
-        }
-        if changed {
             state.schemas.reload(&db).await.map_err(|e| e.to_string())?;
         }
         let now = now_string();

@@ -338,25 +338,12 @@ fn replication_suite(args: &Args) {
     let node = bench_master("on");
     let url = node.url.clone();
     let target = args.snapshot_rows;
-    let written = Arc::new(AtomicUsize::new(0));
-    let w2 = written.clone();
-    let filler: Vec<_> = (0..8)
-        .map(|w| {
-            let (url, written) = (url.clone(), w2.clone());
-            std::thread::spawn(move || {
-                let client = reqwest::blocking::Client::new();
-                let mut i = 0;
-                while written.fetch_add(1, Ordering::Relaxed) < target {
-                    let body = json!({"title": format!("Snapshot row {w}-{i} with some padding text to look like a real title"), "n": i});
-                    check(client.post(format!("{url}/api/collections/bench/records")).json(&body).send().expect("fill"));
-                    i += 1;
-                }
-            })
-        })
-        .collect();
-    for h in filler {
-        h.join().expect("filler");
-    }
+    fill(
+        &url,
+        target,
+        8,
+        |i| json!({"title": format!("Snapshot row {i} with some padding text to look like a real title"), "n": i}),
+    );
     let db_path = node.data_dir.join("default.db");
     let dir = tempfile::tempdir().expect("tmp");
     let client = reqwest::blocking::Client::new();
@@ -491,26 +478,12 @@ fn replica_suite(args: &Args) {
     let replica = bench_replica(&master, "0", &[]);
     vski_tests::wait_converged(&master, &replica, SECRET, "default", Duration::from_secs(60));
     let rows = 100_000;
-    let written = Arc::new(AtomicUsize::new(0));
-    let fill: Vec<_> = (0..16)
-        .map(|w| {
-            let (url, written) = (master.url.clone(), written.clone());
-            std::thread::spawn(move || {
-                let c = reqwest::blocking::Client::new();
-                let mut i = 0;
-                while written.fetch_add(1, Ordering::Relaxed) < rows {
-                    check(
-                        c.post(format!("{url}/api/collections/bench/records"))
-                            .json(&json!({"title": format!("Post title number {w}-{i}"), "n": i}))
-                            .send()
-                            .expect("fill"),
-                    );
-                    i += 1;
-                }
-            })
-        })
-        .collect();
-    fill.into_iter().for_each(|h| h.join().expect("fill"));
+    fill(
+        &master.url,
+        rows,
+        16,
+        |i| json!({"title": format!("Post title number {i}"), "n": i}),
+    );
     let admin = master.admin_login();
     let start = Instant::now();
     let (s, b) = replica.post("/api/replica/sync", Some(&admin), &json!({}));
@@ -586,29 +559,12 @@ fn query_suite(args: &Args) {
     );
     let node = bench_master("on");
     let rows = 100_000;
-    let written = Arc::new(AtomicUsize::new(0));
-    let fill: Vec<_> = (0..16)
-        .map(|w| {
-            let (url, written) = (node.url.clone(), written.clone());
-            std::thread::spawn(move || {
-                let c = reqwest::blocking::Client::new();
-                loop {
-                    let i = written.fetch_add(1, Ordering::Relaxed);
-                    if i >= rows {
-                        break;
-                    }
-                    let body = json!({"title": format!("Post title number {w}-{i}"), "n": (i * 7919) % rows});
-                    check(
-                        c.post(format!("{url}/api/collections/bench/records"))
-                            .json(&body)
-                            .send()
-                            .expect("fill"),
-                    );
-                }
-            })
-        })
-        .collect();
-    fill.into_iter().for_each(|h| h.join().expect("fill"));
+    fill(
+        &node.url,
+        rows,
+        16,
+        move |i| json!({"title": format!("Post title number {i}"), "n": (i * 7919) % rows}),
+    );
     let filter = "filter=n%20%3E%3D%2050000%20%26%26%20n%20%3C%2050100&sort=-n&perPage=30";
     let run = |label: &str, query: String| {
         for &c in &args.concurrency {
@@ -639,4 +595,33 @@ fn query_suite(args: &Args) {
     assert_eq!(s, 200, "{b}");
     run("  index on n, with total count", filter.to_string());
     run("  index on n, skipTotal", format!("{filter}&skipTotal=1"));
+}
+
+/// Creates `rows` records in `bench` from `threads` keep-alive connections; record `i` gets
+/// `body(i)`.
+fn fill(url: &str, rows: usize, threads: usize, body: impl Fn(usize) -> Value + Send + Sync + 'static) {
+    let next = Arc::new(AtomicUsize::new(0));
+    let body = Arc::new(body);
+    let workers: Vec<_> = (0..threads)
+        .map(|_| {
+            let (url, next, body) = (url.to_string(), next.clone(), body.clone());
+            std::thread::spawn(move || {
+                let client = reqwest::blocking::Client::new();
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= rows {
+                        break;
+                    }
+                    check(
+                        client
+                            .post(format!("{url}/api/collections/bench/records"))
+                            .json(&body(i))
+                            .send()
+                            .expect("fill"),
+                    );
+                }
+            })
+        })
+        .collect();
+    workers.into_iter().for_each(|h| h.join().expect("fill"));
 }
