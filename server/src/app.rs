@@ -1,13 +1,17 @@
 //! Assembles the HTTP application: shared state, extractor settings, middlewares and the route
 //! tables of every module, and runs the server until SIGTERM/Ctrl-C.
 //!
-//! Middleware order (outermost first): access log → default response headers → routes. Later
-//! middlewares (the replica read-only guard) go between the headers and the routes.
+//! Middleware order (outermost first): access log → preflight status → CORS → HEAD as GET →
+//! default response headers → replica read-only guard (replicas only) → routes. CORS sits
+//! outside everything that can answer early, so refusals carry CORS headers too.
 
 use std::net::TcpListener;
 use std::sync::Arc;
 
-use actix_web::http::StatusCode;
+use actix_web::body::MessageBody;
+use actix_web::dev::{ServiceRequest, ServiceResponse};
+use actix_web::http::{Method, StatusCode, header};
+use actix_web::middleware::Next;
 use actix_web::middleware::{DefaultHeaders, Logger};
 use actix_web::{App, HttpRequest, HttpResponse, HttpServer, web};
 
@@ -39,6 +43,8 @@ pub struct AppState {
     pub master: MasterState,
     /// The sync engine and its state, on a replica; `None` on a master.
     pub follower: Option<crate::replica::follower::Follower>,
+    /// Password sign-in attempts per client IP and identity (`AUTH_RATE_LIMIT`).
+    pub sign_in: crate::auth::limit::SignInLimiter,
 }
 
 impl AppState {
@@ -68,6 +74,7 @@ impl AppState {
             dbs,
             schemas: SchemaCache::default(),
             tokens: TokenKeys::new(secret),
+            sign_in: crate::auth::limit::SignInLimiter::new(config.auth_rate_limit),
             settings: Settings {
                 auth_token_ttl: config.auth_token_ttl,
                 admin_token_ttl: config.admin_token_ttl,
@@ -95,19 +102,7 @@ impl AppState {
 
     /// The database a request addresses: header `X-Dbname`, else query `db`, else `default`.
     pub fn db(&self, req: &HttpRequest) -> ApiResult<Arc<Database>> {
-        let from_header = req
-            .headers()
-            .get("x-dbname")
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_string);
-        let name = from_header
-            .or_else(|| {
-                web::Query::<std::collections::HashMap<String, String>>::from_query(req.query_string())
-                    .ok()
-                    .and_then(|q| q.get("db").cloned())
-            })
-            .filter(|s| !s.is_empty())
-            .unwrap_or_else(|| DEFAULT_DB.to_string());
+        let name = requested_db_name(req);
         if !is_valid_db_name(&name) {
             return Err(ApiError::not_found(format!("Database '{name}' not found.")));
         }
@@ -141,6 +136,24 @@ impl AppState {
         })
         .await
     }
+}
+
+/// The name of the database a request addresses: header `X-Dbname`, else query `db`, else
+/// `default`. Not checked: [`AppState::db`] resolves and validates it.
+pub fn requested_db_name(req: &HttpRequest) -> String {
+    let from_header = req
+        .headers()
+        .get("x-dbname")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    from_header
+        .or_else(|| {
+            web::Query::<std::collections::HashMap<String, String>>::from_query(req.query_string())
+                .ok()
+                .and_then(|q| q.get("db").cloned())
+        })
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| DEFAULT_DB.to_string())
 }
 
 /// A resource whose unmatched methods get a JSON 405 instead of an empty one.
@@ -192,6 +205,55 @@ pub fn configure(cfg: &mut web::ServiceConfig, replica: bool) {
     }
 }
 
+/// Response headers scripts in a browser may read: the node's role and position.
+const EXPOSED_HEADERS: [&str; 5] = [
+    "X-Replica-Id",
+    "X-Replica-Mode",
+    "X-Master-Url",
+    "X-Db-Position",
+    "Retry-After",
+];
+
+/// CORS for `origins` (empty: any origin, answered with `*` as PocketBase does). Tokens travel
+/// in the `Authorization` header, never in cookies, so credentials are not enabled.
+fn cors(origins: &[String]) -> actix_cors::Cors {
+    let base = actix_cors::Cors::default()
+        .allowed_methods(["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"])
+        .allow_any_header()
+        .expose_headers(EXPOSED_HEADERS)
+        .max_age(86_400);
+    if origins.is_empty() {
+        return base.allow_any_origin().send_wildcard();
+    }
+    origins.iter().fold(base, |c, o| c.allowed_origin(o))
+}
+
+/// Answers a successful CORS preflight with 204 No Content (actix-cors answers 200).
+async fn preflight_no_content(
+    req: ServiceRequest,
+    next: Next<impl MessageBody + 'static>,
+) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
+    let preflight =
+        req.method() == Method::OPTIONS && req.headers().contains_key(header::ACCESS_CONTROL_REQUEST_METHOD);
+    let mut res = next.call(req).await?;
+    if preflight && res.status() == StatusCode::OK {
+        *res.response_mut().status_mut() = StatusCode::NO_CONTENT;
+    }
+    Ok(res)
+}
+
+/// Serves `HEAD` wherever `GET` is served: the request is routed as a GET, and the HTTP layer,
+/// which remembers that the request was a HEAD, sends the headers without the body.
+async fn head_as_get(
+    mut req: ServiceRequest,
+    next: Next<impl MessageBody + 'static>,
+) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
+    if req.method() == Method::HEAD {
+        req.head_mut().method = Method::GET;
+    }
+    next.call(req).await
+}
+
 /// Resolves when SIGTERM or SIGINT (Ctrl-C) arrives; returns the signal's name.
 async fn shutdown_signal() -> std::io::Result<&'static str> {
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
@@ -223,7 +285,7 @@ pub async fn run(config: ServeConfig, secret: String, listener: TcpListener) -> 
     } else {
         match state.has_admins().await {
             Ok(false) => log::warn!(
-                "no admin exists yet: create one with `vski admin create EMAIL PASSWORD --data-dir {}` or POST /api/admins/init",
+                "no admin exists yet: create one with POST /api/admins/init, or stop the server and run `vski admin create EMAIL PASSWORD --data-dir {}`",
                 config.data_dir.display()
             ),
             Ok(true) => {}
@@ -234,7 +296,16 @@ pub async fn run(config: ServeConfig, secret: String, listener: TcpListener) -> 
             config.changelog_retention_hours,
         ));
     }
+    let pruned = state.clone();
+    actix_web::rt::spawn(async move {
+        let mut every = tokio::time::interval(crate::auth::limit::PRUNE_EVERY);
+        loop {
+            every.tick().await;
+            pruned.sign_in.prune();
+        }
+    });
     let limit = config.body_limit;
+    let origins = config.cors_origin_list();
     let app_state = state.clone();
     let mut server = HttpServer::new(move || {
         App::new()
@@ -251,6 +322,9 @@ pub async fn run(config: ServeConfig, secret: String, listener: TcpListener) -> 
                     .iter()
                     .fold(DefaultHeaders::new(), |h, (k, v)| h.add((*k, v.clone()))),
             )
+            .wrap(actix_web::middleware::from_fn(head_as_get))
+            .wrap(cors(&origins))
+            .wrap(actix_web::middleware::from_fn(preflight_no_content))
             .wrap(Logger::new("%a \"%r\" %s %b %Dms").log_target("vski::access"))
             .configure(|cfg| configure(cfg, replica))
             .default_service(web::to(not_found))

@@ -36,6 +36,10 @@ pub enum AdminCommand {
         /// Directory that holds the databases.
         #[arg(long, env = "DATA_DIR", default_value = "./data")]
         data_dir: PathBuf,
+        /// Create the data directory when it does not exist (otherwise that is an error, so a
+        /// mistyped path cannot create a lone admin in a new directory).
+        #[arg(long)]
+        create: bool,
     },
 }
 
@@ -44,6 +48,67 @@ fn parse_retention(s: &str) -> Result<f64, String> {
         Ok(h) if h.is_finite() && h > 0.0 => Ok(h),
         _ => Err(format!("'{s}' is not a positive number of hours")),
     }
+}
+
+/// Whether `s` is a browser origin: `http(s)://host[:port]`, nothing after.
+fn is_origin(s: &str) -> bool {
+    let Some(rest) = s.strip_prefix("https://").or_else(|| s.strip_prefix("http://")) else {
+        return false;
+    };
+    let (host, port) = match rest.rsplit_once(':') {
+        Some((h, p)) if !h.ends_with(']') || rest.starts_with('[') => (h, Some(p)),
+        _ => (rest, None),
+    };
+    !host.is_empty()
+        && host.bytes().all(|b| b.is_ascii_alphanumeric() || b"-.[]:".contains(&b))
+        && port.is_none_or(|p| p.parse::<u16>().is_ok())
+}
+
+/// Names vski reads that are not flags: the test harness's binary and crash points.
+const INTERNAL_ENV: [&str; 1] = ["VSKI_BIN"];
+/// Prefixes of vski's own variables: a variable with one of them that vski does not know is
+/// most likely a typo (`REPLICA_MOD=replica` would otherwise start a writable master).
+const OWN_PREFIXES: [&str; 4] = ["REPLICA_", "SYNC_", "MASTER_", "VSKI_"];
+
+/// Every environment variable the command line reads.
+pub fn known_env_vars() -> Vec<String> {
+    use clap::CommandFactory;
+    fn walk(cmd: &clap::Command, out: &mut Vec<String>) {
+        for a in cmd.get_arguments() {
+            if let Some(e) = a.get_env() {
+                out.push(e.to_string_lossy().into_owned());
+            }
+        }
+        for sub in cmd.get_subcommands() {
+            walk(sub, out);
+        }
+    }
+    let mut out: Vec<String> = INTERNAL_ENV.iter().map(|s| s.to_string()).collect();
+    walk(&Cli::command(), &mut out);
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// Warnings for variables named like vski's own that vski does not read, each with the
+/// closest known name.
+pub fn unknown_env_warnings(vars: impl Iterator<Item = String>) -> Vec<String> {
+    let known = known_env_vars();
+    let mut out = Vec::new();
+    for name in vars {
+        if !OWN_PREFIXES.iter().any(|p| name.starts_with(p)) || known.contains(&name) {
+            continue;
+        }
+        let closest = known
+            .iter()
+            .min_by_key(|k| strsim::levenshtein(k, &name))
+            .map(String::as_str)
+            .unwrap_or("");
+        out.push(format!(
+            "environment variable {name} is not one vski reads (did you mean {closest}?); it is ignored"
+        ));
+    }
+    out
 }
 
 impl ServeConfig {
@@ -67,6 +132,13 @@ impl ServeConfig {
                 return Err("REPLICA_MODE=replica needs JWT_SECRET, the same value as on the master".into());
             }
         }
+        for origin in self.cors_origin_list() {
+            if !is_origin(&origin) {
+                return Err(format!(
+                    "CORS_ORIGINS must be * or a comma-separated list of origins like https://app.example.com, got '{origin}'"
+                ));
+            }
+        }
         if let Some(id) = &self.replica_id {
             if id.is_empty()
                 || id.len() > 64
@@ -80,6 +152,18 @@ impl ServeConfig {
             }
         }
         Ok(())
+    }
+
+    /// The allowed origins; empty for `*` (any).
+    pub fn cors_origin_list(&self) -> Vec<String> {
+        if self.cors_origins.trim() == "*" {
+            return Vec::new();
+        }
+        self.cors_origins
+            .split(',')
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty())
+            .collect()
     }
 
     /// Databases this replica leaves out, besides `stats` and `workflows`.
@@ -166,4 +250,14 @@ pub struct ServeConfig {
     /// HTTP worker threads. Default: one per CPU core.
     #[arg(long, env = "WORKERS")]
     pub workers: Option<usize>,
+
+    /// Origins browsers may call the API from: `*` (any, as PocketBase) or a comma-separated
+    /// list such as `https://app.example.com,http://localhost:5173`.
+    #[arg(long, env = "CORS_ORIGINS", default_value = "*")]
+    pub cors_origins: String,
+
+    /// Password sign-in attempts allowed per minute for one client IP and identity; past it the
+    /// endpoint answers 429 with Retry-After. 0 turns the limit off.
+    #[arg(long, env = "AUTH_RATE_LIMIT", default_value_t = 20)]
+    pub auth_rate_limit: u32,
 }

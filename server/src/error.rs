@@ -46,6 +46,9 @@ pub enum ApiError {
     /// The body is larger than the configured limit.
     #[error("request body is larger than {0} bytes")]
     PayloadTooLarge(usize),
+    /// Too many attempts (sign-in rate limit); retry after this many seconds.
+    #[error("Too many attempts; retry in {retry_after} s.")]
+    TooManyRequests { retry_after: u64 },
     /// Something failed on our side. The context is logged, never sent.
     #[error("{context}: {source}")]
     Internal {
@@ -112,6 +115,7 @@ impl ResponseError for ApiError {
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Internal { .. } => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -131,9 +135,16 @@ impl ResponseError for ApiError {
             | ApiError::Forbidden(m)
             | ApiError::NotFound(m)
             | ApiError::MethodNotAllowed(m) => (m.clone(), json!({})),
-            ApiError::PayloadTooLarge(_) => (self.to_string(), json!({})),
+            ApiError::PayloadTooLarge(_) | ApiError::TooManyRequests { .. } => (self.to_string(), json!({})),
         };
-        error_body(status, &message, data)
+        let mut resp = error_body(status, &message, data);
+        if let ApiError::TooManyRequests { retry_after } = self {
+            resp.headers_mut().insert(
+                actix_web::http::header::RETRY_AFTER,
+                actix_web::http::header::HeaderValue::from(*retry_after),
+            );
+        }
+        resp
     }
 }
 

@@ -8,6 +8,7 @@ pub mod auth;
 pub mod collections;
 pub mod config;
 pub mod databases;
+pub mod datadir;
 pub mod db;
 pub mod error;
 pub mod health;
@@ -28,29 +29,75 @@ pub use rusqlite;
 /// Starts the server on an already-bound listener (tests bind `127.0.0.1:0`).
 pub async fn run(config: ServeConfig, listener: TcpListener) -> std::io::Result<()> {
     config.validate().map_err(std::io::Error::other)?;
-    let secret = resolve_secret(&config)?;
-    app::run(config, secret, listener).await
+    let lock = open_data_dir(&config)?;
+    run_locked(config, listener, lock).await
 }
 
-/// Binds `HOST:PORT` and runs the server.
+/// Takes the data directory, binds `HOST:PORT` and runs the server.
 pub async fn serve(config: ServeConfig) -> std::io::Result<()> {
     config.validate().map_err(std::io::Error::other)?;
+    // The directory first: a second server on a directory in use must say so, whatever its port.
+    let lock = open_data_dir(&config)?;
     let addr = format!("{}:{}", config.host, config.port);
     let listener =
         TcpListener::bind(&addr).map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))?;
-    run(config, listener).await
+    run_locked(config, listener, lock).await
+}
+
+/// Creates (0700) and locks the data directory, and records this server's role in it.
+fn open_data_dir(config: &ServeConfig) -> std::io::Result<datadir::DirLock> {
+    datadir::private_umask();
+    datadir::ensure(&config.data_dir, true)?;
+    let lock = datadir::lock(&config.data_dir)?;
+    datadir::write_mode(&config.data_dir, config.is_replica())?;
+    Ok(lock)
+}
+
+async fn run_locked(config: ServeConfig, listener: TcpListener, lock: datadir::DirLock) -> std::io::Result<()> {
+    let (secret, source) = resolve_secret(&config)?;
+    let role = match (&config.master_url, config.is_replica()) {
+        (Some(url), true) if config.sync_interval == 0 => format!("replica of {url}, manual sync"),
+        (Some(url), true) => format!("replica of {url}, sync every {} s", config.sync_interval),
+        _ => "master".to_string(),
+    };
+    log::info!(
+        "vski {} starting: {role}, data directory {}, secret from {source}",
+        env!("CARGO_PKG_VERSION"),
+        config.data_dir.display()
+    );
+    let result = app::run(config, secret, listener).await;
+    drop(lock);
+    result
+}
+
+/// Where the signing secret came from, for the start-up line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SecretSource {
+    /// The `JWT_SECRET` variable (or `--jwt-secret`).
+    Env,
+    /// `DATA_DIR/.jwt_secret`, read or just generated.
+    File,
+}
+
+impl std::fmt::Display for SecretSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            SecretSource::Env => "JWT_SECRET",
+            SecretSource::File => "DATA_DIR/.jwt_secret",
+        })
+    }
 }
 
 /// The signing secret: `JWT_SECRET`, else the one kept in `DATA_DIR/.jwt_secret`, else a new
 /// one written there with mode 0600.
-pub fn resolve_secret(config: &ServeConfig) -> std::io::Result<String> {
+pub fn resolve_secret(config: &ServeConfig) -> std::io::Result<(String, SecretSource)> {
     if let Some(s) = config.jwt_secret.as_deref().filter(|s| !s.is_empty()) {
         if s.len() < 16 {
             log::warn!("JWT_SECRET is shorter than 16 characters; use a long random value");
         }
-        return Ok(s.to_string());
+        return Ok((s.to_string(), SecretSource::Env));
     }
-    secret_file(&config.data_dir)
+    secret_file(&config.data_dir).map(|s| (s, SecretSource::File))
 }
 
 fn secret_file(data_dir: &Path) -> std::io::Result<String> {
@@ -85,8 +132,29 @@ fn secret_file(data_dir: &Path) -> std::io::Result<String> {
 }
 
 /// `vski admin create`: creates the admin or sets its password, without a running server.
-pub async fn admin_create(data_dir: &Path, email: String, password: String) -> Result<String, error::ApiError> {
-    std::fs::create_dir_all(data_dir)?;
+///
+/// Refuses a directory that does not exist (unless `create`), one a server is using, and a
+/// replica's (an admin written there would make the replica differ from its master).
+pub async fn admin_create(
+    data_dir: &Path,
+    email: String,
+    password: String,
+    create: bool,
+) -> Result<String, error::ApiError> {
+    datadir::private_umask();
+    datadir::ensure(data_dir, create)?;
+    let _lock = datadir::lock(data_dir).map_err(|e| {
+        std::io::Error::new(
+            e.kind(),
+            format!("{e}: stop the server first, or create the admin through POST /api/admins/init"),
+        )
+    })?;
+    if datadir::is_replica_dir(data_dir) {
+        return Err(error::ApiError::bad_request(format!(
+            "{} belongs to a replica: create the admin on the master, and it replicates.",
+            data_dir.display()
+        )));
+    }
     // The same recorder as the server's, so an admin created offline replicates too.
     let recorder: std::sync::Arc<dyn db::writer::Recorder> = replica::recorder::ChangeRecorder::new();
     let db = db::Database::open(db::DEFAULT_DB, data_dir.join("default.db"), 1, Some(recorder))?;

@@ -8,6 +8,9 @@ use vski::config::{AdminCommand, Cli, Command};
 fn main() -> ExitCode {
     let cli = Cli::parse();
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    for warning in vski::config::unknown_env_warnings(std::env::vars_os().filter_map(|(k, _)| k.into_string().ok())) {
+        log::warn!("{warning}");
+    }
     match cli.command {
         Command::Serve(config) => {
             let config = *config;
@@ -26,6 +29,7 @@ fn main() -> ExitCode {
                     email,
                     password,
                     data_dir,
+                    create,
                 },
         } => {
             let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
@@ -35,7 +39,7 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            match rt.block_on(vski::admin_create(&data_dir, email.clone(), password)) {
+            match rt.block_on(vski::admin_create(&data_dir, email.clone(), password, create)) {
                 Ok(id) => {
                     println!("admin {email} saved (id {id})");
                     ExitCode::SUCCESS
@@ -43,6 +47,11 @@ fn main() -> ExitCode {
                 Err(vski::error::ApiError::BadRequest { message, data }) => {
                     let details: Vec<String> = data.iter().map(|(k, v)| format!("{k}: {}", v.message)).collect();
                     eprintln!("vski: {message} {}", details.join("; "));
+                    ExitCode::FAILURE
+                }
+                // Setup problems (directory, lock) are for the operator: the cause, unprefixed.
+                Err(vski::error::ApiError::Internal { source, .. }) => {
+                    eprintln!("vski: {source}");
                     ExitCode::FAILURE
                 }
                 Err(e) => {

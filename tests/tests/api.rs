@@ -165,7 +165,15 @@ fn admin_create_works_offline() {
     let d = dir.path().join("data");
     let ds = d.to_str().unwrap();
     let (code, out, err) = run_cli(
-        &["admin", "create", "ops@example.com", "opspassword1", "--data-dir", ds],
+        &[
+            "admin",
+            "create",
+            "ops@example.com",
+            "opspassword1",
+            "--data-dir",
+            ds,
+            "--create",
+        ],
         &[],
     );
     assert_eq!(code, 0, "{out} {err}");

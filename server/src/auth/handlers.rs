@@ -146,14 +146,25 @@ async fn init_admin(state: web::Data<AppState>, body: web::Json<Value>) -> ApiRe
 }
 
 /// Checks `identity`/`password` against auth collection `c`. Unknown identity and wrong
-/// password give the same 400 and take the same time.
-async fn authenticate(db: &Database, c: Arc<Collection>, body: &Value) -> ApiResult<Stored> {
+/// password give the same 400 and take the same time. Every attempt counts against the
+/// sign-in rate limit of the client's IP and the identity (429 past it).
+async fn authenticate(
+    state: &AppState,
+    req: &HttpRequest,
+    db: &Database,
+    c: Arc<Collection>,
+    body: &Value,
+) -> ApiResult<Stored> {
     let identity = body
         .get("identity")
         .or_else(|| body.get("email"))
         .and_then(Value::as_str)
         .unwrap_or_default()
         .to_string();
+    let ip = req.peer_addr().map(|a| a.ip().to_string()).unwrap_or_default();
+    state
+        .sign_in
+        .check(&ip, &format!("{}/{}", db.name, c.name), &identity)?;
     let password = body
         .get("password")
         .and_then(Value::as_str)
@@ -196,10 +207,10 @@ async fn authenticate(db: &Database, c: Arc<Collection>, body: &Value) -> ApiRes
     Err(ApiError::bad_request("Failed to authenticate."))
 }
 
-async fn admin_login(state: web::Data<AppState>, body: web::Json<Value>) -> ApiResult<HttpResponse> {
+async fn admin_login(state: web::Data<AppState>, req: HttpRequest, body: web::Json<Value>) -> ApiResult<HttpResponse> {
     let db = default_db(&state)?;
     let c = state.collection(&db, SUPERUSERS).await?;
-    let admin = authenticate(&db, c.clone(), &body).await?;
+    let admin = authenticate(&state, &req, &db, c.clone(), &body).await?;
     let token = mint_for(&state, TokenType::Admin, DEFAULT_DB, &c, &admin)?;
     Ok(HttpResponse::Ok().json(json!({"token": token, "admin": admin_json(&admin)})))
 }
@@ -226,7 +237,7 @@ async fn login(state: &AppState, req: &HttpRequest, coll: &str, body: &Value) ->
         state.db(req)?
     };
     let c = auth_collection(state, &db, coll).await?;
-    let rec = authenticate(&db, c.clone(), body).await?;
+    let rec = authenticate(state, req, &db, c.clone(), body).await?;
     if c.name == SUPERUSERS {
         let token = mint_for(state, TokenType::Admin, DEFAULT_DB, &c, &rec)?;
         return Ok(HttpResponse::Ok().json(json!({"token": token, "record": admin_json(&rec)})));

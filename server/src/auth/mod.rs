@@ -2,6 +2,7 @@
 //! the admin and user sign-in endpoints.
 
 pub mod handlers;
+pub mod limit;
 pub mod password;
 pub mod token;
 
@@ -11,7 +12,7 @@ use std::sync::Arc;
 
 use actix_web::{FromRequest, HttpRequest, dev::Payload, web};
 
-use crate::app::AppState;
+use crate::app::{AppState, requested_db_name};
 use crate::collections::model::Collection;
 use crate::collections::store::SUPERUSERS;
 use crate::db::DEFAULT_DB;
@@ -74,6 +75,11 @@ pub fn bearer_token(req: &HttpRequest) -> Option<&str> {
 
 /// Resolves the identity of `req`. A token whose record is gone, or whose `tokenKey` was
 /// rotated, counts as no token.
+///
+/// The tenant model: an admin token (a `_superusers` record of `default`) is valid for every
+/// database; a user token is valid only in the database that issued it. A user token sent to
+/// another database (by `X-Dbname` or `?db=`) counts as no token there, so it can never pass a
+/// rule, fill `@request.auth`, or be refreshed outside its own database.
 pub async fn identify(req: &HttpRequest, state: &AppState) -> ApiResult<Identity> {
     let Some(claims) = bearer_token(req).and_then(|t| state.tokens.verify(t)) else {
         return Ok(Identity::Guest);
@@ -82,7 +88,7 @@ pub async fn identify(req: &HttpRequest, state: &AppState) -> ApiResult<Identity
         TokenType::Replica => return Ok(Identity::Replica(claims.sub)),
         TokenType::Admin => (DEFAULT_DB.to_string(), None),
         TokenType::Auth => match (&claims.db, &claims.collection_id) {
-            (Some(db), Some(c)) => (db.clone(), Some(c.clone())),
+            (Some(db), Some(c)) if *db == requested_db_name(req) => (db.clone(), Some(c.clone())),
             _ => return Ok(Identity::Guest),
         },
     };

@@ -34,6 +34,9 @@ pub struct Claims {
     pub tk: Option<String>,
     pub iat: u64,
     pub exp: u64,
+    /// Not valid before (seconds since the epoch). vski does not set it, but honours it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nbf: Option<u64>,
 }
 
 /// The signing secret in both forms jsonwebtoken needs.
@@ -70,6 +73,7 @@ impl TokenKeys {
             tk: None,
             iat: now,
             exp: now + ttl,
+            nbf: None,
         }
     }
 
@@ -78,6 +82,8 @@ impl TokenKeys {
         let mut v = Validation::new(Algorithm::HS256);
         v.leeway = 5;
         v.validate_exp = true;
+        // A token that is not valid yet is no token (jsonwebtoken skips `nbf` unless asked).
+        v.validate_nbf = true;
         v.set_required_spec_claims(&["exp", "sub"]);
         decode::<Claims>(token, &self.decoding, &v).ok().map(|d| d.claims)
     }
@@ -94,6 +100,16 @@ mod tests {
         let c = k.verify(&t).unwrap();
         assert_eq!((c.sub.as_str(), c.kind), ("abc", TokenType::Admin));
         assert!(TokenKeys::new("secret-b").verify(&t).is_none());
+    }
+
+    #[test]
+    fn tokens_not_valid_yet_fail() {
+        let k = TokenKeys::new("s");
+        let mut c = TokenKeys::claims(TokenType::Auth, "u", 3600);
+        c.nbf = Some(unix_now() + 600);
+        assert!(k.verify(&k.mint(&c).unwrap()).is_none());
+        c.nbf = Some(unix_now() - 1);
+        assert!(k.verify(&k.mint(&c).unwrap()).is_some());
     }
 
     #[test]

@@ -138,6 +138,18 @@ pub struct Collection {
     pub updated: String,
 }
 
+/// Most fields a collection may have over its life, soft-deleted ones included (their columns
+/// stay in the table). SQLite allows 2,000 columns per table; this leaves room for the system
+/// columns and keeps rows of a reasonable width.
+pub const MAX_FIELDS: usize = 1000;
+/// Most columns one index may list.
+pub const MAX_INDEX_COLUMNS: usize = 32;
+
+/// Whether SQLite reserves `name` for its own tables and indexes (`sqlite_*`, any case).
+pub fn is_sqlite_reserved(name: &str) -> bool {
+    name.get(..7).is_some_and(|p| p.eq_ignore_ascii_case("sqlite_"))
+}
+
 /// Columns every collection table has.
 pub const BASE_COLUMNS: [&str; 3] = ["id", "created", "updated"];
 /// Columns auth collection tables add.
@@ -497,7 +509,7 @@ impl IndexDef {
             name = it.next().cloned().ok_or("Expected an index name.")?;
         }
         let name = unquote(&name);
-        if !is_identifier(&name) || name.starts_with('_') {
+        if !is_identifier(&name) || name.starts_with('_') || is_sqlite_reserved(&name) {
             return Err(format!("'{name}' is not a valid index name."));
         }
         if kw(it.next()) != "ON" {
@@ -524,6 +536,9 @@ impl IndexDef {
                 _ => {}
             }
             columns.push((col, desc));
+            if columns.len() > MAX_INDEX_COLUMNS {
+                return Err(format!("An index may list at most {MAX_INDEX_COLUMNS} columns."));
+            }
             match tok.as_str() {
                 "," => continue,
                 ")" => break,

@@ -252,7 +252,20 @@ fn auth_changes(
 ) -> (Changes, Option<String>) {
     let mut changes = Changes::new();
     let creating = current.is_none();
+    let current_email = current.and_then(|r| r.data.get("email")).and_then(Value::as_str);
     match body.get("email") {
+        // PocketBase's rule: only admins change an address directly (an unchanged one echoed
+        // back by a client is fine). Anyone else would keep `verified` on an unproven address.
+        Some(Value::String(e))
+            if !creating && !who.is_admin() && current_email != Some(e.trim().to_lowercase().as_str()) =>
+        {
+            field_error(
+                errors,
+                "email",
+                "validation_email_change",
+                "Only admins can change an email address directly.",
+            )
+        }
         Some(Value::String(e)) if values::parse_email(e.trim()) => {
             changes.push(("email".into(), Sql::Text(e.trim().to_lowercase())))
         }
@@ -347,6 +360,18 @@ pub async fn create_record(
     db.write(move |conn| {
         let mut errors = FieldErrors::new();
         store::check_relations(conn, &schema, &relations, &mut errors)?;
+        if let Some(id) = id.as_deref().filter(|_| c.is_auth()) {
+            // `@request.auth.id` names a record without its collection: an auth record must
+            // not share its id with a record of another auth collection of this database.
+            if store::auth_id_taken(conn, &schema, &c, id)? {
+                field_error(
+                    &mut errors,
+                    "id",
+                    "validation_not_unique",
+                    "The id is already taken by another auth record.",
+                );
+            }
+        }
         if !errors.is_empty() {
             return Err(ApiError::validation(errors));
         }

@@ -193,6 +193,17 @@ pub fn insert(conn: &Connection, c: &Collection, id: Option<String>, mut changes
     get(conn, c, &id)?.ok_or_else(|| ApiError::internal("insert", "inserted record not found"))
 }
 
+/// Whether `id` is the id of a record in an auth collection of `schema` other than `c`.
+pub fn auth_id_taken(conn: &Connection, schema: &Schema, c: &Collection, id: &str) -> ApiResult<bool> {
+    for other in schema.all().iter().filter(|o| o.is_auth() && o.id != c.id) {
+        let sql = format!("SELECT 1 FROM {} WHERE id = ?1", quote_ident(&other.name));
+        if conn.prepare_cached(&sql)?.exists([id])? {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
 /// Updates the columns in `changes` (and `updated`) of record `id`.
 pub fn update(conn: &Connection, c: &Collection, id: &str, changes: Changes) -> ApiResult<Stored> {
     let mut sets = vec!["\"updated\" = ?1".to_string()];

@@ -382,7 +382,12 @@ fn apply_modifier(f: &Field, v: Value, delta: &Value, sign: f64) -> Result<Value
             .or_else(|| delta.as_str().and_then(|s| s.parse().ok()))
             .ok_or_else(|| invalid("The modifier needs a number."))?;
         let cur = v.as_f64().unwrap_or(0.0);
-        return Ok(number_json(cur + sign * d));
+        let sum = cur + sign * d;
+        // `json!(inf)` is null, which would be stored as 0: refuse instead.
+        if !sum.is_finite() {
+            return Err(invalid("Must be a finite number."));
+        }
+        return Ok(number_json(sum));
     }
     if f.is_multi() {
         let mut items: Vec<Value> = v.as_array().cloned().unwrap_or_default();
