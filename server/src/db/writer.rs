@@ -134,31 +134,56 @@ fn run_batch(conn: &Connection, recorder: Option<&dyn Recorder>, batch: Vec<(Run
         }
         return;
     }
-    let recording = match recorder.map(|r| r.begin(conn)).transpose() {
-        Ok(r) => r,
-        Err(e) => {
+    // A panicking recorder fails this batch, not the writer thread.
+    let recording = match catch_unwind(AssertUnwindSafe(|| recorder.map(|r| r.begin(conn)).transpose())) {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => {
             return abort(
                 conn,
                 batch.into_iter().map(|(_, reply)| reply).collect(),
                 &e.to_string(),
             );
         }
+        Err(_) => {
+            return abort(
+                conn,
+                batch.into_iter().map(|(_, reply)| reply).collect(),
+                "the recorder panicked at BEGIN",
+            );
+        }
     };
 
     let mut results = Vec::with_capacity(batch.len());
     let mut replies = Vec::with_capacity(batch.len());
-    for (run, reply) in batch {
+    let mut jobs = batch.into_iter();
+    for (run, reply) in jobs.by_ref() {
         replies.push(reply);
         results.push(run_job(conn, run));
+        if conn.is_autocommit() {
+            // SQLite rolled the whole transaction back (I/O error, disk full, out of memory, or
+            // a job that ended it): every job so far lost its changes, and a job run now would
+            // commit on its own, without its changelog entry. Fail the whole batch.
+            let cause = match results.last() {
+                Some(Err(e)) => format!("the write transaction was rolled back: {e}"),
+                _ => "the write transaction was rolled back".to_string(),
+            };
+            log::error!("{cause}; failing the {} jobs of the batch", replies.len() + jobs.len());
+            drop(recording);
+            replies.extend(jobs.map(|(_, reply)| reply));
+            return abort(conn, replies, &cause);
+        }
     }
 
     let finished = match recording {
-        Some(r) => r.before_commit(conn),
+        Some(r) => match catch_unwind(AssertUnwindSafe(|| r.before_commit(conn))) {
+            Ok(result) => result.map_err(|e| e.to_string()),
+            Err(_) => Err("the recorder panicked before COMMIT".to_string()),
+        },
         None => Ok(()),
     };
-    let committed = finished.and_then(|()| conn.execute_batch("COMMIT"));
+    let committed = finished.and_then(|()| conn.execute_batch("COMMIT").map_err(|e| e.to_string()));
     if let Err(e) = committed {
-        return abort(conn, replies, &e.to_string());
+        return abort(conn, replies, &e);
     }
     for (reply, result) in replies.into_iter().zip(results) {
         // The caller may have gone away (client disconnected); the write is committed anyway.
@@ -166,13 +191,17 @@ fn run_batch(conn: &Connection, recorder: Option<&dyn Recorder>, batch: Vec<(Run
     }
 }
 
-/// Runs one job inside its own savepoint, so its failure undoes only its own changes.
+/// Runs one job inside its own savepoint, so its failure undoes only its own changes. When the
+/// transaction itself is gone afterwards, the caller sees `conn.is_autocommit()`.
 fn run_job(conn: &Connection, run: Run) -> ApiResult<Output> {
     conn.execute_batch("SAVEPOINT job")?;
     let result = match catch_unwind(AssertUnwindSafe(|| run(conn))) {
         Ok(r) => r,
         Err(_) => Err(ApiError::internal("writer", "write job panicked")),
     };
+    if conn.is_autocommit() {
+        return result.and(Err(ApiError::internal("writer", "the write transaction was rolled back")));
+    }
     if result.is_err() {
         conn.execute_batch("ROLLBACK TO job")?;
     }
@@ -180,6 +209,7 @@ fn run_job(conn: &Connection, run: Run) -> ApiResult<Output> {
     result
 }
 
+/// Rolls back what is left of the transaction and fails every job: none of them committed.
 fn abort(conn: &Connection, replies: Vec<Reply>, cause: &str) {
     if !conn.is_autocommit() {
         if let Err(e) = conn.execute_batch("ROLLBACK") {
@@ -188,5 +218,91 @@ fn abort(conn: &Connection, replies: Vec<Reply>, cause: &str) {
     }
     for reply in replies {
         let _ = reply.send(Err(ApiError::internal("commit write transaction", cause.to_string())));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Runs `jobs` as one batch on a fresh database with table `t`; returns each job's outcome
+    /// and the values committed.
+    fn batch_of(jobs: Vec<Run>, recorder: Option<&dyn Recorder>) -> (Vec<bool>, Vec<i64>) {
+        let conn = Connection::open_in_memory().unwrap();
+        conn.execute_batch("CREATE TABLE t (v INTEGER)").unwrap();
+        let mut rxs = Vec::new();
+        let batch = jobs
+            .into_iter()
+            .map(|run| {
+                let (reply, rx) = oneshot::channel();
+                rxs.push(rx);
+                (run, reply)
+            })
+            .collect();
+        run_batch(&conn, recorder, batch);
+        let ok = rxs.into_iter().map(|mut rx| matches!(rx.try_recv(), Ok(Ok(_)))).collect();
+        let mut stmt = conn.prepare("SELECT v FROM t ORDER BY v").unwrap();
+        let rows = stmt.query_map([], |r| r.get(0)).unwrap().map(Result::unwrap).collect();
+        (ok, rows)
+    }
+
+    fn insert(v: i64) -> Run {
+        Box::new(move |conn| {
+            conn.execute("INSERT INTO t (v) VALUES (?1)", [v])?;
+            Ok(Box::new(()) as Output)
+        })
+    }
+
+    #[test]
+    fn a_failing_job_undoes_only_itself() {
+        let fail: Run = Box::new(|conn| {
+            conn.execute("INSERT INTO t (v) VALUES (99)", [])?;
+            Err(ApiError::bad_request("no"))
+        });
+        let (ok, rows) = batch_of(vec![insert(1), fail, insert(2)], None);
+        assert_eq!((ok, rows), (vec![true, false, true], vec![1, 2]));
+    }
+
+    #[test]
+    fn a_transaction_rolled_back_under_the_batch_fails_every_job_and_commits_nothing() {
+        // What SQLite does on an I/O error, a full disk or out of memory: the whole transaction
+        // is gone. The jobs after it must not run in autocommit, outside the changelog.
+        let lost: Run = Box::new(|conn| {
+            conn.execute_batch("ROLLBACK")?;
+            Err(ApiError::internal("job", "disk I/O error"))
+        });
+        let (ok, rows) = batch_of(vec![insert(1), insert(2), lost, insert(3), insert(4)], None);
+        assert_eq!(ok, vec![false; 5], "no job may report success");
+        assert!(rows.is_empty(), "nothing committed: {rows:?}");
+    }
+
+    struct Panicky {
+        at_begin: bool,
+    }
+    struct PanickyTx;
+    impl TxRecording for PanickyTx {
+        fn before_commit(self: Box<Self>, _: &Connection) -> rusqlite::Result<()> {
+            panic!("recorder bug before commit")
+        }
+    }
+    impl Recorder for Panicky {
+        fn init(&self, _: &Connection) -> rusqlite::Result<()> {
+            Ok(())
+        }
+        fn begin<'c>(&self, _: &'c Connection) -> rusqlite::Result<Box<dyn TxRecording + 'c>> {
+            if self.at_begin {
+                panic!("recorder bug at begin")
+            }
+            Ok(Box::new(PanickyTx))
+        }
+    }
+
+    #[test]
+    fn a_panicking_recorder_fails_the_batch_not_the_writer() {
+        for at_begin in [true, false] {
+            let (ok, rows) = batch_of(vec![insert(1), insert(2)], Some(&Panicky { at_begin }));
+            assert_eq!(ok, vec![false, false], "at_begin={at_begin}");
+            assert!(rows.is_empty(), "at_begin={at_begin}: {rows:?}");
+        }
     }
 }

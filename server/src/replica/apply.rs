@@ -20,10 +20,21 @@ pub enum Conflicts {
 /// Applies one entry inside the caller's transaction: migrates to its schema when it carries
 /// one, then applies its changeset. Refuses (instead of silently skipping, as SQLite would) a
 /// changeset for a table the local schema lacks or has fewer columns in.
+///
+/// The schema goes in two steps around the data: tables, columns and dropped indexes first,
+/// new indexes after (see [`schema::migrate_structure`]).
 pub fn apply_entry(conn: &Connection, e: &Entry, policy: Conflicts) -> ApiResult<()> {
     if let Some(objects) = &e.schema {
-        schema::migrate(conn, objects)?;
+        schema::migrate_structure(conn, objects)?;
     }
+    apply_changeset(conn, e, policy)?;
+    if let Some(objects) = &e.schema {
+        schema::migrate_indexes(conn, objects)?;
+    }
+    Ok(())
+}
+
+fn apply_changeset(conn: &Connection, e: &Entry, policy: Conflicts) -> ApiResult<()> {
     if e.changeset.is_empty() {
         return Ok(());
     }
@@ -69,4 +80,53 @@ fn check_tables(conn: &Connection, changeset: &[u8]) -> ApiResult<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::db::writer::Recorder;
+    use crate::replica::recorder::{ChangeRecorder, entries_since};
+
+    const START: &str = "CREATE TABLE u (id TEXT PRIMARY KEY NOT NULL, handle TEXT NOT NULL DEFAULT '');
+         INSERT INTO u VALUES ('a', 'dup'), ('b', 'dup');";
+
+    /// Records `sql` as one transaction on a master that starts at [`START`]; returns its entry.
+    fn recorded(sql: &str) -> Entry {
+        let master = Connection::open_in_memory().unwrap();
+        master.execute_batch(START).unwrap();
+        let recorder = ChangeRecorder::new();
+        recorder.init(&master).unwrap();
+        master.execute_batch("BEGIN IMMEDIATE").unwrap();
+        let tx = recorder.begin(&master).unwrap();
+        master.execute_batch(sql).unwrap();
+        tx.before_commit(&master).unwrap();
+        master.execute_batch("COMMIT").unwrap();
+        let mut entries = entries_since(&master, 0, 10, 1 << 20).unwrap();
+        assert_eq!(entries.len(), 1);
+        entries.pop().unwrap()
+    }
+
+    #[test]
+    fn data_and_a_unique_index_in_one_transaction_apply_in_the_masters_order() {
+        let e = recorded("UPDATE u SET handle = 'b' WHERE id = 'b'; CREATE UNIQUE INDEX u_handle ON u (handle);");
+        assert!(e.schema.is_some() && !e.changeset.is_empty());
+        let replica = Connection::open_in_memory().unwrap();
+        replica.execute_batch(START).unwrap();
+        replica.execute_batch("BEGIN").unwrap();
+        apply_entry(&replica, &e, Conflicts::Strict).unwrap();
+        replica.execute_batch("COMMIT").unwrap();
+        assert_eq!(schema::hash(&schema::objects(&replica).unwrap()), e.schema_hash);
+    }
+
+    #[test]
+    fn a_dropped_index_goes_before_the_data_that_breaks_it() {
+        let setup = "CREATE UNIQUE INDEX u_id2 ON u (id, handle);";
+        let e = recorded(&format!("{setup} DROP INDEX u_id2;"));
+        let replica = Connection::open_in_memory().unwrap();
+        replica.execute_batch(START).unwrap();
+        replica.execute_batch(setup).unwrap();
+        apply_entry(&replica, &e, Conflicts::Strict).unwrap();
+        assert_eq!(schema::hash(&schema::objects(&replica).unwrap()), e.schema_hash);
+    }
 }

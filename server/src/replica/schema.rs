@@ -77,38 +77,97 @@ fn columns(conn: &Connection, table: &str) -> rusqlite::Result<Vec<(String, Stri
     rows.collect()
 }
 
-/// Brings the schema of `conn` up to `target` (a master's objects): creates missing tables,
-/// adds missing columns, and creates, replaces or drops indexes, triggers and views. Tables are
-/// never dropped and columns never removed. Runs inside the caller's transaction.
+/// Brings the schema of `conn` up to `target` (a master's objects): [`migrate_structure`],
+/// then [`migrate_indexes`]. Runs inside the caller's transaction.
 pub fn migrate(conn: &Connection, target: &[SchemaObject]) -> rusqlite::Result<()> {
+    migrate_structure(conn, target)?;
+    migrate_indexes(conn, target)
+}
+
+/// The part of a migration that must come before an entry's data: drops the indexes the
+/// master dropped or changed, creates missing tables and adds missing columns. Tables are never
+/// dropped and columns never removed.
+///
+/// Indexes the master created are left to [`migrate_indexes`], after the data: a transaction
+/// that fixed a duplicate and then added a UNIQUE index on the master must not meet the
+/// duplicate here.
+pub fn migrate_structure(conn: &Connection, target: &[SchemaObject]) -> rusqlite::Result<()> {
+    check_target(target)?;
     let local: BTreeMap<(String, String), SchemaObject> = objects(conn)?
         .into_iter()
         .map(|o| ((o.kind.clone(), o.name.clone()), o))
         .collect();
     let wanted: HashSet<(String, String)> = target.iter().map(|o| (o.kind.clone(), o.name.clone())).collect();
-
-    // Objects that depend on tables go first, so they can be rebuilt after the tables change.
     for ((kind, name), o) in &local {
         let changed = target
             .iter()
             .any(|t| &t.kind == kind && &t.name == name && t.sql != o.sql);
-        if kind != "table" && (!wanted.contains(&(kind.clone(), name.clone())) || changed) {
-            conn.execute_batch(&format!("DROP {} IF EXISTS {}", kind.to_uppercase(), quote_ident(name)))?;
+        if kind == "index" && (!wanted.contains(&(kind.clone(), name.clone())) || changed) {
+            conn.execute_batch(&format!("DROP INDEX IF EXISTS {}", quote_ident(name)))?;
         }
     }
     for t in target.iter().filter(|t| t.kind == "table") {
         match local.get(&(t.kind.clone(), t.name.clone())) {
-            None => conn.execute_batch(&t.sql)?,
+            None => run_schema_sql(conn, &t.sql)?,
             Some(o) if o.sql != t.sql => add_missing_columns(conn, t)?,
             Some(_) => {}
         }
     }
-    let after: HashSet<(String, String)> = objects(conn)?.into_iter().map(|o| (o.kind, o.name)).collect();
-    for t in target.iter().filter(|t| t.kind != "table") {
-        if !after.contains(&(t.kind.clone(), t.name.clone())) {
-            conn.execute_batch(&t.sql)?;
+    Ok(())
+}
+
+/// The part of a migration that comes after an entry's data: creates the indexes the master has
+/// and this copy lacks.
+pub fn migrate_indexes(conn: &Connection, target: &[SchemaObject]) -> rusqlite::Result<()> {
+    check_target(target)?;
+    let have: HashSet<(String, String)> = objects(conn)?.into_iter().map(|o| (o.kind, o.name)).collect();
+    for t in target.iter().filter(|t| t.kind == "index") {
+        if !have.contains(&(t.kind.clone(), t.name.clone())) {
+            run_schema_sql(conn, &t.sql)?;
         }
     }
+    Ok(())
+}
+
+/// vski creates tables and indexes only; a master's schema with anything else (a trigger, a
+/// view) is refused rather than partly applied.
+fn check_target(target: &[SchemaObject]) -> rusqlite::Result<()> {
+    match target.iter().find(|t| t.kind != "table" && t.kind != "index") {
+        Some(t) => Err(refused(&format!("{} {}", t.kind, t.name))),
+        None => Ok(()),
+    }
+}
+
+fn refused(what: &str) -> rusqlite::Error {
+    log::error!("refused schema SQL from the master: {what}");
+    rusqlite::Error::SqliteFailure(
+        rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_AUTH),
+        Some(format!("refused schema SQL from the master: {what}")),
+    )
+}
+
+/// Runs one schema statement from the master, one statement only, and only of the shapes vski
+/// itself creates: `CREATE TABLE` and `CREATE [UNIQUE] INDEX`. Anything else (`ATTACH`,
+/// `VACUUM INTO`, `PRAGMA`, a second statement) is refused and logged.
+pub fn run_schema_sql(conn: &Connection, sql: &str) -> rusqlite::Result<()> {
+    let words: Vec<String> = sql
+        .split_whitespace()
+        .take(3)
+        .map(|w| w.to_ascii_uppercase())
+        .collect();
+    let shape_ok = matches!(
+        words.iter().map(String::as_str).collect::<Vec<_>>().as_slice(),
+        ["CREATE", "TABLE", _] | ["CREATE", "INDEX", _] | ["CREATE", "UNIQUE", "INDEX"]
+    );
+    if !shape_ok {
+        return Err(refused(sql));
+    }
+    // `prepare` refuses a string with a second statement after the first.
+    let mut stmt = conn.prepare(sql).map_err(|e| match e {
+        rusqlite::Error::MultipleStatement => refused(sql),
+        other => other,
+    })?;
+    stmt.raw_execute()?;
     Ok(())
 }
 
@@ -116,7 +175,7 @@ pub fn migrate(conn: &Connection, target: &[SchemaObject]) -> rusqlite::Result<(
 /// comes from running its CREATE TABLE in a scratch in-memory database.
 fn add_missing_columns(conn: &Connection, t: &SchemaObject) -> rusqlite::Result<()> {
     let scratch = Connection::open_in_memory()?;
-    scratch.execute_batch(&t.sql)?;
+    run_schema_sql(&scratch, &t.sql)?;
     let theirs = columns(&scratch, &t.name)?;
     let ours: HashSet<String> = columns(conn, &t.name)?
         .into_iter()
@@ -185,6 +244,60 @@ mod tests {
             .unwrap();
         assert_eq!(y, 0);
         migrate(&replica, &target).unwrap();
+    }
+
+    #[test]
+    fn only_single_create_table_and_index_statements_run() {
+        let c = Connection::open_in_memory().unwrap();
+        for ok in [
+            "CREATE TABLE a (id TEXT PRIMARY KEY NOT NULL)",
+            "CREATE INDEX ia ON a (id)",
+            "create unique index ib on a (id)",
+        ] {
+            run_schema_sql(&c, ok).unwrap();
+        }
+        for bad in [
+            "ATTACH '/tmp/x.db' AS x",
+            "VACUUM INTO '/tmp/copy.db'",
+            "PRAGMA writable_schema = 1",
+            "CREATE TABLE b (id TEXT PRIMARY KEY); ATTACH '/tmp/y.db' AS y",
+            "CREATE TRIGGER t AFTER INSERT ON a BEGIN DELETE FROM a; END",
+            "DROP TABLE a",
+        ] {
+            assert!(run_schema_sql(&c, bad).is_err(), "{bad}");
+        }
+        assert!(column_count(&c, "b").unwrap().is_none(), "the statement before ATTACH did not run");
+        let trigger = SchemaObject {
+            kind: "trigger".into(),
+            name: "t".into(),
+            tbl_name: "a".into(),
+            sql: "CREATE TRIGGER t AFTER INSERT ON a BEGIN SELECT 1; END".into(),
+        };
+        assert!(migrate(&c, &[trigger]).is_err());
+    }
+
+    #[test]
+    fn new_indexes_wait_for_the_data_and_dropped_ones_go_first() {
+        // The master fixed a duplicate and added a UNIQUE index in one transaction.
+        let replica = Connection::open_in_memory().unwrap();
+        replica
+            .execute_batch(
+                "CREATE TABLE u (id TEXT PRIMARY KEY NOT NULL, handle TEXT NOT NULL DEFAULT '');
+                 INSERT INTO u VALUES ('a', 'dup'), ('b', 'dup');",
+            )
+            .unwrap();
+        let master = Connection::open_in_memory().unwrap();
+        master
+            .execute_batch(
+                "CREATE TABLE u (id TEXT PRIMARY KEY NOT NULL, handle TEXT NOT NULL DEFAULT '');
+                 CREATE UNIQUE INDEX u_handle ON u (handle);",
+            )
+            .unwrap();
+        let target = objects(&master).unwrap();
+        migrate_structure(&replica, &target).unwrap();
+        replica.execute_batch("UPDATE u SET handle = 'b' WHERE id = 'b'").unwrap();
+        migrate_indexes(&replica, &target).unwrap();
+        assert_eq!(hash(&objects(&replica).unwrap()), hash(&target));
     }
 
     #[test]
