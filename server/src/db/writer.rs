@@ -48,6 +48,12 @@ pub trait Recorder: Send + Sync + 'static {
     fn init(&self, conn: &Connection) -> rusqlite::Result<()>;
     /// Called right after BEGIN, before the first job of the transaction.
     fn begin<'c>(&self, conn: &'c Connection) -> rusqlite::Result<Box<dyn TxRecording + 'c>>;
+    /// Called once the transaction ended: `committed` after a successful COMMIT, otherwise
+    /// after its rollback. State that describes the committed database (a cached schema hash)
+    /// changes only here.
+    fn finished(&self, committed: bool) {
+        let _ = committed;
+    }
 }
 
 /// The recorder's state for one transaction.
@@ -169,6 +175,9 @@ fn run_batch(conn: &Connection, recorder: Option<&dyn Recorder>, batch: Vec<(Run
             };
             log::error!("{cause}; failing the {} jobs of the batch", replies.len() + jobs.len());
             drop(recording);
+            if let Some(r) = recorder {
+                r.finished(false);
+            }
             replies.extend(jobs.map(|(_, reply)| reply));
             return abort(conn, replies, &cause);
         }
@@ -182,6 +191,9 @@ fn run_batch(conn: &Connection, recorder: Option<&dyn Recorder>, batch: Vec<(Run
         None => Ok(()),
     };
     let committed = finished.and_then(|()| conn.execute_batch("COMMIT").map_err(|e| e.to_string()));
+    if let Some(r) = recorder {
+        r.finished(committed.is_ok());
+    }
     if let Err(e) = committed {
         return abort(conn, replies, &e);
     }
@@ -200,7 +212,10 @@ fn run_job(conn: &Connection, run: Run) -> ApiResult<Output> {
         Err(_) => Err(ApiError::internal("writer", "write job panicked")),
     };
     if conn.is_autocommit() {
-        return result.and(Err(ApiError::internal("writer", "the write transaction was rolled back")));
+        return result.and(Err(ApiError::internal(
+            "writer",
+            "the write transaction was rolled back",
+        )));
     }
     if result.is_err() {
         conn.execute_batch("ROLLBACK TO job")?;
@@ -240,7 +255,10 @@ mod tests {
             })
             .collect();
         run_batch(&conn, recorder, batch);
-        let ok = rxs.into_iter().map(|mut rx| matches!(rx.try_recv(), Ok(Ok(_)))).collect();
+        let ok = rxs
+            .into_iter()
+            .map(|mut rx| matches!(rx.try_recv(), Ok(Ok(_))))
+            .collect();
         let mut stmt = conn.prepare("SELECT v FROM t ORDER BY v").unwrap();
         let rows = stmt.query_map([], |r| r.get(0)).unwrap().map(Result::unwrap).collect();
         (ok, rows)

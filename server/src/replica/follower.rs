@@ -450,7 +450,7 @@ fn prepare_snapshot(path: &Path, version: i64, epoch: &str, uid: &str) -> Result
 /// API on the writer connection: readers see the old content until it commits, then the new.
 fn restore(conn: &mut Connection, src: &Path) -> ApiResult<()> {
     let from = Connection::open_with_flags(src, OpenFlags::SQLITE_OPEN_READ_ONLY)?;
-    rusqlite::backup::Backup::new(&from, conn)?.step(-1)?;
+    super::master::backup_all(&from, conn)?;
     conn.query_row("PRAGMA journal_mode = WAL", [], |_| Ok(()))?;
     Ok(())
 }

@@ -55,8 +55,14 @@ pub fn epoch(data_dir: &Path) -> std::io::Result<String> {
     match std::fs::read_to_string(&path) {
         Ok(s) if !s.trim().is_empty() => Ok(s.trim().to_string()),
         _ => {
+            // Written to a temporary file, fsynced, then renamed and the directory fsynced: a
+            // crash leaves either no epoch or the whole one, never a torn or empty file.
             let e = random_id(20);
-            std::fs::write(&path, &e)?;
+            let tmp = data_dir.join(".epoch.tmp");
+            let mut f = std::fs::File::create(&tmp)?;
+            std::io::Write::write_all(&mut f, e.as_bytes())?;
+            f.sync_all()?;
+            std::fs::rename(&tmp, &path)?;
             std::fs::File::open(data_dir)?.sync_all()?;
             Ok(e)
         }
@@ -310,6 +316,20 @@ async fn changesets(
     ))
 }
 
+/// Copies all of `src` into `dst` with the backup API in one step, and checks that the step
+/// finished: `Busy` or `Locked` would leave `dst` partial (or empty), which must never pass for
+/// a snapshot or a restore.
+pub fn backup_all(src: &rusqlite::Connection, dst: &mut rusqlite::Connection) -> ApiResult<()> {
+    use rusqlite::backup::{Backup, StepResult};
+    match Backup::new(src, dst)?.step(-1)? {
+        StepResult::Done => Ok(()),
+        other => Err(ApiError::internal(
+            "backup",
+            format!("the backup step did not finish: {other:?}"),
+        )),
+    }
+}
+
 /// A consistent copy of `db` made with SQLite's backup API from a read-only connection, in a
 /// single step (one read transaction: writers go on, the copy is one committed state). Never
 /// the live file. Returns the open copy, its size, its version (read from its own changelog)
@@ -325,7 +345,7 @@ pub fn snapshot(db: &Database, dir: &Path) -> ApiResult<(std::fs::File, u64, i64
         // The copy is a private temporary file: if anything fails it is thrown away, so it needs
         // neither a journal nor fsyncs while it is written.
         dst.execute_batch("PRAGMA journal_mode = OFF; PRAGMA synchronous = OFF;")?;
-        rusqlite::backup::Backup::new(&src, &mut dst)?.step(-1)?;
+        backup_all(&src, &mut dst)?;
         // A snapshot is a plain single file; the replica sets WAL mode when it opens it.
         dst.query_row("PRAGMA journal_mode = DELETE", [], |_| Ok(()))?;
         let version = recorder::head(&dst)?;

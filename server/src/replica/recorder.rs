@@ -51,16 +51,19 @@ pub struct Entry {
 
 /// Records every write transaction of one database.
 pub struct ChangeRecorder {
-    /// Schema hash after the last recorded transaction; recomputed only when
-    /// `PRAGMA schema_version` moved. A mutex because the trait is shared, though only the
-    /// writer thread ever takes it.
+    /// Schema hash of the committed database; recomputed only when `PRAGMA schema_version`
+    /// moved. A mutex because the trait is shared, though only the writer thread takes it.
     schema_hash: Arc<Mutex<String>>,
+    /// The hash a transaction in flight changed the schema to; it becomes `schema_hash` only
+    /// when that transaction commits.
+    pending_hash: Arc<Mutex<Option<String>>>,
 }
 
 impl ChangeRecorder {
     pub fn new() -> Arc<Self> {
         Arc::new(ChangeRecorder {
             schema_hash: Arc::new(Mutex::new(String::new())),
+            pending_hash: Arc::new(Mutex::new(None)),
         })
     }
 }
@@ -96,11 +99,24 @@ impl Recorder for ChangeRecorder {
         let mut session = Session::new(conn)?;
         session.table_filter(Some(|t: &str| !is_local_table(t)));
         session.attach(None::<&str>)?;
+        if let Ok(mut p) = self.pending_hash.lock() {
+            *p = None;
+        }
         Ok(Box::new(Recording {
             session,
             schema_version: version,
             schema_hash: self.schema_hash.clone(),
+            pending_hash: self.pending_hash.clone(),
         }))
+    }
+
+    fn finished(&self, committed: bool) {
+        let pending = self.pending_hash.lock().ok().and_then(|mut p| p.take());
+        if let (true, Some(h)) = (committed, pending) {
+            if let Ok(mut cur) = self.schema_hash.lock() {
+                *cur = h;
+            }
+        }
     }
 }
 
@@ -108,6 +124,7 @@ struct Recording<'c> {
     session: Session<'c>,
     schema_version: i64,
     schema_hash: Arc<Mutex<String>>,
+    pending_hash: Arc<Mutex<Option<String>>>,
 }
 
 impl TxRecording for Recording<'_> {
@@ -116,6 +133,7 @@ impl TxRecording for Recording<'_> {
             mut session,
             schema_version: before,
             schema_hash,
+            pending_hash,
         } = *self;
         let mut changeset = Vec::new();
         session.changeset_strm(&mut changeset)?;
@@ -124,20 +142,21 @@ impl TxRecording for Recording<'_> {
         if changeset.is_empty() && !schema_changed {
             return Ok(());
         }
-        let mut hash = schema_hash.lock().map_err(|_| rusqlite::Error::InvalidQuery)?;
-        let schema_json = if schema_changed {
+        let (hash, schema_json) = if schema_changed {
             let objects = schema::objects(conn)?;
-            *hash = schema::hash(&objects);
+            let h = schema::hash(&objects);
+            *pending_hash.lock().map_err(|_| rusqlite::Error::InvalidQuery)? = Some(h.clone());
             // Serializing plain strings cannot fail.
-            Some(serde_json::to_string(&objects).unwrap_or_default())
+            (h, Some(serde_json::to_string(&objects).unwrap_or_default()))
         } else {
-            None
+            let h = schema_hash.lock().map_err(|_| rusqlite::Error::InvalidQuery)?.clone();
+            (h, None)
         };
         conn.prepare_cached(
             "INSERT INTO _changelog (version, schema_hash, schema, changeset, created)
              VALUES ((SELECT COALESCE(MAX(version), 0) + 1 FROM _changelog), ?1, ?2, ?3, ?4)",
         )?
-        .execute(params![*hash, schema_json, changeset, now_ms()])?;
+        .execute(params![hash, schema_json, changeset, now_ms()])?;
         Ok(())
     }
 }
@@ -210,6 +229,36 @@ pub fn prune(conn: &Connection, cutoff_ms: i64) -> rusqlite::Result<usize> {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
+    #[test]
+    fn a_rolled_back_schema_change_leaves_the_cached_hash_alone() {
+        let conn = Connection::open_in_memory().unwrap();
+        conn.execute_batch("CREATE TABLE a (id TEXT PRIMARY KEY NOT NULL)")
+            .unwrap();
+        let r = ChangeRecorder::new();
+        r.init(&conn).unwrap();
+        let committed = schema::hash(&schema::objects(&conn).unwrap());
+        // A schema change whose COMMIT fails after before_commit ran.
+        conn.execute_batch("BEGIN IMMEDIATE").unwrap();
+        let tx = r.begin(&conn).unwrap();
+        conn.execute_batch("CREATE TABLE b (id TEXT PRIMARY KEY NOT NULL)")
+            .unwrap();
+        tx.before_commit(&conn).unwrap();
+        conn.execute_batch("ROLLBACK").unwrap();
+        r.finished(false);
+        // The next transaction changes only data: its entry carries the committed schema's hash.
+        conn.execute_batch("BEGIN IMMEDIATE").unwrap();
+        let tx = r.begin(&conn).unwrap();
+        conn.execute_batch("INSERT INTO a VALUES ('x')").unwrap();
+        tx.before_commit(&conn).unwrap();
+        conn.execute_batch("COMMIT").unwrap();
+        r.finished(true);
+        let e = entries_since(&conn, 0, 10, 1 << 20).unwrap();
+        assert_eq!(e.len(), 1);
+        assert_eq!(e[0].schema_hash, committed);
+    }
+
     #[test]
     fn resume_rules() {
         use super::can_resume;

@@ -150,11 +150,7 @@ fn refused(what: &str) -> rusqlite::Error {
 /// itself creates: `CREATE TABLE` and `CREATE [UNIQUE] INDEX`. Anything else (`ATTACH`,
 /// `VACUUM INTO`, `PRAGMA`, a second statement) is refused and logged.
 pub fn run_schema_sql(conn: &Connection, sql: &str) -> rusqlite::Result<()> {
-    let words: Vec<String> = sql
-        .split_whitespace()
-        .take(3)
-        .map(|w| w.to_ascii_uppercase())
-        .collect();
+    let words: Vec<String> = sql.split_whitespace().take(3).map(|w| w.to_ascii_uppercase()).collect();
     let shape_ok = matches!(
         words.iter().map(String::as_str).collect::<Vec<_>>().as_slice(),
         ["CREATE", "TABLE", _] | ["CREATE", "INDEX", _] | ["CREATE", "UNIQUE", "INDEX"]
@@ -266,7 +262,10 @@ mod tests {
         ] {
             assert!(run_schema_sql(&c, bad).is_err(), "{bad}");
         }
-        assert!(column_count(&c, "b").unwrap().is_none(), "the statement before ATTACH did not run");
+        assert!(
+            column_count(&c, "b").unwrap().is_none(),
+            "the statement before ATTACH did not run"
+        );
         let trigger = SchemaObject {
             kind: "trigger".into(),
             name: "t".into(),
@@ -295,7 +294,9 @@ mod tests {
             .unwrap();
         let target = objects(&master).unwrap();
         migrate_structure(&replica, &target).unwrap();
-        replica.execute_batch("UPDATE u SET handle = 'b' WHERE id = 'b'").unwrap();
+        replica
+            .execute_batch("UPDATE u SET handle = 'b' WHERE id = 'b'")
+            .unwrap();
         migrate_indexes(&replica, &target).unwrap();
         assert_eq!(hash(&objects(&replica).unwrap()), hash(&target));
     }
