@@ -281,6 +281,7 @@ pub async fn run(config: ServeConfig, secret: String, listener: TcpListener) -> 
             f.master_url,
             f.interval
         );
+        f.load_positions(&state).await;
         actix_web::rt::spawn(crate::replica::follower::sync_loop(state.clone()));
     } else {
         match state.has_admins().await {

@@ -10,10 +10,15 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .service(resource("/api/health").route(web::get().to(health)));
 }
 
-/// Always 200 while the process serves: a replica that cannot reach its master keeps serving
-/// reads and says how stale it is (`stale`, `lastError`, `secondsSinceLastSync`).
+/// 200 while the node can serve. A replica that never got data from its master answers 503
+/// (load balancers must not send it traffic); one that synced before keeps answering 200 when
+/// the master goes away, and says how stale it is (`stale`, `lastError`, `secondsSinceLastSync`).
 async fn health(state: web::Data<AppState>) -> HttpResponse {
     let mut body = json!({"status": "ok", "code": 200, "message": "API is healthy."});
+    if state.follower.as_ref().is_some_and(|f| !f.is_ready()) {
+        body = json!({"status": "unavailable", "code": 503,
+                      "message": "replica is not ready: it has no data from the master yet"});
+    }
     match &state.follower {
         Some(f) => {
             body["mode"] = json!("replica");
@@ -25,5 +30,10 @@ async fn health(state: web::Data<AppState>) -> HttpResponse {
         }
         None => body["mode"] = json!("master"),
     }
-    HttpResponse::Ok().json(body)
+    let status = if body["code"] == 503 {
+        actix_web::http::StatusCode::SERVICE_UNAVAILABLE
+    } else {
+        actix_web::http::StatusCode::OK
+    };
+    HttpResponse::build(status).json(body)
 }

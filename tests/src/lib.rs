@@ -101,11 +101,19 @@ pub struct NodeOptions {
     pub args: Vec<String>,
     /// Port to listen on; default: an ephemeral one.
     pub port: Option<u16>,
+    /// Do not wait for `/health` to answer 200 (a replica that cannot sync answers 503).
+    pub unready: bool,
 }
 
 impl NodeOptions {
     pub fn env(mut self, k: &str, v: &str) -> Self {
         self.env.push((k.into(), v.into()));
+        self
+    }
+
+    /// Start without waiting for the node to be healthy, only for it to answer.
+    pub fn unready(mut self) -> Self {
+        self.unready = true;
         self
     }
 }
@@ -186,8 +194,10 @@ impl Node {
             log,
             http,
         };
+        let unready = node.opts.unready;
         wait_for("/health", Duration::from_secs(30), || {
-            (node.get("/health", None).0 == 200).then_some(())
+            let s = node.get("/health", None).0;
+            (s == 200 || (unready && s == 503)).then_some(())
         });
         node
     }
@@ -444,6 +454,8 @@ pub fn changelog(node: &Node, token: &str, db: &str, since: i64) -> Vec<vski::re
                     .decode(e["changeset"].as_str().expect("changeset"))
                     .expect("base64"),
                 created: e["created"].as_i64().expect("created"),
+                hash: e["hash"].as_str().expect("hash").to_string(),
+                prev_hash: e["prevHash"].as_str().expect("prevHash").to_string(),
             };
             since = entry.version;
             out.push(entry);

@@ -654,3 +654,122 @@ fn a_replica_killed_at_random_moments_converges() {
         "no lost or duplicated row"
     );
 }
+
+fn add_titles(m: &Node, prefix: &str, n: usize) {
+    for i in 0..n {
+        let (s, b) = m.post(
+            "/api/collections/posts/records",
+            None,
+            &json!({"title": format!("{prefix}-{i}")}),
+        );
+        assert_eq!(s, 200, "{b}");
+    }
+}
+
+/// Puts `from` in place of the master's `default.db` while it is stopped.
+fn replace_default_db(m: &Node, from: &std::path::Path) {
+    for suffix in ["-wal", "-shm"] {
+        let _ = std::fs::remove_file(m.data_dir.join(format!("default.db{suffix}")));
+    }
+    std::fs::copy(from, m.data_dir.join("default.db")).expect("restore the copy");
+}
+
+#[test]
+fn a_master_restored_from_an_older_copy_makes_replicas_start_over() {
+    // (records written after the copy and then lost, records written after the restore): more
+    // new ones than lost ones, and as many (same version numbers, other history).
+    for (lost, new) in [(5, 7), (5, 5)] {
+        let mut m = master();
+        let t = seed(&m);
+        let r = replica(&m, "0");
+        wait_converged(&m, &r, SECRET, "default", TIMEOUT);
+        // `cp` of the file while the master is stopped: the operator's backup.
+        m.terminate(TIMEOUT);
+        let backup = m.data_dir.with_file_name("backup.db");
+        assert!(!m.data_dir.join("default.db-wal").exists(), "a clean stop checkpoints");
+        std::fs::copy(m.data_dir.join("default.db"), &backup).unwrap();
+        let mut m = m.restart();
+        add_titles(&m, "lost", lost);
+        assert_eq!(r.post("/api/replica/sync", Some(&t), &json!({})).0, 200);
+        wait_converged(&m, &r, SECRET, "default", TIMEOUT);
+        assert!(titles(&r).contains(&"lost-0".to_string()));
+        // The master is restored from the copy and goes on with other writes.
+        m.terminate(TIMEOUT);
+        replace_default_db(&m, &backup);
+        let m = m.restart();
+        add_titles(&m, "new", new);
+        let (s, b) = r.post("/api/replica/sync", Some(&t), &json!({}));
+        assert_eq!(s, 200, "({lost}, {new}): {b}");
+        wait_converged(&m, &r, SECRET, "default", TIMEOUT);
+        let have = titles(&r);
+        assert_eq!(have, titles(&m), "({lost}, {new})");
+        assert!(!have.iter().any(|t| t.starts_with("lost")), "({lost}, {new}): {have:?}");
+        assert_eq!(r.health()["dbs"]["default"]["bootstraps"], 2, "({lost}, {new})");
+        assert!(r.log().contains("history differs"), "the reason is logged: {}", r.log());
+    }
+}
+
+/// A port nothing listens on.
+fn dead_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn wait_error(r: &Node, needle: &str) -> Value {
+    wait_for(&format!("lastError with {needle:?}"), TIMEOUT, || {
+        let h = r.get("/health", None).1;
+        h["lastError"].as_str()?.contains(needle).then_some(h)
+    })
+}
+
+#[test]
+fn health_tells_the_truth() {
+    let m = master();
+    seed(&m);
+    // Never synced, master unreachable: not ready, and nothing is served.
+    let lost = spawn_replica(
+        &m,
+        SECRET,
+        NodeOptions::default()
+            .env("MASTER_URL", &format!("http://127.0.0.1:{}", dead_port()))
+            .env("SYNC_INTERVAL", "1")
+            .unready(),
+    );
+    let h = wait_error(&lost, "connection refused");
+    assert_eq!(lost.get("/health", None).0, 503, "{h}");
+    assert_eq!(h["ready"], false, "{h}");
+    let (s, b) = lost.get("/api/collections/posts/records", None);
+    assert_eq!(
+        (s, b["message"].as_str()),
+        (503, Some("replica is not ready: it has no data from the master yet"))
+    );
+    assert_eq!(lost.get("/api/health", None).0, 503);
+    // Never synced, wrong secret: the error says so.
+    let wrong = spawn_replica(
+        &m,
+        "not-the-masters-secret-0123456789",
+        NodeOptions::default().env("SYNC_INTERVAL", "1").unready(),
+    );
+    wait_error(&wrong, "wrong JWT_SECRET?");
+    assert_eq!(wrong.get("/health", None).0, 503);
+    // Synced once, then the master goes away, and the replica restarts: reads go on, and
+    // health is 200 with the staleness shown.
+    let mut m = m;
+    let r = replica(&m, "1");
+    wait_converged(&m, &r, SECRET, "default", TIMEOUT);
+    let version = r.replica_version("default");
+    m.kill();
+    let r = r.restart();
+    let h = wait_error(&r, "connection refused");
+    assert_eq!(r.get("/health", None).0, 200, "{h}");
+    assert_eq!(
+        (h["ready"].clone(), h["stale"].clone()),
+        (json!(true), json!(true)),
+        "{h}"
+    );
+    assert_eq!(h["dbs"]["default"]["localVersion"], version, "{h}");
+    assert_eq!(titles(&r), vec!["first"], "reads are served from what it has");
+}

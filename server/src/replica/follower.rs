@@ -42,6 +42,9 @@ pub struct LocalState {
     pub version: i64,
     pub epoch: String,
     pub uid: String,
+    /// The master's history hash at `version` (`""` when unknown: a copy made before entries
+    /// were chained).
+    pub hash: String,
 }
 
 /// Reads the replica state of a database file; `None` if it was never bootstrapped.
@@ -60,8 +63,14 @@ pub fn local_state(conn: &Connection) -> rusqlite::Result<Option<LocalState>> {
         conn.query_row("SELECT value FROM _replica_state WHERE key = ?1", [k], |r| r.get(0))
             .optional()
     };
+    let hash = get("hash")?.unwrap_or_default();
     match (get("version")?, get("epoch")?, get("uid")?) {
-        (Some(v), Some(epoch), Some(uid)) => Ok(v.parse().ok().map(|version| LocalState { version, epoch, uid })),
+        (Some(v), Some(epoch), Some(uid)) => Ok(v.parse().ok().map(|version| LocalState {
+            version,
+            epoch,
+            uid,
+            hash,
+        })),
         _ => Ok(None),
     }
 }
@@ -106,6 +115,10 @@ pub struct Follower {
     /// When the last round completed without error.
     last_ok_at: Mutex<Option<Instant>>,
     started: Instant,
+    /// Whether this replica holds data to serve: some database was bootstrapped, now or by an
+    /// earlier run. Until then `/health` and every data request answer 503, so that load
+    /// balancers do not send traffic to an empty node.
+    ready: std::sync::atomic::AtomicBool,
 }
 
 /// The replica id: `REPLICA_ID`, else the one kept in `DATA_DIR/.replica_id`, else a new one.
@@ -148,7 +161,28 @@ impl Follower {
             last_round: Mutex::new((None, None)),
             last_ok_at: Mutex::new(None),
             started: Instant::now(),
+            ready: std::sync::atomic::AtomicBool::new(false),
         })
+    }
+
+    /// Whether the replica has data to serve (see the `ready` field).
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    fn set_ready(&self) {
+        self.ready.store(true, std::sync::atomic::Ordering::Release);
+    }
+
+    /// Marks the replica ready when a database on disk was synced by an earlier run (it then
+    /// serves reads even if the master is down), and shows the local positions in `/health`.
+    pub async fn load_positions(&self, state: &AppState) {
+        for db in state.dbs.list().into_iter().filter(|d| self.follows(&d.name)) {
+            if let Ok(Some(l)) = db.read(|conn| Ok(local_state(conn)?)).await {
+                self.set_ready();
+                self.note(&db.name, |s| s.local_version = l.version);
+            }
+        }
     }
 
     /// Whether database `name` is replicated to this node.
@@ -178,7 +212,7 @@ impl Follower {
             .timeout(Duration::from_secs(60))
             .send()
             .await
-            .map_err(|e| format!("GET {path}: {e}"))?;
+            .map_err(|e| format!("GET {}: {}", self.master_url, transport_error(&e)))?;
         let status = resp.status().as_u16();
         let body = resp.json::<Value>().await.unwrap_or(Value::Null);
         Ok((status, body))
@@ -211,10 +245,7 @@ impl Follower {
     async fn round_inner(&self, state: &AppState) -> Result<(), String> {
         let (status, body) = self.get_json(state, "/api/replica/status?checksum=0").await?;
         if status != 200 {
-            return Err(format!(
-                "master answered {status} to /api/replica/status: {}",
-                body["message"]
-            ));
+            return Err(status_error(status, "/api/replica/status", &body));
         }
         let epoch = body["epoch"].as_str().unwrap_or_default().to_string();
         let mut errors = Vec::new();
@@ -247,8 +278,15 @@ impl Follower {
             .read(|conn| Ok(local_state(conn)?))
             .await
             .map_err(|e| e.to_string())?;
-        let mut version = match local {
-            Some(l) if l.epoch == epoch && l.uid == master_uid && l.version <= master_version => l.version,
+        // What the master has is known now, whether or not the rest of the round works.
+        let local_version = local.as_ref().map_or(0, |l| l.version);
+        self.note(name, |s| {
+            s.master_version = master_version;
+            s.local_version = local_version;
+            s.lag = (master_version - local_version).max(0);
+        });
+        let (mut version, mut hash) = match local {
+            Some(l) if l.epoch == epoch && l.uid == master_uid && l.version <= master_version => (l.version, l.hash),
             other => {
                 let why = match other {
                     None => "no local copy".to_string(),
@@ -259,17 +297,30 @@ impl Follower {
                 self.bootstrap(state, &db, &why).await?
             }
         };
+        // A bootstrap is followed by entries after the snapshot; a master that keeps answering
+        // 410 (or forking) after that is broken, and the round gives up instead of looping.
+        let mut snapshots_this_round = 0;
         loop {
-            let path = format!("/api/replica/changesets?db={name}&since={version}&limit=1000");
+            let path = format!("/api/replica/changesets?db={name}&since={version}&hash={hash}&limit=1000");
             let (status, body) = self.get_json(state, &path).await?;
             if status == 410 {
-                version = self
-                    .bootstrap(state, &db, "the master pruned the versions this copy needs")
-                    .await?;
+                snapshots_this_round += 1;
+                if snapshots_this_round > MAX_SNAPSHOTS_PER_ROUND {
+                    return Err(format!(
+                        "the master answered 410 again after {MAX_SNAPSHOTS_PER_ROUND} snapshots in this round: {}",
+                        body["message"]
+                    ));
+                }
+                let why = if body["data"]["historyMismatch"] == json!(true) {
+                    "the master's history differs from this copy's (restored or replaced master)"
+                } else {
+                    "the master pruned the versions this copy needs"
+                };
+                (version, hash) = self.bootstrap(state, &db, why).await?;
                 continue;
             }
             if status != 200 {
-                return Err(format!("master answered {status} to changesets: {}", body["message"]));
+                return Err(status_error(status, "changesets", &body));
             }
             if body["epoch"].as_str() != Some(epoch) || body["uid"].as_str() != Some(master_uid.as_str()) {
                 return Err("the master changed during the round; the next round starts over".into());
@@ -285,8 +336,13 @@ impl Follower {
                     entries[0].version
                 ));
             }
+            if let Some(broken) = chain_break(&hash, &entries) {
+                return Err(format!("entry {broken} does not chain to the history before it"));
+            }
+            let last_hash = entries.last().map(|e| e.hash.clone()).unwrap_or_default();
             let (first, count, db_name) = (entries[0].version, entries.len(), name.to_string());
             log::debug!("applying {count} entries to '{db_name}' (versions {first}..={last})");
+            let stored_hash = last_hash.clone();
             version = db
                 .write(move |conn| {
                     for e in &entries {
@@ -294,10 +350,12 @@ impl Follower {
                     }
                     conn.execute_batch(STATE_DDL)?;
                     set_state(conn, "version", &last.to_string())?;
+                    set_state(conn, "hash", &stored_hash)?;
                     Ok(last)
                 })
                 .await
                 .map_err(|e| e.to_string())?;
+            hash = last_hash;
             // Collections may have changed: the API must know them before the new version is
             // reported (readers then find what the version promises).
             state.schemas.reload(&db).await.map_err(|e| e.to_string())?;
@@ -346,25 +404,26 @@ impl Follower {
     }
 
     /// Downloads a snapshot, checks it, and restores it into the live database in one step.
-    /// Returns the version the database is at afterwards.
-    async fn bootstrap(&self, state: &AppState, db: &Arc<Database>, why: &str) -> Result<i64, String> {
+    /// Returns the version the database is at afterwards, and its history hash.
+    async fn bootstrap(&self, state: &AppState, db: &Arc<Database>, why: &str) -> Result<(i64, String), String> {
         log::info!("downloading a snapshot of '{}': {why}", db.name);
         let dir = state.dbs.data_dir().join(".snapshots");
         std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
         let tmp = dir.join(format!("download-{}-{}.db", db.name, random_id(8)));
         let result = self.bootstrap_into(state, db, &tmp).await;
         let _ = std::fs::remove_file(&tmp);
-        let version = result?;
+        let (version, hash) = result?;
+        self.set_ready();
         state.schemas.reload(db).await.map_err(|e| e.to_string())?;
         self.note(&db.name, |s| {
             s.bootstraps += 1;
             s.local_version = version;
         });
         log::info!("restored '{}' from a snapshot at version {version}", db.name);
-        Ok(version)
+        Ok((version, hash))
     }
 
-    async fn bootstrap_into(&self, state: &AppState, db: &Arc<Database>, tmp: &Path) -> Result<i64, String> {
+    async fn bootstrap_into(&self, state: &AppState, db: &Arc<Database>, tmp: &Path) -> Result<(i64, String), String> {
         use sha2::Digest;
         use tokio::io::AsyncWriteExt;
         let path = format!("/api/replica/download?db={}", db.name);
@@ -373,9 +432,9 @@ impl Follower {
             .map_err(|e| e.to_string())?
             .send()
             .await
-            .map_err(|e| format!("GET {path}: {e}"))?;
+            .map_err(|e| format!("GET {path}: {}", transport_error(&e)))?;
         if resp.status().as_u16() != 200 {
-            return Err(format!("master answered {} to {path}", resp.status().as_u16()));
+            return Err(status_error(resp.status().as_u16(), &path, &Value::Null));
         }
         let header = |k: &str| {
             resp.headers()
@@ -410,20 +469,69 @@ impl Follower {
         }
         let prepared: PathBuf = tmp.to_path_buf();
         let (e2, u2) = (epoch.clone(), uid.clone());
-        tokio::task::spawn_blocking(move || prepare_snapshot(&prepared, version, &e2, &u2))
+        let hash = tokio::task::spawn_blocking(move || prepare_snapshot(&prepared, version, &e2, &u2))
             .await
             .map_err(|e| e.to_string())??;
         let src = tmp.to_path_buf();
         db.write_exclusive(move |conn| restore(conn, &src))
             .await
             .map_err(|e| e.to_string())?;
-        Ok(version)
+        Ok((version, hash))
     }
 }
 
+/// A transport failure in words an operator acts on: "connection refused", "timed out".
+fn transport_error(e: &reqwest::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        text = format!("{text}: {s}");
+        source = s.source();
+    }
+    let lower = text.to_lowercase();
+    if e.is_timeout() || lower.contains("timed out") {
+        "timed out".to_string()
+    } else if lower.contains("connection refused") {
+        "connection refused (is the master running at MASTER_URL?)".to_string()
+    } else if lower.contains("dns") || lower.contains("failed to lookup") {
+        format!("cannot resolve the master's host name ({text})")
+    } else {
+        text
+    }
+}
+
+/// A refusal from the master in words: a 401 almost always means another `JWT_SECRET`.
+fn status_error(status: u16, what: &str, body: &Value) -> String {
+    match status {
+        401 => format!("401 from the master on {what}: wrong JWT_SECRET? (it must be the master's)"),
+        403 => format!("403 from the master on {what}: the token is not a replica token"),
+        _ => format!(
+            "master answered {status} to {what}: {}",
+            body["message"].as_str().unwrap_or("(no message)")
+        ),
+    }
+}
+
+/// Snapshots one database may download in one round before the round gives up.
+const MAX_SNAPSHOTS_PER_ROUND: usize = 2;
+
+/// The first entry of a page that does not chain to the history before it (`hash`, then each
+/// entry's own). Unknown hashes (`""`, from logs written before the chain) are not checked.
+fn chain_break(hash: &str, entries: &[Entry]) -> Option<i64> {
+    let mut cur = hash;
+    for e in entries {
+        if !cur.is_empty() && !e.prev_hash.is_empty() && e.prev_hash != cur {
+            return Some(e.version);
+        }
+        cur = &e.hash;
+    }
+    None
+}
+
 /// Checks a downloaded snapshot and records in it where it stands, so the restore carries its
-/// own replica state: the data and the version switch together.
-fn prepare_snapshot(path: &Path, version: i64, epoch: &str, uid: &str) -> Result<(), String> {
+/// own replica state: the data and the version switch together. Returns the history hash at
+/// the snapshot's version.
+fn prepare_snapshot(path: &Path, version: i64, epoch: &str, uid: &str) -> Result<String, String> {
     let conn = Connection::open(path).map_err(|e| e.to_string())?;
     let check: String = conn
         .query_row("PRAGMA quick_check", [], |r| r.get(0))
@@ -435,15 +543,19 @@ fn prepare_snapshot(path: &Path, version: i64, epoch: &str, uid: &str) -> Result
     if inner != version {
         return Err(format!("the snapshot holds version {inner}, its header says {version}"));
     }
+    let hash = super::recorder::position_hash(&conn, version)
+        .map_err(|e| e.to_string())?
+        .unwrap_or_default();
     conn.execute_batch(STATE_DDL).map_err(|e| e.to_string())?;
     for (k, v) in [
         ("version", version.to_string()),
         ("epoch", epoch.to_string()),
         ("uid", uid.to_string()),
+        ("hash", hash.clone()),
     ] {
         set_state(&conn, k, &v).map_err(|e| e.to_string())?;
     }
-    Ok(())
+    Ok(hash)
 }
 
 /// Replaces the content of the live database with the file at `src`, in one step of the backup
@@ -470,6 +582,8 @@ fn decode_entries(body: &Value) -> Result<Vec<Entry>, String> {
                     .decode(e["changeset"].as_str().unwrap_or_default())
                     .map_err(|e| format!("entry changeset: {e}"))?,
                 created: e["created"].as_i64().unwrap_or(0),
+                hash: e["hash"].as_str().unwrap_or_default().to_string(),
+                prev_hash: e["prevHash"].as_str().unwrap_or_default().to_string(),
             })
         })
         .collect()
@@ -532,17 +646,13 @@ pub fn health(f: &Follower) -> Value {
     let dbs = f.dbs.lock().map(|m| m.clone()).unwrap_or_default();
     let (last_ok, last_error) = f.last_round.lock().map(|l| l.clone()).unwrap_or_default();
     // Seconds since the last successful round (since start when there was none yet).
-    let since_ok = f
-        .last_ok_at
-        .lock()
-        .ok()
-        .and_then(|t| *t)
-        .unwrap_or(f.started)
-        .elapsed()
-        .as_secs_f64();
-    // Stale: the last round failed and, in scheduled mode, no round succeeded for 3 intervals.
-    let stale = last_error.is_some() && (f.interval == 0 || since_ok > (f.interval * 3) as f64);
+    let last_ok_at = f.last_ok_at.lock().ok().and_then(|t| *t);
+    let since_ok = last_ok_at.unwrap_or(f.started).elapsed().as_secs_f64();
+    // Stale: the last round failed and no round succeeded since start, or, in scheduled mode,
+    // for 3 intervals.
+    let stale = last_error.is_some() && (f.interval == 0 || last_ok_at.is_none() || since_ok > (f.interval * 3) as f64);
     json!({
+        "ready": f.is_ready(),
         "secondsSinceLastSync": (since_ok * 10.0).round() / 10.0,
         "replicaId": f.replica_id,
         "masterUrl": f.master_url,
@@ -578,6 +688,18 @@ pub async fn read_only_guard(
     req: ServiceRequest,
     next: Next<BoxBody>,
 ) -> Result<ServiceResponse<BoxBody>, actix_web::Error> {
+    let ready = req
+        .app_data::<web::Data<AppState>>()
+        .and_then(|s| s.follower.as_ref().map(Follower::is_ready))
+        .unwrap_or(true);
+    if !ready && !matches!(req.path(), "/health" | "/api/health" | "/api/replica/sync") {
+        let resp = error_body(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "replica is not ready: it has no data from the master yet",
+            json!({}),
+        );
+        return Ok(req.into_response(resp));
+    }
     if is_write(req.method()) && !allowed_on_replica(req.path()) {
         let resp = error_body(StatusCode::FORBIDDEN, "replica is read-only", json!({}));
         return Ok(req.into_response(resp));

@@ -247,6 +247,8 @@ struct ChangesetsQuery {
     db: Option<String>,
     since: Option<String>,
     limit: Option<String>,
+    /// The hash of the replica's history at `since` (see `recorder::position_hash`).
+    hash: Option<String>,
 }
 
 /// Most entries one `changesets` response carries, and about how many changeset bytes.
@@ -278,19 +280,26 @@ async fn changesets(
         })?,
     }
     .clamp(1, MAX_ENTRIES);
+    let their_hash = q.hash.clone().filter(|h| !h.is_empty());
     touch(&state, &req, &who, None);
-    let (min, head, uid, entries) = db
+    let (min, head, uid, ours, entries) = db
         .read(move |conn| {
             conn.execute_batch("BEGIN")?;
             let r = (|| -> rusqlite::Result<_> {
                 let (min, head) = bounds(conn)?;
-                let entries = if can_resume(since, min, head) {
+                let resumable = can_resume(since, min, head);
+                let ours = if resumable {
+                    recorder::position_hash(conn, since)?
+                } else {
+                    None
+                };
+                let entries = if resumable {
                     entries_since(conn, since, limit, MAX_RESPONSE_BYTES)?
                 } else {
                     Vec::new()
                 };
                 let uid = recorder::database_uid(conn)?;
-                Ok((min, head, uid, entries))
+                Ok((min, head, uid, ours, entries))
             })();
             conn.execute_batch("COMMIT")?;
             Ok(r?)
@@ -303,12 +312,24 @@ async fn changesets(
             json!({"minVersion": min, "version": head}),
         ));
     }
+    // A replica whose history up to `since` is not this log's (the master was restored from a
+    // backup, or its file replaced by an older copy) must start over, not continue by number.
+    if let (Some(theirs), Some(ours)) = (&their_hash, &ours) {
+        if theirs != ours {
+            return Ok(crate::error::error_body(
+                actix_web::http::StatusCode::GONE,
+                &format!("The history at version {since} differs from the master's; download a snapshot."),
+                json!({"minVersion": min, "version": head, "historyMismatch": true}),
+            ));
+        }
+    }
     let b64 = base64::engine::general_purpose::STANDARD;
     let entries: Vec<Value> = entries
         .iter()
         .map(|e| {
             json!({"version": e.version, "schemaHash": e.schema_hash, "schema": e.schema,
-                   "changeset": b64.encode(&e.changeset), "created": e.created})
+                   "changeset": b64.encode(&e.changeset), "created": e.created,
+                   "hash": e.hash, "prevHash": e.prev_hash})
         })
         .collect();
     Ok(HttpResponse::Ok().json(

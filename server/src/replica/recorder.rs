@@ -20,7 +20,9 @@ const CHANGELOG_DDL: &str = "CREATE TABLE IF NOT EXISTS _changelog (
     schema_hash TEXT NOT NULL,
     schema TEXT,
     changeset BLOB NOT NULL,
-    created INTEGER NOT NULL
+    created INTEGER NOT NULL,
+    hash TEXT NOT NULL DEFAULT '',
+    prev_hash TEXT NOT NULL DEFAULT ''
 );
 CREATE TABLE IF NOT EXISTS _replica_origin (key TEXT PRIMARY KEY NOT NULL, value TEXT NOT NULL);";
 
@@ -47,6 +49,99 @@ pub struct Entry {
     pub changeset: Vec<u8>,
     /// Commit time, Unix milliseconds.
     pub created: i64,
+    /// Chains the history: sha256 of `prev_hash`, the version, the schema and the changeset.
+    /// Two copies at the same version with the same hash have the same history.
+    pub hash: String,
+    /// The hash of the entry before this one (`""` for the first entry of a database).
+    pub prev_hash: String,
+}
+
+/// The hash of an entry, chained to the one before it.
+pub fn entry_hash(prev_hash: &str, version: i64, schema_hash: &str, schema: Option<&str>, changeset: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update(prev_hash.as_bytes());
+    h.update(b"\x1f");
+    h.update(version.to_string().as_bytes());
+    h.update(b"\x1f");
+    h.update(schema_hash.as_bytes());
+    h.update(b"\x1f");
+    h.update(schema.unwrap_or("").as_bytes());
+    h.update(b"\x1f");
+    h.update(changeset);
+    crate::util::hex(&h.finalize())
+}
+
+/// `(version, schema_hash, schema, changeset, hash)` of a changelog row.
+type OldRow = (i64, String, Option<String>, Vec<u8>, String);
+
+/// Gives the entries of a changelog written before entries were chained their hashes, in
+/// version order. The first kept entry starts the chain.
+fn chain_old_entries(conn: &Connection) -> rusqlite::Result<()> {
+    let has_hash = conn
+        .prepare("SELECT 1 FROM pragma_table_info('_changelog') WHERE name = 'hash'")?
+        .exists([])?;
+    if !has_hash {
+        conn.execute_batch(
+            "ALTER TABLE _changelog ADD COLUMN hash TEXT NOT NULL DEFAULT '';
+             ALTER TABLE _changelog ADD COLUMN prev_hash TEXT NOT NULL DEFAULT '';",
+        )?;
+    }
+    if !conn
+        .prepare("SELECT 1 FROM _changelog WHERE hash = '' LIMIT 1")?
+        .exists([])?
+    {
+        return Ok(());
+    }
+    conn.execute_batch("BEGIN IMMEDIATE")?;
+    let result = (|| {
+        let mut prev = String::new();
+        let rows: Vec<OldRow> = conn
+            .prepare("SELECT version, schema_hash, schema, changeset, hash FROM _changelog ORDER BY version")?
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)))?
+            .collect::<rusqlite::Result<_>>()?;
+        for (version, schema_hash, schema, changeset, hash) in rows {
+            if hash.is_empty() {
+                let h = entry_hash(&prev, version, &schema_hash, schema.as_deref(), &changeset);
+                conn.execute(
+                    "UPDATE _changelog SET hash = ?1, prev_hash = ?2 WHERE version = ?3",
+                    params![h, prev, version],
+                )?;
+                prev = h;
+            } else {
+                prev = hash;
+            }
+        }
+        Ok(())
+    })();
+    match result {
+        Ok(()) => conn.execute_batch("COMMIT"),
+        Err(e) => {
+            let _ = conn.execute_batch("ROLLBACK");
+            Err(e)
+        }
+    }
+}
+
+/// The hash of the history up to `version`: the hash of entry `version`, or the `prev_hash` of
+/// entry `version + 1` when `version` itself was pruned. `None` when the log cannot tell
+/// (version 0, or an entry written before entries were chained).
+pub fn position_hash(conn: &Connection, version: i64) -> rusqlite::Result<Option<String>> {
+    if version <= 0 {
+        return Ok(None);
+    }
+    let at: Option<String> = conn
+        .prepare_cached("SELECT hash FROM _changelog WHERE version = ?1")?
+        .query_row([version], |r| r.get(0))
+        .optional()?;
+    let h = match at {
+        Some(h) => Some(h),
+        None => conn
+            .prepare_cached("SELECT prev_hash FROM _changelog WHERE version = ?1")?
+            .query_row([version + 1], |r| r.get(0))
+            .optional()?,
+    };
+    Ok(h.filter(|h: &String| !h.is_empty()))
 }
 
 /// Records every write transaction of one database.
@@ -83,6 +178,7 @@ fn now_ms() -> i64 {
 impl Recorder for ChangeRecorder {
     fn init(&self, conn: &Connection) -> rusqlite::Result<()> {
         conn.execute_batch(CHANGELOG_DDL)?;
+        chain_old_entries(conn)?;
         conn.execute(
             "INSERT OR IGNORE INTO _replica_origin (key, value) VALUES ('uid', ?1)",
             [crate::util::random_id(20)],
@@ -152,11 +248,19 @@ impl TxRecording for Recording<'_> {
             let h = schema_hash.lock().map_err(|_| rusqlite::Error::InvalidQuery)?.clone();
             (h, None)
         };
+        let (version, prev): (i64, String) = conn
+            .prepare_cached(
+                "SELECT COALESCE(MAX(version), 0) + 1,
+                        COALESCE((SELECT hash FROM _changelog ORDER BY version DESC LIMIT 1), '')
+                 FROM _changelog",
+            )?
+            .query_row([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        let entry = entry_hash(&prev, version, &hash, schema_json.as_deref(), &changeset);
         conn.prepare_cached(
-            "INSERT INTO _changelog (version, schema_hash, schema, changeset, created)
-             VALUES ((SELECT COALESCE(MAX(version), 0) + 1 FROM _changelog), ?1, ?2, ?3, ?4)",
+            "INSERT INTO _changelog (version, schema_hash, schema, changeset, created, hash, prev_hash)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
         )?
-        .execute(params![hash, schema_json, changeset, now_ms()])?;
+        .execute(params![version, hash, schema_json, changeset, now_ms(), entry, prev])?;
         Ok(())
     }
 }
@@ -179,7 +283,7 @@ pub fn can_resume(since: i64, min: i64, head: i64) -> bool {
 /// changesets (always at least one entry when there is one).
 pub fn entries_since(conn: &Connection, since: i64, limit: usize, max_bytes: usize) -> rusqlite::Result<Vec<Entry>> {
     let mut stmt = conn.prepare_cached(
-        "SELECT version, schema_hash, schema, changeset, created FROM _changelog
+        "SELECT version, schema_hash, schema, changeset, created, hash, prev_hash FROM _changelog
          WHERE version > ?1 ORDER BY version LIMIT ?2",
     )?;
     let mut rows = stmt.query(params![since, limit as i64])?;
@@ -195,6 +299,8 @@ pub fn entries_since(conn: &Connection, since: i64, limit: usize, max_bytes: usi
             schema: schema.and_then(|s| serde_json::from_str(&s).ok()),
             changeset,
             created: r.get(4)?,
+            hash: r.get(5)?,
+            prev_hash: r.get(6)?,
         });
         if bytes >= max_bytes {
             break;
@@ -257,6 +363,42 @@ mod tests {
         let e = entries_since(&conn, 0, 10, 1 << 20).unwrap();
         assert_eq!(e.len(), 1);
         assert_eq!(e[0].schema_hash, committed);
+    }
+
+    #[test]
+    fn entries_chain_and_old_logs_get_their_hashes() {
+        let conn = Connection::open_in_memory().unwrap();
+        conn.execute_batch("CREATE TABLE a (id TEXT PRIMARY KEY NOT NULL)")
+            .unwrap();
+        // A log from before the chain: no hash columns, two entries.
+        conn.execute_batch(
+            "CREATE TABLE _changelog (version INTEGER PRIMARY KEY NOT NULL, schema_hash TEXT NOT NULL,
+                 schema TEXT, changeset BLOB NOT NULL, created INTEGER NOT NULL);
+             INSERT INTO _changelog VALUES (1, 'h', NULL, x'01', 0), (2, 'h', NULL, x'02', 0);",
+        )
+        .unwrap();
+        let r = ChangeRecorder::new();
+        r.init(&conn).unwrap();
+        conn.execute_batch("BEGIN IMMEDIATE").unwrap();
+        let tx = r.begin(&conn).unwrap();
+        conn.execute_batch("INSERT INTO a VALUES ('x')").unwrap();
+        tx.before_commit(&conn).unwrap();
+        conn.execute_batch("COMMIT").unwrap();
+        let e = entries_since(&conn, 0, 10, 1 << 20).unwrap();
+        assert_eq!(e.len(), 3);
+        assert_eq!(e[0].prev_hash, "");
+        for w in e.windows(2) {
+            assert_eq!(w[1].prev_hash, w[0].hash, "version {}", w[1].version);
+        }
+        assert_eq!(e[0].hash, entry_hash("", 1, "h", None, &[1]));
+        assert_eq!(position_hash(&conn, 3).unwrap().as_deref(), Some(e[2].hash.as_str()));
+        conn.execute_batch("DELETE FROM _changelog WHERE version = 1").unwrap();
+        assert_eq!(
+            position_hash(&conn, 1).unwrap().as_deref(),
+            Some(e[0].hash.as_str()),
+            "from the next entry"
+        );
+        assert_eq!(position_hash(&conn, 0).unwrap(), None);
     }
 
     #[test]
