@@ -773,3 +773,52 @@ fn health_tells_the_truth() {
     assert_eq!(h["dbs"]["default"]["localVersion"], version, "{h}");
     assert_eq!(titles(&r), vec!["first"], "reads are served from what it has");
 }
+
+#[test]
+fn a_database_deleted_on_the_master_leaves_the_replicas() {
+    let m = master();
+    let t = seed(&m);
+    assert_eq!(m.post("/api/databases", Some(&t), &json!({"name": "gone"})).0, 201);
+    let posts = json!({"name": "posts", "listRule": "", "fields": [{"name": "title", "type": "text"}]});
+    assert_eq!(
+        m.request(
+            "POST",
+            "/api/collections",
+            Some(&t),
+            Some(&posts),
+            &[("X-Dbname", "gone")]
+        )
+        .0,
+        200
+    );
+    let r = replica(&m, "0");
+    wait_converged(&m, &r, SECRET, "gone", TIMEOUT);
+    let file = r.data_dir.join("gone.db");
+    assert!(file.exists());
+    assert_eq!(
+        r.request(
+            "GET",
+            "/api/collections/posts/records",
+            None,
+            None,
+            &[("X-Dbname", "gone")]
+        )
+        .0,
+        200
+    );
+    assert_eq!(m.delete("/api/databases/gone", Some(&t)).0, 204);
+    assert_eq!(r.post("/api/replica/sync", Some(&t), &json!({})).0, 200);
+    assert!(!file.exists(), "the copy's file is deleted");
+    let (s, b) = r.request(
+        "GET",
+        "/api/collections/posts/records",
+        None,
+        None,
+        &[("X-Dbname", "gone")],
+    );
+    assert_eq!(s, 404, "{b}");
+    assert!(r.health()["dbs"].get("gone").is_none(), "{}", r.health());
+    assert!(r.log().contains("'gone' was deleted on the master"), "{}", r.log());
+    // The other databases are untouched.
+    assert_eq!(titles(&r), vec!["first"]);
+}

@@ -225,7 +225,7 @@ impl Follower {
     }
 
     /// One sync round: every followed database of the master is brought up to date.
-    pub async fn round(&self, state: &AppState) -> Result<(), String> {
+    pub async fn round(&self, state: &web::Data<AppState>) -> Result<(), String> {
         let _one_at_a_time = self.round_lock.lock().await;
         let result = self.round_inner(state).await;
         if let Ok(mut last) = self.last_round.lock() {
@@ -242,14 +242,18 @@ impl Follower {
         result
     }
 
-    async fn round_inner(&self, state: &AppState) -> Result<(), String> {
+    async fn round_inner(&self, state: &web::Data<AppState>) -> Result<(), String> {
         let (status, body) = self.get_json(state, "/api/replica/status?checksum=0").await?;
         if status != 200 {
             return Err(status_error(status, "/api/replica/status", &body));
         }
         let epoch = body["epoch"].as_str().unwrap_or_default().to_string();
+        let Some(master_dbs) = body["dbs"].as_array().cloned() else {
+            return Err("the master's status has no database list".into());
+        };
+        self.drop_deleted(state, &master_dbs).await;
         let mut errors = Vec::new();
-        for d in body["dbs"].as_array().cloned().unwrap_or_default() {
+        for d in master_dbs {
             let name = d["name"].as_str().unwrap_or_default().to_string();
             if !self.follows(&name) || !crate::db::is_valid_db_name(&name) {
                 continue;
@@ -264,6 +268,35 @@ impl Follower {
             Ok(())
         } else {
             Err(errors.join("; "))
+        }
+    }
+
+    /// Removes the copies of databases the master no longer has: first from the registry (so
+    /// they are not served), then closed, then their files deleted. System databases stay.
+    async fn drop_deleted(&self, state: &web::Data<AppState>, master_dbs: &[Value]) {
+        let on_master: HashSet<&str> = master_dbs.iter().filter_map(|d| d["name"].as_str()).collect();
+        for db in state.dbs.list() {
+            let name = db.name.clone();
+            if !self.follows(&name)
+                || crate::db::SYSTEM_DBS.contains(&name.as_str())
+                || on_master.contains(name.as_str())
+            {
+                continue;
+            }
+            drop(db);
+            let st = state.clone();
+            let n = name.clone();
+            match tokio::task::spawn_blocking(move || st.dbs.delete(&n)).await {
+                Ok(Ok(())) => {
+                    state.schemas.forget(&name);
+                    if let Ok(mut m) = self.dbs.lock() {
+                        m.remove(&name);
+                    }
+                    log::info!("database '{name}' was deleted on the master; its copy is removed");
+                }
+                Ok(Err(e)) => log::warn!("cannot remove '{name}', deleted on the master: {e}"),
+                Err(e) => log::warn!("cannot remove '{name}', deleted on the master: {e}"),
+            }
         }
     }
 
