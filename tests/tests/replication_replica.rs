@@ -59,7 +59,7 @@ fn quick_start_as_written() {
     seed(&m);
     // Replica: REPLICA_MODE=replica MASTER_URL=… JWT_SECRET=… DATA_DIR=… SYNC_INTERVAL=5 vski serve
     let r = replica(&m, "5");
-    wait_converged(&m, &r, SECRET, "default", TIMEOUT);
+    assert_replica_equals_master(&m, &r, SECRET, "default", TIMEOUT);
     assert_eq!(titles(&r), vec!["first"]);
     let (s, b) = r.post("/api/collections/posts/records", None, &json!({"title": "New Post"}));
     assert_eq!(s, 403);
@@ -85,7 +85,7 @@ fn data_and_schema_changes_arrive() {
     let m = master();
     let t = seed(&m);
     let r = replica(&m, "1");
-    wait_converged(&m, &r, SECRET, "default", TIMEOUT);
+    assert_replica_equals_master(&m, &r, SECRET, "default", TIMEOUT);
     // New field, new index, new collection, update, delete, new database.
     let (_, posts) = m.get("/api/collections/posts", Some(&t));
     let mut fields = posts["fields"].as_array().unwrap().clone();
@@ -138,8 +138,8 @@ fn data_and_schema_changes_arrive() {
         &[("X-Dbname", "tenant")],
     );
     assert_eq!(s, 200);
-    wait_converged(&m, &r, SECRET, "default", TIMEOUT);
-    wait_converged(&m, &r, SECRET, "tenant", TIMEOUT);
+    assert_replica_equals_master(&m, &r, SECRET, "default", TIMEOUT);
+    assert_replica_equals_master(&m, &r, SECRET, "tenant", TIMEOUT);
     assert_eq!(titles(&r), vec!["first", "second (edited)"]);
     let (_, got) = r.get(&format!("/api/collections/posts/records/{id}"), None);
     assert_eq!(got["extra"], "x", "the new field arrived with its data");
@@ -169,7 +169,7 @@ fn writes_are_refused_and_sign_in_works() {
     );
     let user_on_master = reg["token"].as_str().unwrap().to_string();
     let r = replica(&m, "1");
-    wait_converged(&m, &r, SECRET, "default", TIMEOUT);
+    assert_replica_equals_master(&m, &r, SECRET, "default", TIMEOUT);
     let id = r.get("/api/collections/posts/records", None).1["items"][0]["id"]
         .as_str()
         .unwrap()
@@ -254,7 +254,7 @@ fn omitted_databases_stay_away() {
             .env("SYNC_INTERVAL", "1")
             .env("REPLICA_OMIT_DBS", "cache, tenant"),
     );
-    wait_converged(&m, &r, SECRET, "default", TIMEOUT);
+    assert_replica_equals_master(&m, &r, SECRET, "default", TIMEOUT);
     let health = r.health();
     assert!(
         health["dbs"].get("tenant").is_none() && health["dbs"].get("cache").is_none(),
@@ -269,7 +269,7 @@ fn manual_mode_syncs_only_when_asked() {
     let m = master();
     let t = seed(&m);
     let r = replica(&m, "0");
-    wait_converged(&m, &r, SECRET, "default", TIMEOUT);
+    assert_replica_equals_master(&m, &r, SECRET, "default", TIMEOUT);
     assert_eq!(
         m.post("/api/collections/posts/records", None, &json!({"title": "later"}))
             .0,
@@ -307,7 +307,7 @@ fn two_replicas_at_different_positions_and_the_master_knows_them() {
             .env("SYNC_INTERVAL", "1")
             .env("REPLICA_ID", "r002"),
     );
-    wait_converged(&m, &a, SECRET, "default", TIMEOUT);
+    assert_replica_equals_master(&m, &a, SECRET, "default", TIMEOUT);
     for i in 0..5 {
         assert_eq!(
             m.post(
@@ -319,7 +319,7 @@ fn two_replicas_at_different_positions_and_the_master_knows_them() {
             200
         );
     }
-    wait_converged(&m, &b, SECRET, "default", TIMEOUT);
+    assert_replica_equals_master(&m, &b, SECRET, "default", TIMEOUT);
     assert_eq!(titles(&a).len(), 1);
     assert_eq!(titles(&b).len(), 6);
     assert_eq!(a.headers("/health")["x-replica-id"], "r001");
@@ -345,7 +345,7 @@ fn master_restart_resumes_without_a_new_download() {
     let m = master();
     seed(&m);
     let r = replica(&m, "1");
-    wait_converged(&m, &r, SECRET, "default", TIMEOUT);
+    assert_replica_equals_master(&m, &r, SECRET, "default", TIMEOUT);
     let m = m.restart();
     assert_eq!(
         m.post(
@@ -356,7 +356,7 @@ fn master_restart_resumes_without_a_new_download() {
         .0,
         200
     );
-    wait_converged(&m, &r, SECRET, "default", TIMEOUT);
+    assert_replica_equals_master(&m, &r, SECRET, "default", TIMEOUT);
     assert_eq!(r.health()["dbs"]["default"]["bootstraps"], 1, "no second download");
     // A replica restart resumes too.
     let r = r.restart();
@@ -369,7 +369,7 @@ fn master_restart_resumes_without_a_new_download() {
         .0,
         200
     );
-    wait_converged(&m, &r, SECRET, "default", TIMEOUT);
+    assert_replica_equals_master(&m, &r, SECRET, "default", TIMEOUT);
     assert_eq!(
         r.health()["dbs"]["default"]["bootstraps"],
         0,
@@ -383,7 +383,7 @@ fn a_replaced_master_data_dir_means_a_new_bootstrap() {
     let mut m = master();
     seed(&m);
     let r = replica(&m, "1");
-    wait_converged(&m, &r, SECRET, "default", TIMEOUT);
+    assert_replica_equals_master(&m, &r, SECRET, "default", TIMEOUT);
     let port = m.port();
     m.kill();
     // Another data directory behind the same URL: another epoch, other content.
@@ -408,7 +408,7 @@ fn a_replaced_master_data_dir_means_a_new_bootstrap() {
             200
         );
     }
-    wait_converged(&m2, &r, SECRET, "default", TIMEOUT);
+    assert_replica_equals_master(&m2, &r, SECRET, "default", TIMEOUT);
     assert_eq!(titles(&r), vec!["another", "from the new master"]);
     assert_eq!(r.health()["dbs"]["default"]["bootstraps"], 2);
 }
@@ -422,7 +422,7 @@ fn a_pruned_log_means_a_new_bootstrap() {
     );
     let t = seed(&m);
     let r = replica(&m, "0");
-    wait_converged(&m, &r, SECRET, "default", TIMEOUT);
+    assert_replica_equals_master(&m, &r, SECRET, "default", TIMEOUT);
     for i in 0..5 {
         assert_eq!(
             m.post(
@@ -440,7 +440,7 @@ fn a_pruned_log_means_a_new_bootstrap() {
     });
     let (s, b) = r.post("/api/replica/sync", Some(&t), &json!({}));
     assert_eq!(s, 200, "{b}");
-    wait_converged(&m, &r, SECRET, "default", TIMEOUT);
+    assert_replica_equals_master(&m, &r, SECRET, "default", TIMEOUT);
     assert_eq!(
         r.health()["dbs"]["default"]["bootstraps"],
         2,
@@ -454,7 +454,7 @@ fn an_unreachable_master_leaves_reads_served_and_staleness_reported() {
     let mut m = master();
     seed(&m);
     let r = replica(&m, "1");
-    wait_converged(&m, &r, SECRET, "default", TIMEOUT);
+    assert_replica_equals_master(&m, &r, SECRET, "default", TIMEOUT);
     let (port, dir) = (m.port(), m.data_dir.clone());
     m.kill();
     wait_for("staleness to show", TIMEOUT, || {
@@ -475,7 +475,7 @@ fn an_unreachable_master_leaves_reads_served_and_staleness_reported() {
             .0,
         200
     );
-    wait_converged(&m, &r, SECRET, "default", Duration::from_secs(40));
+    assert_replica_equals_master(&m, &r, SECRET, "default", Duration::from_secs(40));
     let h = r.health();
     assert_eq!(
         (h["stale"].clone(), h["lastError"].clone()),
@@ -646,7 +646,7 @@ fn a_replica_killed_at_random_moments_converges() {
     let writes = writer.join().unwrap();
     assert!(kills >= 20 && writes > 20, "{kills} kills, {writes} writes");
     let r = Node::start(dir, opts, Some(tmp));
-    wait_converged(&m, &r, SECRET, "default", Duration::from_secs(60));
+    assert_replica_equals_master(&m, &r, SECRET, "default", Duration::from_secs(60));
     let (_, on_master) = m.get("/api/collections/posts/records?perPage=1", None);
     let (_, on_replica) = r.get("/api/collections/posts/records?perPage=1", None);
     assert_eq!(
@@ -682,7 +682,7 @@ fn a_master_restored_from_an_older_copy_makes_replicas_start_over() {
         let mut m = master();
         let t = seed(&m);
         let r = replica(&m, "0");
-        wait_converged(&m, &r, SECRET, "default", TIMEOUT);
+        assert_replica_equals_master(&m, &r, SECRET, "default", TIMEOUT);
         // `cp` of the file while the master is stopped: the operator's backup.
         m.terminate(TIMEOUT);
         let backup = m.data_dir.with_file_name("backup.db");
@@ -691,7 +691,7 @@ fn a_master_restored_from_an_older_copy_makes_replicas_start_over() {
         let mut m = m.restart();
         add_titles(&m, "lost", lost);
         assert_eq!(r.post("/api/replica/sync", Some(&t), &json!({})).0, 200);
-        wait_converged(&m, &r, SECRET, "default", TIMEOUT);
+        assert_replica_equals_master(&m, &r, SECRET, "default", TIMEOUT);
         assert!(titles(&r).contains(&"lost-0".to_string()));
         // The master is restored from the copy and goes on with other writes.
         m.terminate(TIMEOUT);
@@ -700,7 +700,7 @@ fn a_master_restored_from_an_older_copy_makes_replicas_start_over() {
         add_titles(&m, "new", new);
         let (s, b) = r.post("/api/replica/sync", Some(&t), &json!({}));
         assert_eq!(s, 200, "({lost}, {new}): {b}");
-        wait_converged(&m, &r, SECRET, "default", TIMEOUT);
+        assert_replica_equals_master(&m, &r, SECRET, "default", TIMEOUT);
         let have = titles(&r);
         assert_eq!(have, titles(&m), "({lost}, {new})");
         assert!(!have.iter().any(|t| t.starts_with("lost")), "({lost}, {new}): {have:?}");
@@ -759,7 +759,7 @@ fn health_tells_the_truth() {
     // health is 200 with the staleness shown.
     let mut m = m;
     let r = replica(&m, "1");
-    wait_converged(&m, &r, SECRET, "default", TIMEOUT);
+    assert_replica_equals_master(&m, &r, SECRET, "default", TIMEOUT);
     let version = r.replica_version("default");
     m.kill();
     let r = r.restart();
@@ -792,7 +792,7 @@ fn a_database_deleted_on_the_master_leaves_the_replicas() {
         200
     );
     let r = replica(&m, "0");
-    wait_converged(&m, &r, SECRET, "gone", TIMEOUT);
+    assert_replica_equals_master(&m, &r, SECRET, "gone", TIMEOUT);
     let file = r.data_dir.join("gone.db");
     assert!(file.exists());
     assert_eq!(
@@ -821,4 +821,44 @@ fn a_database_deleted_on_the_master_leaves_the_replicas() {
     assert!(r.log().contains("'gone' was deleted on the master"), "{}", r.log());
     // The other databases are untouched.
     assert_eq!(titles(&r), vec!["first"]);
+}
+
+#[test]
+fn drift_is_counted_and_shown_not_silently_repaired() {
+    let m = master();
+    let t = seed(&m);
+    assert_eq!(
+        m.post("/api/collections/posts/records", None, &json!({"title": "second"}))
+            .0,
+        200
+    );
+    let r = replica(&m, "0");
+    assert_replica_equals_master(&m, &r, SECRET, "default", TIMEOUT);
+    // Someone edits the replica's file behind its back: one row deleted, one changed.
+    let mut r = r;
+    r.terminate(TIMEOUT);
+    {
+        let conn = vski::rusqlite::Connection::open(r.data_dir.join("default.db")).unwrap();
+        conn.execute("DELETE FROM posts WHERE title = 'first'", []).unwrap();
+        conn.execute("UPDATE posts SET title = 'tampered' WHERE title = 'second'", [])
+            .unwrap();
+    }
+    let r = r.restart();
+    let first = m.get("/api/collections/posts/records?filter=title='first'", None).1["items"][0]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let (s, _) = m.patch(
+        &format!("/api/collections/posts/records/{first}"),
+        None,
+        &json!({"n": 2}),
+    );
+    assert_eq!(s, 200);
+    assert_eq!(r.post("/api/replica/sync", Some(&t), &json!({})).0, 200);
+    let h = r.health();
+    let d = &h["dbs"]["default"];
+    assert_eq!(d["conflicts"], 1, "the update of the deleted row: {h}");
+    assert_eq!(d["checksumMismatch"], true, "{h}");
+    assert!(r.log().contains("drift: conflict"), "{}", r.log());
+    assert!(r.log().contains("has another content than the master's"), "{}", r.log());
 }

@@ -195,7 +195,7 @@ fn a_user_token_is_valid_only_in_its_own_database() {
     // The same on a replica, which accepts the master's tokens.
     let r = spawn_replica(&m, SECRET, NodeOptions::default().env("SYNC_INTERVAL", "1"));
     for db in ["default", "tenantb"] {
-        wait_converged(&m, &r, SECRET, db, Duration::from_secs(60));
+        assert_replica_equals_master(&m, &r, SECRET, db, Duration::from_secs(60));
     }
     let b = ok(in_db(
         &r,

@@ -23,35 +23,49 @@ pub enum Conflicts {
 ///
 /// The schema goes in two steps around the data: tables, columns and dropped indexes first,
 /// new indexes after (see [`schema::migrate_structure`]).
-pub fn apply_entry(conn: &Connection, e: &Entry, policy: Conflicts) -> ApiResult<()> {
+///
+/// Returns the number of conflicts met. Versions are applied once each, so a conflict means the
+/// copy drifted from the master: each one is logged as a warning, and the caller shows the
+/// count (`/health` on a replica).
+pub fn apply_entry(conn: &Connection, e: &Entry, policy: Conflicts) -> ApiResult<u64> {
     if let Some(objects) = &e.schema {
         schema::migrate_structure(conn, objects)?;
     }
-    apply_changeset(conn, e, policy)?;
+    let conflicts = apply_changeset(conn, e, policy)?;
     if let Some(objects) = &e.schema {
         schema::migrate_indexes(conn, objects)?;
     }
-    Ok(())
+    Ok(conflicts)
 }
 
-fn apply_changeset(conn: &Connection, e: &Entry, policy: Conflicts) -> ApiResult<()> {
+fn apply_changeset(conn: &Connection, e: &Entry, policy: Conflicts) -> ApiResult<u64> {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU64, Ordering};
     if e.changeset.is_empty() {
-        return Ok(());
+        return Ok(0);
     }
     check_tables(conn, &e.changeset)?;
+    let count = Arc::new(AtomicU64::new(0));
+    let counted = count.clone();
+    let version = e.version;
     conn.apply_strm(
         &mut &e.changeset[..],
         None::<fn(&str) -> bool>,
-        move |kind: ConflictType, _: &ChangesetItem| match (policy, kind) {
-            // Versions are applied once each, so conflicts mean the copy drifted.
-            (Conflicts::Converge, ConflictType::SQLITE_CHANGESET_DATA | ConflictType::SQLITE_CHANGESET_CONFLICT) => {
-                ConflictAction::SQLITE_CHANGESET_REPLACE
+        move |kind: ConflictType, item: &ChangesetItem| {
+            counted.fetch_add(1, Ordering::Relaxed);
+            let table = item.op().map(|op| op.table_name().to_string()).unwrap_or_default();
+            log::warn!("drift: conflict {kind:?} on table '{table}' while applying version {version}");
+            match (policy, kind) {
+                (
+                    Conflicts::Converge,
+                    ConflictType::SQLITE_CHANGESET_DATA | ConflictType::SQLITE_CHANGESET_CONFLICT,
+                ) => ConflictAction::SQLITE_CHANGESET_REPLACE,
+                (Conflicts::Converge, ConflictType::SQLITE_CHANGESET_NOTFOUND) => ConflictAction::SQLITE_CHANGESET_OMIT,
+                _ => ConflictAction::SQLITE_CHANGESET_ABORT,
             }
-            (Conflicts::Converge, ConflictType::SQLITE_CHANGESET_NOTFOUND) => ConflictAction::SQLITE_CHANGESET_OMIT,
-            _ => ConflictAction::SQLITE_CHANGESET_ABORT,
         },
     )?;
-    Ok(())
+    Ok(count.load(Ordering::Relaxed))
 }
 
 fn check_tables(conn: &Connection, changeset: &[u8]) -> ApiResult<()> {
@@ -114,7 +128,7 @@ mod tests {
         let replica = Connection::open_in_memory().unwrap();
         replica.execute_batch(START).unwrap();
         replica.execute_batch("BEGIN").unwrap();
-        apply_entry(&replica, &e, Conflicts::Strict).unwrap();
+        assert_eq!(apply_entry(&replica, &e, Conflicts::Strict).unwrap(), 0);
         replica.execute_batch("COMMIT").unwrap();
         assert_eq!(schema::hash(&schema::objects(&replica).unwrap()), e.schema_hash);
     }

@@ -96,7 +96,23 @@ pub struct DbSync {
     pub last_error: Option<String>,
     /// Snapshots downloaded for this database since start.
     pub bootstraps: u64,
+    /// Drift seen since start: changes that did not fit the local rows (each also logged as a
+    /// warning). Always 0 on a healthy replica.
+    pub conflicts: u64,
+    /// Drift seen since start: times the schema had to be repaired from `/schema-sync` after
+    /// the entries were applied. Always 0 on a healthy replica.
+    pub schema_repairs: u64,
+    /// Whether the last comparison of logical checksums at equal versions differed.
+    pub checksum_mismatch: bool,
+    /// The version at which the checksums were last compared.
+    pub verified_version: Option<i64>,
+    #[serde(skip)]
+    verified_at: Option<Instant>,
 }
+
+/// Least time between two comparisons of a database's logical checksum with the master's
+/// (each reads the whole database on both sides).
+const VERIFY_EVERY: Duration = Duration::from_secs(300);
 
 /// A replica's configuration and sync state.
 pub struct Follower {
@@ -376,18 +392,23 @@ impl Follower {
             let (first, count, db_name) = (entries[0].version, entries.len(), name.to_string());
             log::debug!("applying {count} entries to '{db_name}' (versions {first}..={last})");
             let stored_hash = last_hash.clone();
-            version = db
+            let conflicts;
+            (version, conflicts) = db
                 .write(move |conn| {
+                    let mut conflicts = 0;
                     for e in &entries {
-                        apply_entry(conn, e, Conflicts::Converge)?;
+                        conflicts += apply_entry(conn, e, Conflicts::Converge)?;
                     }
                     conn.execute_batch(STATE_DDL)?;
                     set_state(conn, "version", &last.to_string())?;
                     set_state(conn, "hash", &stored_hash)?;
-                    Ok(last)
+                    Ok((last, conflicts))
                 })
                 .await
                 .map_err(|e| e.to_string())?;
+            if conflicts > 0 {
+                self.note(name, |s| s.conflicts += conflicts);
+            }
             hash = last_hash;
             // Collections may have changed: the API must know them before the new version is
             // reported (readers then find what the version promises).
@@ -401,7 +422,8 @@ impl Follower {
             .await
             .map_err(|e| e.to_string())?;
         if version == master_version && Some(local_hash.as_str()) != master["schemaHash"].as_str() {
-            log::warn!("schema of '{name}' differs from the master's; migrating via schema-sync");
+            log::warn!("drift: schema of '{name}' differs from the master's; repairing it via schema-sync");
+            self.note(name, |s| s.schema_repairs += 1);
             let (status, body) = self
                 .get_json(state, &format!("/api/replica/schema-sync?db={name}"))
                 .await?;
@@ -414,6 +436,9 @@ impl Follower {
                 .await
                 .map_err(|e| e.to_string())?;
             state.schemas.reload(&db).await.map_err(|e| e.to_string())?;
+        }
+        if version == master_version {
+            self.verify(state, &db, version).await;
         }
         let now = now_string();
         self.note(name, |s| {
@@ -434,6 +459,55 @@ impl Follower {
             log::warn!("ack of '{name}' failed: {e}");
         }
         Ok(())
+    }
+
+    /// Compares the logical checksum of the copy at `version` with the master's, at most every
+    /// [`VERIFY_EVERY`] per database. A difference is drift that applying entries did not show:
+    /// it is logged and shown in `/health` (`checksumMismatch`), never repaired silently.
+    async fn verify(&self, state: &AppState, db: &Arc<Database>, version: i64) {
+        let due = self
+            .dbs
+            .lock()
+            .ok()
+            .and_then(|m| m.get(&db.name).map(|s| (s.verified_version, s.verified_at)))
+            .is_none_or(|(v, at)| v != Some(version) && at.is_none_or(|t| t.elapsed() >= VERIFY_EVERY));
+        if !due {
+            return;
+        }
+        let path = format!("/api/replica/status?db={}", db.name);
+        let theirs = match self.get_json(state, &path).await {
+            Ok((200, body)) => body["dbs"]
+                .as_array()
+                .and_then(|a| a.first().cloned())
+                .filter(|d| d["version"].as_i64() == Some(version))
+                .and_then(|d| d["sha256"].as_str().map(str::to_string)),
+            _ => None,
+        };
+        // The master moved on meanwhile (or did not answer): compare another time.
+        let Some(theirs) = theirs else { return };
+        let ours = db
+            .read(|conn| {
+                conn.execute_batch("BEGIN")?;
+                let sum = super::checksum::logical_checksum(conn);
+                conn.execute_batch("COMMIT")?;
+                Ok(sum?)
+            })
+            .await;
+        let Ok(ours) = ours else { return };
+        let mismatch = ours != theirs;
+        if mismatch {
+            log::warn!(
+                "drift: '{}' at version {version} has another content than the master's (checksum {} here, {} there)",
+                db.name,
+                &ours[..12.min(ours.len())],
+                &theirs[..12.min(theirs.len())]
+            );
+        }
+        self.note(&db.name, |s| {
+            s.checksum_mismatch = mismatch;
+            s.verified_version = Some(version);
+            s.verified_at = Some(Instant::now());
+        });
     }
 
     /// Downloads a snapshot, checks it, and restores it into the live database in one step.

@@ -172,6 +172,8 @@ struct StatusQuery {
     /// `0`: do not compute checksums (sync rounds do not need them); `sha256` is then the cached
     /// value if it is still current, else null.
     checksum: Option<String>,
+    /// Only this database.
+    db: Option<String>,
 }
 
 async fn status(
@@ -184,7 +186,13 @@ async fn status(
     touch(&state, &req, &who, None);
     let compute = q.checksum.as_deref() != Some("0");
     let mut dbs = Vec::new();
-    for db in state.dbs.list().into_iter().filter(|d| is_replicated_db(&d.name)) {
+    let only = q.db.clone();
+    for db in state
+        .dbs
+        .list()
+        .into_iter()
+        .filter(|d| is_replicated_db(&d.name) && only.as_ref().is_none_or(|o| *o == d.name))
+    {
         let cache = state.master.checksums.clone();
         let name = db.name.clone();
         let size = db.size();
