@@ -155,10 +155,10 @@ impl Node {
             .arg("--data-dir")
             .arg(&data_dir)
             .args(&opts.args)
-            .env_remove("JWT_SECRET")
-            .env_remove("DATA_DIR")
-            .env_remove("PORT")
-            .env_remove("HOST")
+            // Nothing from the test's own environment (REPLICA_MODE, SYNC_INTERVAL … set on a CI
+            // machine) reaches the node: it gets exactly what the test gives it.
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
             .env("RUST_LOG", "info,vski::access=warn")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -376,10 +376,8 @@ impl Drop for Node {
 pub fn run_cli(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
     let mut cmd = Command::new(vski_bin());
     cmd.args(args)
-        .env_remove("JWT_SECRET")
-        .env_remove("DATA_DIR")
-        .env_remove("PORT")
-        .env_remove("HOST")
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
         .stdin(Stdio::null());
     for (k, v) in env {
         cmd.env(k, v);
@@ -614,12 +612,30 @@ pub fn assert_replica_equals_master(master: &Node, replica: &Node, secret: &str,
     assert_eq!(Some(schema.as_str()), want["schemaHash"].as_str(), "schema of '{db}'");
 }
 
-/// Creates records in `posts` from `threads` threads until `limit` passes or the server stops
-/// answering; each thread returns the ids the server acknowledged.
-pub fn write_burst(url: &str, threads: usize, limit: Duration) -> Vec<std::thread::JoinHandle<Vec<String>>> {
-    (0..threads)
+/// Writers creating records in `posts` (see [`write_burst`]).
+pub struct Burst {
+    handles: Vec<std::thread::JoinHandle<Vec<String>>>,
+    /// Set by [`Burst::expect_stop`]: from then on a failed request ends a writer quietly.
+    stopping: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Burst {
+    /// Says the server is about to be stopped or killed: failed requests are expected now.
+    pub fn expect_stop(&self) {
+        self.stopping.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// Creates records in `posts` from `threads` threads until `limit` passes. Until
+/// [`Burst::expect_stop`], any answer but 200 and any transport error fails the writer, and
+/// with it the test ([`join_acked`] re-raises it); after it, they end the writer. Each writer
+/// returns the ids the server acknowledged.
+pub fn write_burst(url: &str, threads: usize, limit: Duration) -> Burst {
+    let stopping = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let handles = (0..threads)
         .map(|i| {
             let url = url.to_string();
+            let stopping = stopping.clone();
             std::thread::spawn(move || {
                 let client = reqwest::blocking::Client::builder()
                     .timeout(Duration::from_secs(10))
@@ -634,24 +650,38 @@ pub fn write_burst(url: &str, threads: usize, limit: Duration) -> Vec<std::threa
                         .post(format!("{url}/api/collections/posts/records"))
                         .json(&json!({"title": format!("w{i}-{k}"), "n": k}))
                         .send();
-                    match resp {
+                    let failure = match resp {
                         Ok(r) if r.status().as_u16() == 200 => match r.json::<Value>() {
-                            Ok(v) => acked.push(v["id"].as_str().unwrap_or_default().to_string()),
-                            Err(_) => break,
+                            Ok(v) => {
+                                acked.push(v["id"].as_str().unwrap_or_default().to_string());
+                                continue;
+                            }
+                            Err(e) => format!("unreadable 200: {e}"),
                         },
-                        _ => break,
+                        Ok(r) => format!("status {}: {}", r.status(), r.text().unwrap_or_default()),
+                        Err(e) => format!("transport error: {e}"),
+                    };
+                    if stopping.load(std::sync::atomic::Ordering::SeqCst) {
+                        break;
                     }
+                    panic!("writer {i}, write {k}, while the server was up: {failure}");
                 }
                 acked
             })
         })
-        .collect()
+        .collect();
+    Burst { handles, stopping }
 }
 
-/// Joins the threads of [`write_burst`] and returns every acknowledged id.
-pub fn join_acked(handles: Vec<std::thread::JoinHandle<Vec<String>>>) -> Vec<String> {
-    handles
+/// Joins the writers of [`write_burst`] and returns every acknowledged id; a writer that
+/// failed fails the caller.
+pub fn join_acked(burst: Burst) -> Vec<String> {
+    burst
+        .handles
         .into_iter()
-        .flat_map(|h| h.join().expect("writer thread"))
+        .flat_map(|h| {
+            h.join()
+                .unwrap_or_else(|_| panic!("a writer of the burst failed (see its panic above)"))
+        })
         .collect()
 }

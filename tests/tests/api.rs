@@ -944,6 +944,7 @@ fn burst_then(stop: impl FnOnce(&mut Node)) {
     wait_for("200 writes", Duration::from_secs(30), || {
         (n.get("/api/collections/posts/records?perPage=1", None).1["totalItems"].as_i64()? >= 200).then_some(())
     });
+    burst.expect_stop();
     stop(&mut n);
     let acked = join_acked(burst);
     assert!(acked.len() >= 200, "burst acknowledged only {}", acked.len());

@@ -336,6 +336,7 @@ fn kill_9_during_a_write_burst_keeps_every_acknowledged_write_in_data_and_change
     wait_for("300 writes", Duration::from_secs(30), || {
         (version(&n, &rt) > 300).then_some(())
     });
+    handles.expect_stop();
     n.kill();
     let acked = join_acked(handles);
     let n = n.restart();
