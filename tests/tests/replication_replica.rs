@@ -862,3 +862,57 @@ fn drift_is_counted_and_shown_not_silently_repaired() {
     assert!(r.log().contains("drift: conflict"), "{}", r.log());
     assert!(r.log().contains("has another content than the master's"), "{}", r.log());
 }
+
+/// Whether `needle` occurs in any file of `dir` whose name starts with `prefix`.
+fn files_contain(dir: &std::path::Path, prefix: &str, needle: &[u8]) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .filter_map(|e| {
+            let p = e.ok()?.path();
+            let name = p.file_name()?.to_str()?.to_string();
+            let bytes = std::fs::read(&p).ok()?;
+            (name.starts_with(prefix) && bytes.windows(needle.len()).any(|w| w == needle)).then_some(name)
+        })
+        .collect()
+}
+
+#[test]
+fn snapshots_and_replica_copies_hold_no_deleted_data() {
+    const MARKER: &str = "deleted-secret-7f3a9c1e";
+    let m = master();
+    let t = seed(&m);
+    let r = replica(&m, "0");
+    assert_replica_equals_master(&m, &r, SECRET, "default", TIMEOUT);
+    let (s, rec) = m.post("/api/collections/posts/records", None, &json!({"title": MARKER}));
+    assert_eq!(s, 200);
+    assert_eq!(r.post("/api/replica/sync", Some(&t), &json!({})).0, 200);
+    assert!(titles(&r).contains(&MARKER.to_string()), "the replica had it");
+    let id = rec["id"].as_str().unwrap();
+    assert_eq!(m.delete(&format!("/api/collections/posts/records/{id}"), None).0, 204);
+    assert_eq!(r.post("/api/replica/sync", Some(&t), &json!({})).0, 200);
+    assert_replica_equals_master(&m, &r, SECRET, "default", TIMEOUT);
+    // The master's own log keeps the pre-image for lagging replicas; a snapshot must not.
+    let dir = tempfile::tempdir().unwrap();
+    let snap = dir.path().join("snap.db");
+    let (version, _) = download(&m, &replica_token(SECRET, "scanner"), "default", &snap);
+    let bytes = std::fs::read(&snap).unwrap();
+    assert!(
+        !bytes.windows(MARKER.len()).any(|w| w == MARKER.as_bytes()),
+        "the snapshot holds the deleted record"
+    );
+    let conn = vski::rusqlite::Connection::open(&snap).unwrap();
+    let kept: (i64, i64) = conn
+        .query_row("SELECT COUNT(*), MAX(version) FROM _changelog", [], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })
+        .unwrap();
+    assert_eq!(kept, (1, version), "only the position is kept");
+    // The replica's copy, once closed: the delete was applied over the data, not beside it.
+    let mut r = r;
+    r.terminate(TIMEOUT);
+    let found = files_contain(&r.data_dir, "default.db", MARKER.as_bytes());
+    assert!(
+        found.is_empty(),
+        "the replica's files hold the deleted record: {found:?}"
+    );
+}

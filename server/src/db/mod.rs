@@ -62,6 +62,11 @@ pub fn open_connection(path: &Path, read_only: bool) -> rusqlite::Result<Connect
     )?;
     if read_only {
         conn.execute_batch("PRAGMA query_only = ON;")?;
+    } else {
+        // Deleted content is overwritten with zeros, not left in free space: a deleted record
+        // (or a pruned changelog entry with its pre-images) must not live on in the file, in
+        // snapshots made from it, or in a replica's copy.
+        conn.execute_batch("PRAGMA secure_delete = ON;")?;
     }
     conn.set_prepared_statement_cache_capacity(64);
     Ok(conn)

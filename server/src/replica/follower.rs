@@ -192,11 +192,27 @@ impl Follower {
 
     /// Marks the replica ready when a database on disk was synced by an earlier run (it then
     /// serves reads even if the master is down), and shows the local positions in `/health`.
+    ///
+    /// A copy restored from a snapshot of an older vski still holds the master's changelog
+    /// entries (pre-images of deleted and updated rows); they are dropped here, keeping only the
+    /// position.
     pub async fn load_positions(&self, state: &AppState) {
         for db in state.dbs.list().into_iter().filter(|d| self.follows(&d.name)) {
             if let Ok(Some(l)) = db.read(|conn| Ok(local_state(conn)?)).await {
                 self.set_ready();
                 self.note(&db.name, |s| s.local_version = l.version);
+                let dropped = db
+                    .write(|conn| {
+                        Ok(conn.execute(
+                            "DELETE FROM _changelog WHERE version < (SELECT MAX(version) FROM _changelog)",
+                            [],
+                        )? + conn
+                            .execute("UPDATE _changelog SET changeset = x'' WHERE length(changeset) > 0", [])?)
+                    })
+                    .await;
+                if let Some(n) = dropped.ok().filter(|n| *n > 0) {
+                    log::info!("dropped {n} changelog entries of the master kept in '{}'", db.name);
+                }
             }
         }
     }

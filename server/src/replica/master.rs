@@ -345,6 +345,23 @@ async fn changesets(
     ))
 }
 
+/// Leaves in a snapshot only its position, not the master's history: the newest changelog
+/// entry is kept for its version and hash (with its changeset emptied), every other entry goes,
+/// and VACUUM rewrites the file so that no deleted row or pre-image survives in free pages.
+pub fn strip_history(conn: &rusqlite::Connection) -> ApiResult<()> {
+    let has_log = conn
+        .prepare("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = '_changelog'")?
+        .exists([])?;
+    if has_log {
+        conn.execute_batch(
+            "DELETE FROM _changelog WHERE version < (SELECT MAX(version) FROM _changelog);
+             UPDATE _changelog SET changeset = x'', schema = NULL;",
+        )?;
+    }
+    conn.execute_batch("VACUUM")?;
+    Ok(())
+}
+
 /// Copies all of `src` into `dst` with the backup API in one step, and checks that the step
 /// finished: `Busy` or `Locked` would leave `dst` partial (or empty), which must never pass for
 /// a snapshot or a restore.
@@ -375,6 +392,7 @@ pub fn snapshot(db: &Database, dir: &Path) -> ApiResult<(std::fs::File, u64, i64
         // neither a journal nor fsyncs while it is written.
         dst.execute_batch("PRAGMA journal_mode = OFF; PRAGMA synchronous = OFF;")?;
         backup_all(&src, &mut dst)?;
+        strip_history(&dst)?;
         // A snapshot is a plain single file; the replica sets WAL mode when it opens it.
         dst.query_row("PRAGMA journal_mode = DELETE", [], |_| Ok(()))?;
         let version = recorder::head(&dst)?;
