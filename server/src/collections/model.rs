@@ -225,6 +225,15 @@ impl Collection {
     /// Indexes vski maintains itself: unique fields, and email/tokenKey of auth collections.
     pub fn system_indexes(&self) -> Vec<(String, String)> {
         let mut out = Vec::new();
+        // The default list order (`created, id`) walks this index instead of sorting.
+        let order = format!("_order_{}", self.name);
+        let sql = format!(
+            "CREATE INDEX {} ON {} (\"created\", \"id\")",
+            quote_ident(&order),
+            quote_ident(&self.name)
+        );
+        out.push((order, sql));
+
         let mut unique_on = |col: &str| {
             let name = format!("_unique_{}_{}", self.name, col);
             let sql = format!(

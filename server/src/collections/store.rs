@@ -138,6 +138,7 @@ fn load(conn: &Connection) -> ApiResult<Schema> {
 /// Creates `_collections` and, in `default`, the built-in `_superusers` and `users`.
 pub fn bootstrap(conn: &Connection, db_name: &str) -> ApiResult<()> {
     conn.execute_batch(CREATE_COLLECTIONS_TABLE)?;
+    ensure_system_indexes(conn)?;
     if db_name != DEFAULT_DB {
         return Ok(());
     }
@@ -152,6 +153,25 @@ pub fn bootstrap(conn: &Connection, db_name: &str) -> ApiResult<()> {
             ..Default::default()
         };
         create_in(conn, input, system)?;
+    }
+    Ok(())
+}
+
+/// Creates the system indexes a collection made by an older vski lacks (the `created, id`
+/// order index). Nothing is written when none is missing.
+fn ensure_system_indexes(conn: &Connection) -> ApiResult<()> {
+    let defs: Vec<String> = conn
+        .prepare("SELECT definition FROM _collections WHERE deleted = 0")?
+        .query_map([], |r| r.get(0))?
+        .collect::<Result<_, _>>()?;
+    for def in defs {
+        let c: Collection = serde_json::from_str(&def).map_err(|e| ApiError::internal("collection definition", e))?;
+        for (name, sql) in c.system_indexes() {
+            if !sqlite_object_exists(conn, &name)? {
+                log::info!("creating index {name} on '{}'", c.name);
+                conn.execute_batch(&sql)?;
+            }
+        }
     }
     Ok(())
 }

@@ -362,8 +362,13 @@ pub fn list(
             SortKey::Random => "RANDOM()".into(),
         })
         .collect();
-    // The rowid makes every order total, so pages never overlap or skip rows.
-    order.push("_t.rowid".into());
+    // Without a sort, records come in creation order. The id ends every order: it makes the
+    // order total (pages never overlap or skip rows), and unlike the rowid it is replicated, so
+    // a page is the same on the master, on every replica and after a re-bootstrap.
+    if order.is_empty() {
+        order.push("_t.\"created\"".into());
+    }
+    order.push("_t.\"id\"".into());
     let (where_sql, mut params) = match cond {
         Some(cond) => (format!("WHERE {}", cond.sql), cond.params.clone()),
         None => (String::new(), Vec::new()),
