@@ -46,6 +46,9 @@ pub enum ApiError {
     /// The body is larger than the configured limit.
     #[error("request body is larger than {0} bytes")]
     PayloadTooLarge(usize),
+    /// One write would change more data than one transaction may carry.
+    #[error("{0}")]
+    TransactionTooLarge(String),
     /// Too many attempts (sign-in rate limit); retry after this many seconds.
     #[error("Too many attempts; retry in {retry_after} s.")]
     TooManyRequests { retry_after: u64 },
@@ -116,6 +119,7 @@ impl ResponseError for ApiError {
             ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::TransactionTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Internal { .. } => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -134,7 +138,8 @@ impl ResponseError for ApiError {
             ApiError::Unauthorized(m)
             | ApiError::Forbidden(m)
             | ApiError::NotFound(m)
-            | ApiError::MethodNotAllowed(m) => (m.clone(), json!({})),
+            | ApiError::MethodNotAllowed(m)
+            | ApiError::TransactionTooLarge(m) => (m.clone(), json!({})),
             ApiError::PayloadTooLarge(_) | ApiError::TooManyRequests { .. } => (self.to_string(), json!({})),
         };
         let mut resp = error_body(status, &message, data);

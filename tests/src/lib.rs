@@ -631,10 +631,16 @@ impl Burst {
 /// with it the test ([`join_acked`] re-raises it); after it, they end the writer. Each writer
 /// returns the ids the server acknowledged.
 pub fn write_burst(url: &str, threads: usize, limit: Duration) -> Burst {
+    write_burst_in(url, "default", threads, limit)
+}
+
+/// [`write_burst`] into the `posts` collection of database `db`.
+pub fn write_burst_in(url: &str, db: &str, threads: usize, limit: Duration) -> Burst {
     let stopping = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let handles = (0..threads)
         .map(|i| {
             let url = url.to_string();
+            let db = db.to_string();
             let stopping = stopping.clone();
             std::thread::spawn(move || {
                 let client = reqwest::blocking::Client::builder()
@@ -648,6 +654,7 @@ pub fn write_burst(url: &str, threads: usize, limit: Duration) -> Burst {
                     k += 1;
                     let resp = client
                         .post(format!("{url}/api/collections/posts/records"))
+                        .header("X-Dbname", &db)
                         .json(&json!({"title": format!("w{i}-{k}"), "n": k}))
                         .send();
                     let failure = match resp {

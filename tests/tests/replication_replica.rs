@@ -979,3 +979,224 @@ fn pages_are_the_same_on_master_and_replica_and_after_a_rebootstrap() {
         same_pages(&m, &r, sort, "after a re-bootstrap");
     }
 }
+
+#[test]
+fn a_busy_database_does_not_hold_up_a_quiet_one() {
+    let m = master();
+    let t = seed(&m);
+    let posts = json!({"name": "posts", "listRule": "", "createRule": "",
+                       "fields": [{"name": "title", "type": "text"}, {"name": "n", "type": "number"}]});
+    for db in ["aaa", "quiet"] {
+        assert_eq!(m.post("/api/databases", Some(&t), &json!({"name": db})).0, 201);
+        assert_eq!(
+            m.request("POST", "/api/collections", Some(&t), Some(&posts), &[("X-Dbname", db)])
+                .0,
+            200
+        );
+    }
+    let r = replica(&m, "1");
+    for db in ["aaa", "quiet"] {
+        assert_replica_equals_master(&m, &r, SECRET, db, TIMEOUT);
+    }
+    // `aaa` (synced first by name) takes sustained writes; `quiet` gets one record a second.
+    let busy = write_burst_in(&m.url, "aaa", 6, Duration::from_secs(8));
+    let mut worst = Duration::ZERO;
+    for i in 0..5 {
+        let title = format!("quiet-{i}");
+        let body = json!({"title": title});
+        assert_eq!(
+            m.request(
+                "POST",
+                "/api/collections/posts/records",
+                None,
+                Some(&body),
+                &[("X-Dbname", "quiet")]
+            )
+            .0,
+            200
+        );
+        let written = std::time::Instant::now();
+        wait_for(&format!("{title} on the replica"), TIMEOUT, || {
+            let (_, b) = r.request(
+                "GET",
+                &format!("/api/collections/posts/records?filter=title='{title}'"),
+                None,
+                None,
+                &[("X-Dbname", "quiet")],
+            );
+            (b["totalItems"] == 1).then_some(())
+        });
+        worst = worst.max(written.elapsed());
+    }
+    let acked = join_acked(busy);
+    assert!(acked.len() > 500, "the busy database was busy: {}", acked.len());
+    // With a 1 s interval a quiet write shows within about two rounds; one stuck behind the busy
+    // database's pages would take as long as the burst.
+    assert!(worst < Duration::from_secs(4), "a quiet write took {worst:?} to arrive");
+    for db in ["aaa", "quiet", "default"] {
+        assert_replica_equals_master(&m, &r, SECRET, db, TIMEOUT);
+    }
+}
+
+#[test]
+fn a_failing_database_does_not_back_off_the_others() {
+    let m = master();
+    let t = seed(&m);
+    let posts = json!({"name": "posts", "listRule": "", "createRule": "",
+                       "fields": [{"name": "title", "type": "text"}, {"name": "n", "type": "number"}]});
+    for db in ["broken", "quiet"] {
+        assert_eq!(m.post("/api/databases", Some(&t), &json!({"name": db})).0, 201);
+        assert_eq!(
+            m.request("POST", "/api/collections", Some(&t), Some(&posts), &[("X-Dbname", db)])
+                .0,
+            200
+        );
+    }
+    let r = replica(&m, "1");
+    assert_replica_equals_master(&m, &r, SECRET, "broken", TIMEOUT);
+    // Break the replica's copy of `broken` so every apply there fails.
+    let mut r = r;
+    r.terminate(TIMEOUT);
+    {
+        let conn = vski::rusqlite::Connection::open(r.data_dir.join("broken.db")).unwrap();
+        conn.execute_batch(
+            "CREATE TRIGGER no_inserts BEFORE INSERT ON posts BEGIN SELECT RAISE(ABORT, 'broken copy'); END",
+        )
+        .unwrap();
+    }
+    let r = r.restart();
+    let body = json!({"title": "x", "n": 1});
+    assert_eq!(
+        m.request(
+            "POST",
+            "/api/collections/posts/records",
+            None,
+            Some(&body),
+            &[("X-Dbname", "broken")]
+        )
+        .0,
+        200
+    );
+    let mut last = Value::Null;
+    let failed = (0..1500).any(|_| {
+        last = r.health();
+        std::thread::sleep(Duration::from_millis(20));
+        last["dbs"]["broken"]["lastError"]
+            .as_str()
+            .is_some_and(|e| e.contains("aborted"))
+    });
+    assert!(failed, "the broken database does not fail: {last}\n{}", r.log());
+    std::thread::sleep(Duration::from_secs(3)); // let the failures pile up (a backoff would now be 8 s)
+    let mut worst = Duration::ZERO;
+    for i in 0..3 {
+        let title = format!("quiet-{i}");
+        let body = json!({"title": title});
+        assert_eq!(
+            m.request(
+                "POST",
+                "/api/collections/posts/records",
+                None,
+                Some(&body),
+                &[("X-Dbname", "quiet")]
+            )
+            .0,
+            200
+        );
+        let written = std::time::Instant::now();
+        wait_for(&format!("{title} on the replica"), TIMEOUT, || {
+            let (_, b) = r.request(
+                "GET",
+                &format!("/api/collections/posts/records?filter=title='{title}'"),
+                None,
+                None,
+                &[("X-Dbname", "quiet")],
+            );
+            (b["totalItems"] == 1).then_some(())
+        });
+        worst = worst.max(written.elapsed());
+    }
+    assert!(
+        worst < Duration::from_secs(4),
+        "a write to a healthy database took {worst:?} to arrive"
+    );
+    assert_replica_equals_master(&m, &r, SECRET, "quiet", TIMEOUT);
+}
+
+/// Peak resident memory of process `pid`, in MiB.
+fn peak_rss_mib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kb: u64 = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap();
+    kb / 1024
+}
+
+#[test]
+fn a_60_mb_transaction_is_refused_and_memory_stays_bounded() {
+    let m = master();
+    let t = m.admin_token();
+    let def = json!({"name": "blobs", "fields": [{"name": "body", "type": "text"}]});
+    assert_eq!(m.post("/api/collections", Some(&t), &def).0, 200);
+    let r = replica(&m, "1");
+    // 1,000 records of 60 KB: 60 MB in all.
+    let body = "x".repeat(60 * 1024);
+    let ids: Vec<String> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..4)
+            .map(|_| {
+                s.spawn(|| {
+                    (0..250)
+                        .map(|_| {
+                            let (st, b) = m.post("/api/collections/blobs/records", Some(&t), &json!({"body": body}));
+                            assert_eq!(st, 200, "{b}");
+                            b["id"].as_str().unwrap().to_string()
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        handles.into_iter().flat_map(|h| h.join().unwrap()).collect()
+    });
+    assert_replica_equals_master(&m, &r, SECRET, "default", Duration::from_secs(60));
+    println!(
+        "after the creates: master {} MiB, replica {} MiB",
+        peak_rss_mib(m.pid()),
+        peak_rss_mib(r.pid())
+    );
+    let count = |n: &Node| n.get("/api/collections/blobs/records?perPage=1", Some(&t)).1["totalItems"].clone();
+    // All at once: one 60 MB transaction is refused, and nothing changes.
+    let (s, b) = m.request(
+        "DELETE",
+        "/api/collections/blobs/records/bulk",
+        Some(&t),
+        Some(&json!({"ids": ids})),
+        &[],
+    );
+    assert_eq!(s, 413, "{b}");
+    assert!(b["message"].as_str().unwrap().contains("Send fewer ids"), "{b}");
+    assert_eq!(count(&m), 1000);
+    println!(
+        "after the refusal: master {} MiB, replica {} MiB",
+        peak_rss_mib(m.pid()),
+        peak_rss_mib(r.pid())
+    );
+    // In requests of 100 (6 MB each) it works, and the replica follows.
+    for chunk in ids.chunks(100) {
+        let (s, b) = m.request(
+            "DELETE",
+            "/api/collections/blobs/records/bulk",
+            Some(&t),
+            Some(&json!({"ids": chunk})),
+            &[],
+        );
+        assert_eq!(s, 200, "{b}");
+    }
+    assert_eq!(count(&m), 0);
+    assert_replica_equals_master(&m, &r, SECRET, "default", Duration::from_secs(60));
+    assert_eq!(count(&r), 0);
+    let (mm, rm) = (peak_rss_mib(m.pid()), peak_rss_mib(r.pid()));
+    println!("peak RSS: master {mm} MiB, replica {rm} MiB");
+    assert!(mm < 300 && rm < 300, "peak RSS: master {mm} MiB, replica {rm} MiB");
+}

@@ -73,7 +73,7 @@ async fn create(
     who.require_admin()?;
     let db = state.db(&req)?;
     let input = parse_input(&body)?;
-    let c = db.write(move |conn| store::create(conn, input)).await?;
+    let c = db.write_alone(move |conn| store::create(conn, input)).await?;
     state.schemas.reload(&db).await?;
     Ok(HttpResponse::Ok().json(c.to_json()))
 }
@@ -100,7 +100,7 @@ async fn update(
     let db = state.db(&req)?;
     let input = parse_input(&body)?;
     let name = path.into_inner();
-    let c = db.write(move |conn| store::update(conn, &name, input)).await?;
+    let c = db.write_alone(move |conn| store::update(conn, &name, input)).await?;
     state.schemas.reload(&db).await?;
     Ok(HttpResponse::Ok().json(c.to_json()))
 }
@@ -114,7 +114,7 @@ async fn delete(
     who.require_admin()?;
     let db = state.db(&req)?;
     let name = path.into_inner();
-    db.write(move |conn| store::delete(conn, &name)).await?;
+    db.write_alone(move |conn| store::delete(conn, &name)).await?;
     state.schemas.reload(&db).await?;
     Ok(HttpResponse::NoContent().finish())
 }

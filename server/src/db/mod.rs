@@ -122,7 +122,29 @@ impl Database {
         F: FnOnce(&Connection) -> ApiResult<T> + Send + 'static,
     {
         let tx = self.queue()?;
-        writer::submit(&tx, f).await
+        writer::submit(&tx, 0, f).await
+    }
+
+    /// [`Database::write`] for a job that writes about `weight` bytes (its request body): the
+    /// writer gathers at most [`writer::MAX_BATCH_WEIGHT`] of them into one transaction.
+    pub async fn write_weighted<T, F>(&self, weight: usize, f: F) -> ApiResult<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> ApiResult<T> + Send + 'static,
+    {
+        let tx = self.queue()?;
+        writer::submit(&tx, weight, f).await
+    }
+
+    /// [`Database::write`] in a transaction of its own: for bulk operations and schema changes,
+    /// whose size is not known up front and must not fail other callers' writes.
+    pub async fn write_alone<T, F>(&self, f: F) -> ApiResult<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> ApiResult<T> + Send + 'static,
+    {
+        let tx = self.queue()?;
+        writer::submit(&tx, writer::ALONE, f).await
     }
 
     /// The writer's queue; a 404 once the database is closed (deleted).

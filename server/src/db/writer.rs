@@ -21,6 +21,12 @@ use crate::error::{ApiError, ApiResult};
 
 /// Most jobs committed in one transaction. Bounds the memory a recorder's session holds.
 pub const MAX_BATCH: usize = 256;
+/// Most bytes of request data (the jobs' weights) gathered into one transaction: a batch of
+/// large writes stays well under [`MAX_CHANGES_BYTES`] of changes.
+pub const MAX_BATCH_WEIGHT: usize = 8 * 1024 * 1024;
+/// The weight of a job that must run in a transaction of its own (bulk operations, schema
+/// changes): it closes the batch before it and fills its own.
+pub const ALONE: usize = usize::MAX;
 
 type Output = Box<dyn Any + Send>;
 type Run = Box<dyn FnOnce(&Connection) -> ApiResult<Output> + Send>;
@@ -39,6 +45,9 @@ enum Work {
 pub struct Job {
     work: Work,
     reply: Reply,
+    /// About how many bytes of data the job writes (its request body); [`ALONE`] for a job
+    /// that gets a transaction of its own.
+    weight: usize,
 }
 
 /// Observes every write transaction on the writer connection. The replication recorder
@@ -64,13 +73,13 @@ pub trait TxRecording {
 }
 
 /// Sends `f` to the writer and waits for its committed result.
-pub async fn submit<T, F>(tx: &mpsc::Sender<Job>, f: F) -> ApiResult<T>
+pub async fn submit<T, F>(tx: &mpsc::Sender<Job>, weight: usize, f: F) -> ApiResult<T>
 where
     T: Send + 'static,
     F: FnOnce(&Connection) -> ApiResult<T> + Send + 'static,
 {
     let run: Run = Box::new(move |conn| f(conn).map(|v| Box::new(v) as Output));
-    send(tx, Work::InTransaction(run)).await
+    send(tx, Work::InTransaction(run), weight).await
 }
 
 /// Sends `f` to the writer to run alone, outside any transaction and without the recorder.
@@ -80,12 +89,12 @@ where
     F: FnOnce(&mut Connection) -> ApiResult<T> + Send + 'static,
 {
     let run: RunExclusive = Box::new(move |conn| f(conn).map(|v| Box::new(v) as Output));
-    send(tx, Work::Exclusive(run)).await
+    send(tx, Work::Exclusive(run), ALONE).await
 }
 
-async fn send<T: 'static>(tx: &mpsc::Sender<Job>, work: Work) -> ApiResult<T> {
+async fn send<T: 'static>(tx: &mpsc::Sender<Job>, work: Work, weight: usize) -> ApiResult<T> {
     let (reply, rx) = oneshot::channel();
-    tx.send(Job { work, reply })
+    tx.send(Job { work, reply, weight })
         .await
         .map_err(|_| ApiError::internal("writer", "database is closed"))?;
     let out = rx
@@ -100,6 +109,7 @@ pub fn run(mut conn: Connection, mut rx: mpsc::Receiver<Job>, recorder: Option<A
     // An exclusive job that arrived while a batch was gathered; it runs right after the batch.
     let mut pending: Option<Job> = None;
     while let Some(first) = pending.take().or_else(|| rx.blocking_recv()) {
+        let first_weight = first.weight;
         let first = match first.work {
             Work::Exclusive(run) => {
                 let result = match catch_unwind(AssertUnwindSafe(|| run(&mut conn))) {
@@ -112,12 +122,19 @@ pub fn run(mut conn: Connection, mut rx: mpsc::Receiver<Job>, recorder: Option<A
             Work::InTransaction(run) => (run, first.reply),
         };
         let mut batch = vec![first];
-        while batch.len() < MAX_BATCH {
+        let mut weight = first_weight;
+        while batch.len() < MAX_BATCH && weight < MAX_BATCH_WEIGHT {
             match rx.try_recv() {
                 Ok(Job {
                     work: Work::InTransaction(run),
                     reply,
-                }) => batch.push((run, reply)),
+                    weight: w,
+                }) if w < MAX_BATCH_WEIGHT.saturating_sub(weight) => {
+                    weight += w;
+                    batch.push((run, reply));
+                }
+                // An exclusive job, a job that runs alone or one too heavy for this batch: it
+                // starts the next one.
                 Ok(job) => {
                     pending = Some(job);
                     break;
@@ -185,6 +202,19 @@ fn run_batch(conn: &Connection, recorder: Option<&dyn Recorder>, batch: Vec<(Run
 
     let finished = match recording {
         Some(r) => match catch_unwind(AssertUnwindSafe(|| r.before_commit(conn))) {
+            Ok(Err(rusqlite::Error::SqliteFailure(e, Some(msg)))) if e.code == rusqlite::ErrorCode::TooBig => {
+                let n = replies.len();
+                if let Some(r) = recorder {
+                    r.finished(false);
+                }
+                return fail_all(conn, replies, || {
+                    ApiError::TransactionTooLarge(if n > 1 {
+                        format!("{msg} (with {n} writes committed together; try again)")
+                    } else {
+                        format!("{msg}; change fewer or smaller records at once")
+                    })
+                });
+            }
             Ok(result) => result.map_err(|e| e.to_string()),
             Err(_) => Err("the recorder panicked before COMMIT".to_string()),
         },
@@ -226,13 +256,20 @@ fn run_job(conn: &Connection, run: Run) -> ApiResult<Output> {
 
 /// Rolls back what is left of the transaction and fails every job: none of them committed.
 fn abort(conn: &Connection, replies: Vec<Reply>, cause: &str) {
+    fail_all(conn, replies, || {
+        ApiError::internal("commit write transaction", cause.to_string())
+    })
+}
+
+/// Rolls back what is left of the transaction and answers every job with `error()`.
+fn fail_all(conn: &Connection, replies: Vec<Reply>, error: impl Fn() -> ApiError) {
     if !conn.is_autocommit() {
         if let Err(e) = conn.execute_batch("ROLLBACK") {
             log::error!("rollback after failed write transaction: {e}");
         }
     }
     for reply in replies {
-        let _ = reply.send(Err(ApiError::internal("commit write transaction", cause.to_string())));
+        let _ = reply.send(Err(error()));
     }
 }
 

@@ -357,7 +357,8 @@ pub async fn create_record(
     let schema = state.schemas.get(db).await?;
     let auth = auth_record(who);
     let cond = condition(&access, &c, &schema, auth.as_ref(), Some(&body))?;
-    db.write(move |conn| {
+    let weight = changes_weight(&changes);
+    db.write_weighted(weight, move |conn| {
         let mut errors = FieldErrors::new();
         store::check_relations(conn, &schema, &relations, &mut errors)?;
         if let Some(id) = id.as_deref().filter(|_| c.is_auth()) {
@@ -386,6 +387,21 @@ pub async fn create_record(
         Ok(rec)
     })
     .await
+}
+
+/// About how many bytes `changes` write.
+fn changes_weight(changes: &Changes) -> usize {
+    changes
+        .iter()
+        .map(|(k, v)| {
+            k.len()
+                + match v {
+                    Sql::Text(t) => t.len(),
+                    Sql::Blob(b) => b.len(),
+                    _ => 8,
+                }
+        })
+        .sum()
 }
 
 /// A 400 for a filter that does not parse or names unknown fields.
@@ -456,8 +472,10 @@ async fn update(
         auth.extend(changes);
     }
     let c2 = c.clone();
+    // The new values, and about as much again for the old ones the changeset keeps.
+    let weight = 2 * serde_json::to_string(&body).map_or(0, |b| b.len());
     let rec = db
-        .write(move |conn| {
+        .write_weighted(weight, move |conn| {
             let current = store::get(conn, &c2, &id)?
                 .filter(|_| matches(conn, &c2, &id, cond.as_ref()).unwrap_or(false))
                 .ok_or_else(|| ApiError::not_found("Record not found."))?;
@@ -537,7 +555,8 @@ async fn bulk_update(
         ));
     }
     let updated = db
-        .write(move |conn| {
+        .write_alone(move |conn| {
+            store::check_transaction_size(conn, &c, &ids)?;
             for id in &ids {
                 let current = store::get(conn, &c, id)?
                     .filter(|_| matches(conn, &c, id, cond.as_ref()).unwrap_or(false))
@@ -568,7 +587,8 @@ async fn bulk_delete(
     let Target { db, c, schema, cond } = target(&state, &req, &path, &who, Action::Delete, None).await?;
     let ids = bulk_ids(&body)?;
     let deleted = db
-        .write(move |conn| {
+        .write_alone(move |conn| {
+            store::check_transaction_size(conn, &c, &ids)?;
             for id in &ids {
                 if !matches(conn, &c, id, cond.as_ref())? {
                     return Err(ApiError::not_found(format!("Record '{id}' not found.")));

@@ -193,6 +193,39 @@ pub fn insert(conn: &Connection, c: &Collection, id: Option<String>, mut changes
     get(conn, c, &id)?.ok_or_else(|| ApiError::internal("insert", "inserted record not found"))
 }
 
+/// Most bytes of records one bulk request may change: a quarter of what a changelog entry may
+/// hold ([`crate::replica::recorder::MAX_ENTRY_BYTES`]), since an update carries old and new
+/// values and every copy of an entry (session, changeset, log row, response) costs memory.
+pub const MAX_BULK_BYTES: usize = crate::replica::recorder::MAX_ENTRY_BYTES / 4;
+
+/// Refuses (413) a bulk operation on `ids` whose records hold more than [`MAX_BULK_BYTES`]:
+/// the changes of one transaction, and the changelog entry that carries them to replicas, must
+/// stay bounded in memory.
+pub fn check_transaction_size(conn: &Connection, c: &Collection, ids: &[String]) -> ApiResult<()> {
+    let mut cols = vec!["id".to_string(), "created".into(), "updated".into()];
+    cols.extend(c.fields.iter().map(|f| f.name.clone()));
+    let size_expr = cols
+        .iter()
+        .map(|n| format!("COALESCE(length(CAST({} AS BLOB)), 0)", quote_ident(n)))
+        .collect::<Vec<_>>()
+        .join(" + ");
+    let sql = format!(
+        "SELECT COALESCE(SUM({size_expr}), 0) FROM {} WHERE id IN (SELECT value FROM json_each(?1))",
+        quote_ident(&c.name)
+    );
+    let ids_json = serde_json::to_string(ids).map_err(|e| ApiError::internal("bulk size", e))?;
+    let bytes: i64 = conn.query_row(&sql, [ids_json], |r| r.get(0))?;
+    if bytes as usize > MAX_BULK_BYTES {
+        return Err(ApiError::TransactionTooLarge(format!(
+            "These {} records hold about {} MiB; one bulk request may change at most {} MiB. Send fewer ids per request.",
+            ids.len(),
+            bytes / (1024 * 1024),
+            MAX_BULK_BYTES / (1024 * 1024)
+        )));
+    }
+    Ok(())
+}
+
 /// Whether `id` is the id of a record in an auth collection of `schema` other than `c`.
 pub fn auth_id_taken(conn: &Connection, schema: &Schema, c: &Collection, id: &str) -> ApiResult<bool> {
     for other in schema.all().iter().filter(|o| o.is_auth() && o.id != c.id) {

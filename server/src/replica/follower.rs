@@ -108,6 +108,23 @@ pub struct DbSync {
     pub verified_version: Option<i64>,
     #[serde(skip)]
     verified_at: Option<Instant>,
+    /// Failed rounds in a row for this database, and when the next may start: each database
+    /// backs off on its own, so one failing database delays no other.
+    #[serde(skip)]
+    failures: u32,
+    #[serde(skip)]
+    retry_at: Option<Instant>,
+}
+
+/// The wait after `failures` failed attempts: 2, 4, 8 … seconds, at least `interval`, at most
+/// 8 intervals or 5 minutes, plus up to 20% random jitter so replicas do not retry in step.
+pub fn backoff(failures: u32, interval: u64) -> Duration {
+    let cap = (interval.max(1) * 8).min(300);
+    let base = (1u64 << failures.min(9)).max(interval).min(cap);
+    let mut b = [0u8; 2];
+    crate::util::random_bytes(&mut b);
+    let jitter = u64::from(u16::from_le_bytes(b)) * base * 200 / u64::from(u16::MAX);
+    Duration::from_millis(base * 1000 + jitter)
 }
 
 /// Least time between two comparisons of a database's logical checksum with the master's
@@ -135,6 +152,9 @@ pub struct Follower {
     /// earlier run. Until then `/health` and every data request answer 503, so that load
     /// balancers do not send traffic to an empty node.
     ready: std::sync::atomic::AtomicBool,
+    /// Whether the last round got the master's status: the loop backs off as a whole only when
+    /// the master itself cannot be reached; failing databases back off one by one.
+    master_reachable: std::sync::atomic::AtomicBool,
 }
 
 /// The replica id: `REPLICA_ID`, else the one kept in `DATA_DIR/.replica_id`, else a new one.
@@ -178,6 +198,7 @@ impl Follower {
             last_ok_at: Mutex::new(None),
             started: Instant::now(),
             ready: std::sync::atomic::AtomicBool::new(false),
+            master_reachable: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -256,10 +277,12 @@ impl Follower {
         }
     }
 
-    /// One sync round: every followed database of the master is brought up to date.
-    pub async fn round(&self, state: &web::Data<AppState>) -> Result<(), String> {
+    /// One sync round: every followed database of the master is brought up to date, all of
+    /// them at once, each on its own (a busy database does not hold up a quiet one). A
+    /// database still backing off from failures is skipped unless `force` (a manual sync).
+    pub async fn round(&self, state: &web::Data<AppState>, force: bool) -> Result<(), String> {
         let _one_at_a_time = self.round_lock.lock().await;
-        let result = self.round_inner(state).await;
+        let result = self.round_inner(state, force).await;
         if let Ok(mut last) = self.last_round.lock() {
             match &result {
                 Ok(()) => {
@@ -274,26 +297,56 @@ impl Follower {
         result
     }
 
-    async fn round_inner(&self, state: &web::Data<AppState>) -> Result<(), String> {
+    async fn round_inner(&self, state: &web::Data<AppState>, force: bool) -> Result<(), String> {
+        self.master_reachable.store(false, std::sync::atomic::Ordering::Release);
         let (status, body) = self.get_json(state, "/api/replica/status?checksum=0").await?;
         if status != 200 {
             return Err(status_error(status, "/api/replica/status", &body));
         }
+        self.master_reachable.store(true, std::sync::atomic::Ordering::Release);
         let epoch = body["epoch"].as_str().unwrap_or_default().to_string();
         let Some(master_dbs) = body["dbs"].as_array().cloned() else {
             return Err("the master's status has no database list".into());
         };
         self.drop_deleted(state, &master_dbs).await;
+        let now = Instant::now();
+        let due: Vec<(String, Value)> = master_dbs
+            .into_iter()
+            .filter_map(|d| Some((d["name"].as_str()?.to_string(), d)))
+            .filter(|(name, _)| self.follows(name) && crate::db::is_valid_db_name(name))
+            .filter(|(name, _)| {
+                force
+                    || self
+                        .dbs
+                        .lock()
+                        .ok()
+                        .and_then(|m| m.get(name).and_then(|s| s.retry_at))
+                        .is_none_or(|at| at <= now)
+            })
+            .collect();
+        let epoch = epoch.as_str();
+        let results = futures_util::future::join_all(
+            due.iter()
+                .map(|(name, d)| async move { (name, self.sync_db(state, epoch, name, d).await) }),
+        )
+        .await;
         let mut errors = Vec::new();
-        for d in master_dbs {
-            let name = d["name"].as_str().unwrap_or_default().to_string();
-            if !self.follows(&name) || !crate::db::is_valid_db_name(&name) {
-                continue;
-            }
-            if let Err(e) = self.sync_db(state, &epoch, &name, &d).await {
-                log::warn!("sync of '{name}' failed: {e}");
-                self.note(&name, |s| s.last_error = Some(e.clone()));
-                errors.push(format!("{name}: {e}"));
+        for (name, result) in results {
+            match result {
+                Ok(()) => self.note(name, |s| {
+                    s.failures = 0;
+                    s.retry_at = None;
+                }),
+                Err(e) => {
+                    log::warn!("sync of '{name}' failed: {e}");
+                    let interval = self.interval;
+                    self.note(name, |s| {
+                        s.last_error = Some(e.clone());
+                        s.failures = s.failures.saturating_add(1);
+                        s.retry_at = Some(Instant::now() + backoff(s.failures, interval));
+                    });
+                    errors.push(format!("{name}: {e}"));
+                }
             }
         }
         if errors.is_empty() {
@@ -431,6 +484,11 @@ impl Follower {
             state.schemas.reload(&db).await.map_err(|e| e.to_string())?;
             log::debug!("applied entries to '{name}', now at version {version}");
             self.note(name, |s| s.local_version = version);
+            // What the master had at the round's start is enough for this round: a database
+            // under sustained writes must not keep the round, and the manual sync, forever.
+            if version >= master_version {
+                break;
+            }
         }
         // A safety net: once caught up, the schemas must agree; if not, migrate to the master's.
         let local_hash = db
@@ -716,9 +774,13 @@ fn decode_entries(body: &Value) -> Result<Vec<Entry>, String> {
 /// first round at start). A failed round is retried with exponential backoff, at most 5 minutes.
 pub async fn sync_loop(state: web::Data<AppState>) {
     let Some(f) = state.follower.as_ref() else { return };
+    // Failed rounds in a row that back off the whole loop: the master could not be reached (or,
+    // in manual mode, anything failed: there is no next scheduled round to wait for).
     let mut failures: u32 = 0;
     loop {
-        match f.round(&state).await {
+        let result = f.round(&state, false).await;
+        let reachable = f.master_reachable.load(std::sync::atomic::Ordering::Acquire);
+        match &result {
             Ok(()) => {
                 if failures > 0 {
                     log::info!("sync with {} works again", f.master_url);
@@ -726,18 +788,16 @@ pub async fn sync_loop(state: web::Data<AppState>) {
                 failures = 0;
             }
             Err(e) => {
-                failures = failures.saturating_add(1);
-                log::warn!("sync round with {} failed (attempt {failures}): {e}", f.master_url);
+                if !reachable || f.interval == 0 {
+                    failures = failures.saturating_add(1);
+                }
+                log::warn!("sync round with {} failed: {e}", f.master_url);
             }
         }
-        let wait = if failures > 0 {
-            // 2, 4, 8 … seconds, never sooner than the interval, at most 8 intervals (5 min).
-            let cap = (f.interval.max(1) * 8).min(300);
-            Duration::from_secs((1u64 << failures.min(9)).max(f.interval).min(cap))
-        } else if f.interval == 0 {
-            return;
-        } else {
-            Duration::from_secs(f.interval)
+        let wait = match (&result, failures) {
+            (Ok(()), _) if f.interval == 0 => return,
+            (Err(_), n) if n > 0 => backoff(n, f.interval),
+            _ => Duration::from_secs(f.interval),
         };
         tokio::time::sleep(wait).await;
     }
@@ -754,7 +814,7 @@ async fn sync_now(state: web::Data<AppState>, who: Identity) -> ApiResult<HttpRe
         .follower
         .as_ref()
         .ok_or_else(|| ApiError::not_found("This node is not a replica."))?;
-    match f.round(&state).await {
+    match f.round(&state, true).await {
         Ok(()) => Ok(HttpResponse::Ok().json(json!({"synced": true, "dbs": health(f)["dbs"].clone()}))),
         Err(e) => Ok(error_body(
             StatusCode::BAD_GATEWAY,

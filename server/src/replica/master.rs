@@ -261,7 +261,7 @@ struct ChangesetsQuery {
 
 /// Most entries one `changesets` response carries, and about how many changeset bytes.
 const MAX_ENTRIES: usize = 1000;
-const MAX_RESPONSE_BYTES: usize = 16 * 1024 * 1024;
+const MAX_RESPONSE_BYTES: usize = 8 * 1024 * 1024;
 
 async fn changesets(
     state: web::Data<AppState>,

@@ -36,6 +36,13 @@ pub fn database_uid(conn: &Connection) -> rusqlite::Result<String> {
         .unwrap_or_default())
 }
 
+/// The largest changeset one transaction may record. A bigger one fails the transaction (413)
+/// instead of becoming an entry that every replica must hold in memory at once.
+pub const MAX_ENTRY_BYTES: usize = 32 * 1024 * 1024;
+
+/// The message of the error that refuses a transaction over [`MAX_ENTRY_BYTES`].
+pub const TOO_LARGE: &str = "the transaction's changes exceed the 32 MiB a changelog entry may hold";
+
 /// One changelog entry: the net changes of one committed write transaction.
 #[derive(Debug, Clone)]
 pub struct Entry {
@@ -234,6 +241,16 @@ impl TxRecording for Recording<'_> {
         let mut changeset = Vec::new();
         session.changeset_strm(&mut changeset)?;
         drop(session);
+        if changeset.len() > MAX_ENTRY_BYTES {
+            log::warn!(
+                "refused a transaction of {} MiB of changes",
+                changeset.len() / (1024 * 1024)
+            );
+            return Err(rusqlite::Error::SqliteFailure(
+                rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_TOOBIG),
+                Some(TOO_LARGE.into()),
+            ));
+        }
         let schema_changed = schema_version(conn)? != before;
         if changeset.is_empty() && !schema_changed {
             return Ok(());
