@@ -65,7 +65,7 @@ fn is_origin(s: &str) -> bool {
 }
 
 /// Names vski reads that are not flags: the test harness's binary and crash points.
-const INTERNAL_ENV: [&str; 1] = ["VSKI_BIN"];
+const INTERNAL_ENV: [&str; 2] = ["VSKI_BIN", "VSKI_CRASH_AT"];
 /// Prefixes of vski's own variables: a variable with one of them that vski does not know is
 /// most likely a typo (`REPLICA_MOD=replica` would otherwise start a writable master).
 const OWN_PREFIXES: [&str; 4] = ["REPLICA_", "SYNC_", "MASTER_", "VSKI_"];

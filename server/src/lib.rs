@@ -7,6 +7,7 @@ pub mod app;
 pub mod auth;
 pub mod collections;
 pub mod config;
+pub mod crash;
 pub mod databases;
 pub mod datadir;
 pub mod db;

@@ -471,6 +471,7 @@ impl Follower {
                     conn.execute_batch(STATE_DDL)?;
                     set_state(conn, "version", &last.to_string())?;
                     set_state(conn, "hash", &stored_hash)?;
+                    crate::crash::point("apply:before_commit");
                     Ok((last, conflicts))
                 })
                 .await
@@ -743,6 +744,12 @@ fn prepare_snapshot(path: &Path, version: i64, epoch: &str, uid: &str) -> Result
 /// API on the writer connection: readers see the old content until it commits, then the new.
 fn restore(conn: &mut Connection, src: &Path) -> ApiResult<()> {
     let from = Connection::open_with_flags(src, OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+    if crate::crash::is_armed("restore:mid") {
+        // Copy part of the snapshot into the live database, then crash (tests only).
+        let backup = rusqlite::backup::Backup::new(&from, conn)?;
+        backup.step(1)?;
+        crate::crash::point("restore:mid");
+    }
     super::master::backup_all(&from, conn)?;
     conn.query_row("PRAGMA journal_mode = WAL", [], |_| Ok(()))?;
     Ok(())
