@@ -1282,3 +1282,83 @@ fn a_crash_inside_a_page_or_a_restore_leaves_the_copy_where_it_was() {
     assert_replica_equals_master(&m, &r, SECRET, "default", TIMEOUT);
     assert_eq!(r.health()["dbs"]["default"]["bootstraps"], 1);
 }
+
+#[test]
+fn reads_on_a_replica_never_go_back_in_time_through_churn_and_kills() {
+    let m = master();
+    seed(&m);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = churn(m.url.clone(), stop.clone());
+    let mut r = replica(&m, "1");
+    // A reader polls the replica's position; connection errors (the replica is down) are skipped.
+    let url = r.url.clone();
+    let reading = stop.clone();
+    let reader = std::thread::spawn(move || {
+        let c = reqwest::blocking::Client::builder()
+            .timeout(Duration::from_secs(5))
+            .build()
+            .unwrap();
+        let mut seen = Vec::new();
+        while !reading.load(std::sync::atomic::Ordering::Relaxed) {
+            if let Ok(resp) = c.get(format!("{url}/health")).send() {
+                if let Ok(h) = resp.json::<Value>() {
+                    if let Some(v) = h["dbs"]["default"]["localVersion"].as_i64() {
+                        seen.push(v);
+                    }
+                }
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        seen
+    });
+    for i in 0..4 {
+        std::thread::sleep(Duration::from_millis(700 + 150 * i));
+        r.kill();
+        r = r.restart(); // the same port: the reader goes on
+    }
+    std::thread::sleep(Duration::from_millis(1500));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let seen = reader.join().unwrap();
+    assert!(writer.join().unwrap() > 20);
+    assert!(seen.len() > 50, "the reader saw {} positions", seen.len());
+    let back = seen.windows(2).find(|w| w[1] < w[0]);
+    assert!(back.is_none(), "the replica's version went back: {back:?}");
+    assert_replica_equals_master(&m, &r, SECRET, "default", TIMEOUT);
+}
+
+#[test]
+fn a_master_restarted_with_writes_in_flight_is_followed_without_loss() {
+    let mut m = master();
+    seed(&m);
+    let r = replica(&m, "1");
+    for graceful in [true, false] {
+        let burst = write_burst(&m.url, 4, Duration::from_secs(30));
+        let start = master_db_status(&m, SECRET, "default")["version"].as_i64().unwrap();
+        wait_for("writes in flight", TIMEOUT, || {
+            (master_db_status(&m, SECRET, "default")["version"].as_i64()? > start + 100).then_some(())
+        });
+        burst.expect_stop();
+        if graceful {
+            m.terminate(TIMEOUT);
+        } else {
+            m.kill();
+        }
+        let acked = join_acked(burst);
+        m = m.restart();
+        add_titles(&m, if graceful { "after-term" } else { "after-kill" }, 3);
+        assert_replica_equals_master(&m, &r, SECRET, "default", TIMEOUT);
+        let have: std::collections::HashSet<String> = pages(&r, "").into_iter().flatten().collect();
+        let missing = acked.iter().filter(|id| !have.contains(*id)).count();
+        assert_eq!(
+            missing,
+            0,
+            "graceful={graceful}: {missing} of {} acknowledged writes missing on the replica",
+            acked.len()
+        );
+    }
+    assert_eq!(
+        r.health()["dbs"]["default"]["bootstraps"],
+        1,
+        "followed across restarts without a new download"
+    );
+}

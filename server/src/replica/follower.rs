@@ -258,11 +258,27 @@ impl Follower {
         Ok(rb)
     }
 
+    /// A small request: it must complete within a minute.
     async fn get_json(&self, state: &AppState, path: &str) -> Result<(u16, Value), String> {
-        let resp = self
+        self.get_json_within(state, path, Some(Duration::from_secs(60))).await
+    }
+
+    /// A request with an overall deadline, or with none (a page of changesets, whose size
+    /// varies: there only the client's idle timeout applies, so a slow link that keeps sending
+    /// finishes the page instead of retrying it forever).
+    async fn get_json_within(
+        &self,
+        state: &AppState,
+        path: &str,
+        total: Option<Duration>,
+    ) -> Result<(u16, Value), String> {
+        let mut rb = self
             .request(state, reqwest::Method::GET, path)
-            .map_err(|e| e.to_string())?
-            .timeout(Duration::from_secs(60))
+            .map_err(|e| e.to_string())?;
+        if let Some(t) = total {
+            rb = rb.timeout(t);
+        }
+        let resp = rb
             .send()
             .await
             .map_err(|e| format!("GET {}: {}", self.master_url, transport_error(&e)))?;
@@ -420,7 +436,7 @@ impl Follower {
         let mut snapshots_this_round = 0;
         loop {
             let path = format!("/api/replica/changesets?db={name}&since={version}&hash={hash}&limit=1000");
-            let (status, body) = self.get_json(state, &path).await?;
+            let (status, body) = self.get_json_within(state, &path, None).await?;
             if status == 410 {
                 snapshots_this_round += 1;
                 if snapshots_this_round > MAX_SNAPSHOTS_PER_ROUND {
@@ -899,7 +915,48 @@ pub async fn read_only_guard(
 
 #[cfg(test)]
 mod tests {
-    use super::allowed_on_replica;
+    use super::{Entry, allowed_on_replica, backoff, chain_break};
+
+    fn entry(version: i64, prev: &str, hash: &str) -> Entry {
+        Entry {
+            version,
+            schema_hash: String::new(),
+            schema: None,
+            changeset: Vec::new(),
+            created: 0,
+            hash: hash.into(),
+            prev_hash: prev.into(),
+        }
+    }
+
+    #[test]
+    fn a_page_must_chain_to_the_position_and_within_itself() {
+        let page = [entry(5, "h4", "h5"), entry(6, "h5", "h6")];
+        assert_eq!(chain_break("h4", &page), None);
+        assert_eq!(chain_break("other", &page), Some(5), "another history at the position");
+        assert_eq!(
+            chain_break("", &page),
+            None,
+            "a position from before the chain is not checked"
+        );
+        let forked = [entry(5, "h4", "h5"), entry(6, "x", "h6")];
+        assert_eq!(chain_break("h4", &forked), Some(6));
+        let old_log = [entry(5, "", ""), entry(6, "", "")];
+        assert_eq!(chain_break("h4", &old_log), None, "entries from before the chain");
+    }
+
+    #[test]
+    fn backoff_doubles_up_to_its_cap_with_bounded_jitter() {
+        for (failures, interval, base) in [(1, 1, 2), (2, 1, 4), (3, 1, 8), (9, 1, 8), (1, 60, 60), (9, 60, 300)] {
+            for _ in 0..20 {
+                let d = backoff(failures, interval).as_millis() as u64;
+                assert!(
+                    (base * 1000..=base * 1200).contains(&d),
+                    "failures {failures}, interval {interval}: {d} ms, base {base} s"
+                );
+            }
+        }
+    }
 
     #[test]
     fn only_sign_in_refresh_and_sync_write_on_a_replica() {
