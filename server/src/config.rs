@@ -64,8 +64,9 @@ fn is_origin(s: &str) -> bool {
         && port.is_none_or(|p| p.parse::<u16>().is_ok())
 }
 
-/// Names vski reads that are not flags: the test harness's binary and crash points.
-const INTERNAL_ENV: [&str; 2] = ["VSKI_BIN", "VSKI_CRASH_AT"];
+/// Names vski reads that are not flags: the test harness's binary, crash points and the
+/// fault injector's trigger (`tests/fault/fault.c`).
+const INTERNAL_ENV: [&str; 3] = ["VSKI_BIN", "VSKI_CRASH_AT", "VSKI_FAULT_FILE"];
 /// Prefixes of vski's own variables: a variable with one of them that vski does not know is
 /// most likely a typo (`REPLICA_MOD=replica` would otherwise start a writable master).
 const OWN_PREFIXES: [&str; 4] = ["REPLICA_", "SYNC_", "MASTER_", "VSKI_"];

@@ -475,3 +475,120 @@ fn pruned_versions_answer_410() {
     let (at, _) = download(&n, &rt, "default", &dir.path().join("s.db"));
     assert_eq!(at, head);
 }
+
+/// Builds `tests/fault/fault.c` (a pread fault injector for LD_PRELOAD) into `dir`.
+fn fault_injector(dir: &std::path::Path) -> std::path::PathBuf {
+    let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fault/fault.c");
+    let out = dir.join("fault.so");
+    let status = std::process::Command::new("cc")
+        .args(["-shared", "-fPIC", "-O1", "-o"])
+        .arg(&out)
+        .arg(&src)
+        .arg("-ldl")
+        .status()
+        .expect("run cc");
+    assert!(status.success(), "cc failed to build the fault injector");
+    out
+}
+
+/// An I/O error under a batch of concurrent writes, injected into the real binary: the writes
+/// that failed are not visible, and the changelog replays to exactly the data. (The writer's
+/// unit tests force the rollback inside a job deterministically.)
+#[test]
+fn an_io_error_mid_batch_never_splits_a_transaction() {
+    let tmp = tempfile::tempdir().unwrap();
+    let shim = fault_injector(tmp.path());
+    let trigger = tmp.path().join("fail-next-read");
+    let n = spawn_master_with(
+        NodeOptions::default()
+            .env("JWT_SECRET", SECRET)
+            .env("LD_PRELOAD", shim.to_str().unwrap())
+            .env("VSKI_FAULT_FILE", trigger.to_str().unwrap()),
+    );
+    let (_, rt) = setup(&n);
+    // More data than the writer's page cache (16 MB), so updates of old records read the disk.
+    let pad = "p".repeat(8000);
+    let ids: Vec<String> = std::thread::scope(|s| {
+        let hs: Vec<_> = (0..4)
+            .map(|w| {
+                let (n, pad) = (&n, &pad);
+                s.spawn(move || {
+                    (0..700)
+                        .map(|i| {
+                            let (st, b) = n.post(
+                                "/api/collections/posts/records",
+                                None,
+                                &json!({"title": format!("{w}-{i}-{pad}")}),
+                            );
+                            assert_eq!(st, 200, "{b}");
+                            b["id"].as_str().unwrap().to_string()
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        hs.into_iter().flat_map(|h| h.join().unwrap()).collect()
+    });
+    let n = n.restart(); // a cold cache: the next updates read pages from the file
+    // One write first, so the writer has loaded the schema and the fault hits a data page.
+    let (st, _) = n.patch(
+        &format!("/api/collections/posts/records/{}", ids[0]),
+        None,
+        &json!({"n": 1}),
+    );
+    assert_eq!(st, 200);
+    // Concurrent updates of distinct old records, batched together by the writer; one read
+    // fails in the middle of them.
+    std::fs::write(&trigger, b"").unwrap();
+    let outcomes: Vec<(String, String, u16)> = std::thread::scope(|s| {
+        let hs: Vec<_> = (0..8)
+            .map(|w| {
+                let (n, ids) = (&n, &ids);
+                s.spawn(move || {
+                    (0..40)
+                        .map(|i| {
+                            let id = ids[(w * 97 + i * 13) % ids.len()].clone();
+                            let title = format!("updated-{w}-{i}");
+                            let (st, _) = n.patch(
+                                &format!("/api/collections/posts/records/{id}"),
+                                None,
+                                &json!({"title": title}),
+                            );
+                            (id, title, st)
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        hs.into_iter().flat_map(|h| h.join().unwrap()).collect()
+    });
+    assert!(!trigger.exists(), "the injected read error happened");
+    let failed: Vec<&(String, String, u16)> = outcomes.iter().filter(|o| o.2 != 200).collect();
+    assert!(!failed.is_empty(), "some writes failed with the read");
+    assert!(failed.iter().all(|o| o.2 == 500), "{failed:?}");
+    // No failed write is visible, and the changelog replays to exactly the data.
+    for (id, title, _) in &failed {
+        let (_, rec) = n.get(&format!("/api/collections/posts/records/{id}"), None);
+        assert_ne!(
+            rec["title"].as_str(),
+            Some(title.as_str()),
+            "a failed write of {id} was committed"
+        );
+    }
+    let entries = changelog(&n, &rt, "default", 0);
+    let dir = tempfile::tempdir().unwrap();
+    let copy = dir.path().join("copy.db");
+    apply_all(&copy, &entries, Conflicts::Strict);
+    assert_eq!(
+        checksum_of(&copy),
+        status_of(&n, &rt, "default")["sha256"].as_str().unwrap(),
+        "every committed change has its changelog entry"
+    );
+    // Where the fault lands depends on which page is cold: in a job (SQLite then rolls the whole
+    // transaction back under the batch) or in COMMIT. Either way the whole batch failed.
+    let log = n.log();
+    assert!(
+        log.contains("the write transaction was rolled back") || log.contains("commit write transaction"),
+        "{log}"
+    );
+}

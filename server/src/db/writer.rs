@@ -164,7 +164,7 @@ fn run_batch(conn: &Connection, recorder: Option<&dyn Recorder>, batch: Vec<(Run
             return abort(
                 conn,
                 batch.into_iter().map(|(_, reply)| reply).collect(),
-                &e.to_string(),
+                &format!("at the start of recording: {e}"),
             );
         }
         Err(_) => {
@@ -215,7 +215,7 @@ fn run_batch(conn: &Connection, recorder: Option<&dyn Recorder>, batch: Vec<(Run
                     })
                 });
             }
-            Ok(result) => result.map_err(|e| e.to_string()),
+            Ok(result) => result.map_err(|e| format!("recording the changes: {e}")),
             Err(_) => Err("the recorder panicked before COMMIT".to_string()),
         },
         None => Ok(()),
