@@ -19,7 +19,7 @@ use actix_web::middleware::Next;
 use actix_web::{HttpResponse, web};
 use base64::Engine;
 use rusqlite::{Connection, OpenFlags, OptionalExtension};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use super::apply::{Conflicts, apply_entry};
@@ -258,6 +258,30 @@ impl Follower {
         Ok(rb)
     }
 
+    /// A page of changesets: `Ok` with the entries decoded from the streamed body on 200, else
+    /// `Err` with the (small) error body.
+    async fn get_page(&self, state: &AppState, path: &str) -> Result<(u16, Result<Page, Value>), String> {
+        use futures_util::TryStreamExt;
+        let resp = self
+            .request(state, reqwest::Method::GET, path)
+            .map_err(|e| e.to_string())?
+            .send()
+            .await
+            .map_err(|e| format!("GET {}: {}", self.master_url, transport_error(&e)))?;
+        let status = resp.status().as_u16();
+        if status != 200 {
+            return Ok((status, Err(resp.json::<Value>().await.unwrap_or(Value::Null))));
+        }
+        let stream = resp.bytes_stream().map_err(std::io::Error::other);
+        let reader = tokio_util::io::SyncIoBridge::new(tokio_util::io::StreamReader::new(stream));
+        let page =
+            tokio::task::spawn_blocking(move || serde_json::from_reader::<_, Page>(std::io::BufReader::new(reader)))
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| format!("reading a page of changesets: {e}"))?;
+        Ok((status, Ok(page)))
+    }
+
     /// A small request: it must complete within a minute.
     async fn get_json(&self, state: &AppState, path: &str) -> Result<(u16, Value), String> {
         self.get_json_within(state, path, Some(Duration::from_secs(60))).await
@@ -436,7 +460,11 @@ impl Follower {
         let mut snapshots_this_round = 0;
         loop {
             let path = format!("/api/replica/changesets?db={name}&since={version}&hash={hash}&limit=1000");
-            let (status, body) = self.get_json_within(state, &path, None).await?;
+            let (status, page) = self.get_page(state, &path).await?;
+            let (body, page) = match page {
+                Ok(p) => (Value::Null, p),
+                Err(body) => (body, Page::default()),
+            };
             if status == 410 {
                 snapshots_this_round += 1;
                 if snapshots_this_round > MAX_SNAPSHOTS_PER_ROUND {
@@ -456,10 +484,10 @@ impl Follower {
             if status != 200 {
                 return Err(status_error(status, "changesets", &body));
             }
-            if body["epoch"].as_str() != Some(epoch) || body["uid"].as_str() != Some(master_uid.as_str()) {
+            if page.epoch != epoch || page.uid != master_uid {
                 return Err("the master changed during the round; the next round starts over".into());
             }
-            let entries = decode_entries(&body)?;
+            let entries = page.entries;
             let Some(last) = entries.last().map(|e| e.version) else {
                 break;
             };
@@ -771,26 +799,63 @@ fn restore(conn: &mut Connection, src: &Path) -> ApiResult<()> {
     Ok(())
 }
 
-fn decode_entries(body: &Value) -> Result<Vec<Entry>, String> {
-    let b64 = base64::engine::general_purpose::STANDARD;
-    body["entries"]
-        .as_array()
-        .ok_or("changesets response without entries")?
-        .iter()
-        .map(|e| {
-            Ok(Entry {
-                version: e["version"].as_i64().ok_or("entry without version")?,
-                schema_hash: e["schemaHash"].as_str().unwrap_or_default().to_string(),
-                schema: serde_json::from_value(e["schema"].clone()).map_err(|e| format!("entry schema: {e}"))?,
-                changeset: b64
-                    .decode(e["changeset"].as_str().unwrap_or_default())
-                    .map_err(|e| format!("entry changeset: {e}"))?,
-                created: e["created"].as_i64().unwrap_or(0),
-                hash: e["hash"].as_str().unwrap_or_default().to_string(),
-                prev_hash: e["prevHash"].as_str().unwrap_or_default().to_string(),
-            })
-        })
-        .collect()
+/// A page of `changesets` as it arrives: entries are decoded one by one while the body streams
+/// in, so neither the JSON text nor a JSON tree of the page is ever held whole.
+#[derive(Debug, Default, Deserialize)]
+struct Page {
+    #[serde(default)]
+    epoch: String,
+    #[serde(default)]
+    uid: String,
+    #[serde(default, deserialize_with = "wire_entries")]
+    entries: Vec<Entry>,
+}
+
+/// One entry on the wire: the changeset in base64.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct WireEntry {
+    version: i64,
+    #[serde(default)]
+    schema_hash: String,
+    #[serde(default)]
+    schema: Option<Vec<schema::SchemaObject>>,
+    changeset: String,
+    #[serde(default)]
+    created: i64,
+    #[serde(default)]
+    hash: String,
+    #[serde(default)]
+    prev_hash: String,
+}
+
+fn wire_entries<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<Entry>, D::Error> {
+    struct Entries;
+    impl<'de> serde::de::Visitor<'de> for Entries {
+        type Value = Vec<Entry>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a list of changelog entries")
+        }
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<Entry>, A::Error> {
+            let b64 = base64::engine::general_purpose::STANDARD;
+            let mut out = Vec::new();
+            // Each entry's base64 text lives only until it is decoded.
+            while let Some(w) = seq.next_element::<WireEntry>()? {
+                let changeset = b64.decode(&w.changeset).map_err(serde::de::Error::custom)?;
+                out.push(Entry {
+                    version: w.version,
+                    schema_hash: w.schema_hash,
+                    schema: w.schema,
+                    changeset,
+                    created: w.created,
+                    hash: w.hash,
+                    prev_hash: w.prev_hash,
+                });
+            }
+            Ok(out)
+        }
+    }
+    d.deserialize_seq(Entries)
 }
 
 /// Runs a round now and then every `SYNC_INTERVAL` seconds (never when it is 0, apart from the
