@@ -980,54 +980,55 @@ fn pages_are_the_same_on_master_and_replica_and_after_a_rebootstrap() {
     }
 }
 
+/// Creates databases `dbs` on the master, each with an open `posts` collection.
+fn posts_in(m: &Node, t: &str, dbs: &[&str]) {
+    let posts = json!({"name": "posts", "listRule": "", "createRule": "",
+                       "fields": [{"name": "title", "type": "text"}, {"name": "n", "type": "number"}]});
+    for db in dbs {
+        assert_eq!(m.post("/api/databases", Some(t), &json!({"name": db})).0, 201);
+        let (s, b) = m.request("POST", "/api/collections", Some(t), Some(&posts), &[("X-Dbname", db)]);
+        assert_eq!(s, 200, "{b}");
+    }
+}
+
+/// Writes `n` records, one after the other, into `posts` of database `quiet` on the master and
+/// returns the longest time one took to show on the replica.
+fn quiet_write_latency(m: &Node, r: &Node, n: usize) -> Duration {
+    let mut worst = Duration::ZERO;
+    for i in 0..n {
+        let title = format!("quiet-{i}");
+        let body = json!({"title": title});
+        let (s, b) = m.request(
+            "POST",
+            "/api/collections/posts/records",
+            None,
+            Some(&body),
+            &[("X-Dbname", "quiet")],
+        );
+        assert_eq!(s, 200, "{b}");
+        let written = std::time::Instant::now();
+        wait_for(&format!("{title} on the replica"), TIMEOUT, || {
+            let path = format!("/api/collections/posts/records?filter=title='{title}'");
+            let (_, b) = r.request("GET", &path, None, None, &[("X-Dbname", "quiet")]);
+            (b["totalItems"] == 1).then_some(())
+        });
+        worst = worst.max(written.elapsed());
+    }
+    worst
+}
+
 #[test]
 fn a_busy_database_does_not_hold_up_a_quiet_one() {
     let m = master();
     let t = seed(&m);
-    let posts = json!({"name": "posts", "listRule": "", "createRule": "",
-                       "fields": [{"name": "title", "type": "text"}, {"name": "n", "type": "number"}]});
-    for db in ["aaa", "quiet"] {
-        assert_eq!(m.post("/api/databases", Some(&t), &json!({"name": db})).0, 201);
-        assert_eq!(
-            m.request("POST", "/api/collections", Some(&t), Some(&posts), &[("X-Dbname", db)])
-                .0,
-            200
-        );
-    }
+    posts_in(&m, &t, &["aaa", "quiet"]);
     let r = replica(&m, "1");
     for db in ["aaa", "quiet"] {
         assert_replica_equals_master(&m, &r, SECRET, db, TIMEOUT);
     }
     // `aaa` (synced first by name) takes sustained writes; `quiet` gets one record a second.
     let busy = write_burst_in(&m.url, "aaa", 6, Duration::from_secs(8));
-    let mut worst = Duration::ZERO;
-    for i in 0..5 {
-        let title = format!("quiet-{i}");
-        let body = json!({"title": title});
-        assert_eq!(
-            m.request(
-                "POST",
-                "/api/collections/posts/records",
-                None,
-                Some(&body),
-                &[("X-Dbname", "quiet")]
-            )
-            .0,
-            200
-        );
-        let written = std::time::Instant::now();
-        wait_for(&format!("{title} on the replica"), TIMEOUT, || {
-            let (_, b) = r.request(
-                "GET",
-                &format!("/api/collections/posts/records?filter=title='{title}'"),
-                None,
-                None,
-                &[("X-Dbname", "quiet")],
-            );
-            (b["totalItems"] == 1).then_some(())
-        });
-        worst = worst.max(written.elapsed());
-    }
+    let worst = quiet_write_latency(&m, &r, 5);
     let acked = join_acked(busy);
     assert!(acked.len() > 500, "the busy database was busy: {}", acked.len());
     // With a 1 s interval a quiet write shows within about two rounds; one stuck behind the busy
@@ -1042,16 +1043,7 @@ fn a_busy_database_does_not_hold_up_a_quiet_one() {
 fn a_failing_database_does_not_back_off_the_others() {
     let m = master();
     let t = seed(&m);
-    let posts = json!({"name": "posts", "listRule": "", "createRule": "",
-                       "fields": [{"name": "title", "type": "text"}, {"name": "n", "type": "number"}]});
-    for db in ["broken", "quiet"] {
-        assert_eq!(m.post("/api/databases", Some(&t), &json!({"name": db})).0, 201);
-        assert_eq!(
-            m.request("POST", "/api/collections", Some(&t), Some(&posts), &[("X-Dbname", db)])
-                .0,
-            200
-        );
-    }
+    posts_in(&m, &t, &["broken", "quiet"]);
     let r = replica(&m, "1");
     assert_replica_equals_master(&m, &r, SECRET, "broken", TIMEOUT);
     // Break the replica's copy of `broken` so every apply there fails.
@@ -1087,34 +1079,7 @@ fn a_failing_database_does_not_back_off_the_others() {
     });
     assert!(failed, "the broken database does not fail: {last}\n{}", r.log());
     std::thread::sleep(Duration::from_secs(3)); // let the failures pile up (a backoff would now be 8 s)
-    let mut worst = Duration::ZERO;
-    for i in 0..3 {
-        let title = format!("quiet-{i}");
-        let body = json!({"title": title});
-        assert_eq!(
-            m.request(
-                "POST",
-                "/api/collections/posts/records",
-                None,
-                Some(&body),
-                &[("X-Dbname", "quiet")]
-            )
-            .0,
-            200
-        );
-        let written = std::time::Instant::now();
-        wait_for(&format!("{title} on the replica"), TIMEOUT, || {
-            let (_, b) = r.request(
-                "GET",
-                &format!("/api/collections/posts/records?filter=title='{title}'"),
-                None,
-                None,
-                &[("X-Dbname", "quiet")],
-            );
-            (b["totalItems"] == 1).then_some(())
-        });
-        worst = worst.max(written.elapsed());
-    }
+    let worst = quiet_write_latency(&m, &r, 3);
     assert!(
         worst < Duration::from_secs(4),
         "a write to a healthy database took {worst:?} to arrive"
