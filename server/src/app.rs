@@ -2,7 +2,7 @@
 //! tables of every module, and runs the server until SIGTERM/Ctrl-C.
 //!
 //! Middleware order (outermost first): access log → preflight status → CORS → HEAD as GET →
-//! default response headers → replica read-only guard (replicas only) → routes. CORS sits
+//! default response headers → `X-Db-Position` → replica read-only guard (replicas only) → routes. CORS sits
 //! outside everything that can answer early, so refusals carry CORS headers too.
 
 use std::net::TcpListener;
@@ -117,6 +117,23 @@ impl AppState {
         schema
             .get(id_or_name)
             .ok_or_else(|| ApiError::not_found(format!("Collection '{id_or_name}' not found.")))
+    }
+
+    /// The `X-Db-Position` token of database `name` on this node: `<epoch>.<uid>.<version>`,
+    /// naming the history and the version (on a master its newest commit, on a replica what it
+    /// has applied). `None` for databases that do not replicate.
+    pub fn position_token(&self, name: &str) -> Option<String> {
+        if !is_replicated_db(name) {
+            return None;
+        }
+        let (epoch, uid, version) = match &self.follower {
+            Some(f) => f.position(name)?,
+            None => {
+                let (uid, version) = self.dbs.get(name)?.position()?;
+                (self.master.epoch.clone(), uid, version)
+            }
+        };
+        Some(format!("{epoch}.{uid}.{version}"))
     }
 
     /// Whether at least one admin exists.
@@ -242,6 +259,27 @@ async fn preflight_no_content(
     Ok(res)
 }
 
+/// Adds `X-Db-Position` to the answer of every API request that addressed a replicated
+/// database, read after the handler ran, so a write's answer carries a position at or past
+/// the write.
+async fn db_position(
+    req: ServiceRequest,
+    next: Next<impl MessageBody + 'static>,
+) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
+    let path = req.path();
+    let uses_db = path.starts_with("/api/") && !path.starts_with("/api/replica/") && path != "/api/health";
+    let name = uses_db.then(|| requested_db_name(req.request()));
+    let state = req.app_data::<web::Data<AppState>>().cloned();
+    let mut res = next.call(req).await?;
+    if let Some(token) = name.zip(state).and_then(|(n, s)| s.position_token(&n)) {
+        if let Ok(v) = header::HeaderValue::from_str(&token) {
+            res.headers_mut()
+                .insert(header::HeaderName::from_static("x-db-position"), v);
+        }
+    }
+    Ok(res)
+}
+
 /// Serves `HEAD` wherever `GET` is served: the request is routed as a GET, and the HTTP layer,
 /// which remembers that the request was a HEAD, sends the headers without the body.
 async fn head_as_get(
@@ -318,6 +356,7 @@ pub async fn run(config: ServeConfig, secret: String, listener: TcpListener) -> 
                 replica,
                 actix_web::middleware::from_fn(crate::replica::follower::read_only_guard),
             ))
+            .wrap(actix_web::middleware::from_fn(db_position))
             .wrap(
                 headers
                     .iter()

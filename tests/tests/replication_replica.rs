@@ -1327,3 +1327,65 @@ fn a_master_restarted_with_writes_in_flight_is_followed_without_loss() {
         "followed across restarts without a new download"
     );
 }
+
+fn position_of(resp: &reqwest::blocking::Response) -> Option<String> {
+    resp.headers()
+        .get("x-db-position")
+        .map(|v| v.to_str().unwrap().to_string())
+}
+
+#[test]
+fn answers_carry_the_position_of_their_database() {
+    let m = master();
+    let t = seed(&m);
+    let r = replica(&m, "0");
+    assert_replica_equals_master(&m, &r, SECRET, "default", TIMEOUT);
+    let status = master_db_status(&m, SECRET, "default");
+    let epoch = m.get("/api/replica/status", Some(&replica_token(SECRET, "observer"))).1["epoch"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let token = |v: i64| format!("{epoch}.{}.{v}", status["uid"].as_str().unwrap());
+    let v0 = status["version"].as_i64().unwrap();
+    let list = "/api/collections/posts/records";
+    // The replica names what it applied; the master its head.
+    assert_eq!(
+        position_of(&r.http.get(format!("{}{list}", r.url)).send().unwrap()),
+        Some(token(v0))
+    );
+    assert_eq!(
+        position_of(&m.http.get(format!("{}{list}", m.url)).send().unwrap()),
+        Some(token(v0))
+    );
+    // A write's answer names the version it committed.
+    let resp = m
+        .http
+        .post(format!("{}{list}", m.url))
+        .json(&json!({"title": "new"}))
+        .send()
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    assert_eq!(position_of(&resp), Some(token(v0 + 1)));
+    // The replica still names the older version until it syncs, then the same.
+    assert_eq!(
+        position_of(&r.http.get(format!("{}{list}", r.url)).send().unwrap()),
+        Some(token(v0))
+    );
+    assert_eq!(r.post("/api/replica/sync", Some(&t), &json!({})).0, 200);
+    assert_eq!(
+        position_of(&r.http.get(format!("{}{list}", r.url)).send().unwrap()),
+        Some(token(v0 + 1))
+    );
+    // Local databases have no position, and neither do endpoints that use none.
+    let local = m
+        .http
+        .get(format!("{}{list}", m.url))
+        .header("X-Dbname", "stats")
+        .send()
+        .unwrap();
+    assert_eq!(position_of(&local), None);
+    assert_eq!(
+        position_of(&m.http.get(format!("{}/health", m.url)).send().unwrap()),
+        None
+    );
+}

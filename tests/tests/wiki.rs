@@ -140,6 +140,7 @@ fn replication_examples_run() {
         "replica is read-only",
         "x-replica-mode: replica",
         "x-master-url",
+        "x-db-position: ",
         "\"lag\": 0",
         "admin@example.com",
     ] {

@@ -80,6 +80,8 @@ pub struct Database {
     writer: Mutex<Option<mpsc::Sender<Job>>>,
     writer_thread: Mutex<Option<JoinHandle<()>>>,
     readers: ReadPool,
+    /// The recorder of a master's replicated database, which knows its position.
+    recorder: Option<Arc<dyn Recorder>>,
 }
 
 impl Database {
@@ -102,16 +104,24 @@ impl Database {
             r.init(&conn)?;
         }
         let (tx, rx) = mpsc::channel(4096);
+        let for_writer = recorder.clone();
         let thread = std::thread::Builder::new()
             .name(format!("writer-{name}"))
-            .spawn(move || writer::run(conn, rx, recorder))?;
+            .spawn(move || writer::run(conn, rx, for_writer))?;
         Ok(Arc::new(Database {
             name: name.to_string(),
             readers: ReadPool::new(path.clone(), read_pool_size),
             path,
             writer: Mutex::new(Some(tx)),
             writer_thread: Mutex::new(Some(thread)),
+            recorder,
         }))
+    }
+
+    /// On a master, this database's uid and newest committed version (`None` when changes are
+    /// not recorded).
+    pub fn position(&self) -> Option<(String, i64)> {
+        self.recorder.as_ref().and_then(|r| r.position())
     }
 
     /// Runs `f` in a write transaction on the writer thread and returns once it is committed.

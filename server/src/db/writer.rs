@@ -63,6 +63,10 @@ pub trait Recorder: Send + Sync + 'static {
     fn finished(&self, committed: bool) {
         let _ = committed;
     }
+    /// The database's position as of the last commit: its uid and its newest version.
+    fn position(&self) -> Option<(String, i64)> {
+        None
+    }
 }
 
 /// The recorder's state for one transaction.

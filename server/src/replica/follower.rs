@@ -110,6 +110,9 @@ pub struct DbSync {
     verified_at: Option<Instant>,
     /// Failed rounds in a row for this database, and when the next may start: each database
     /// backs off on its own, so one failing database delays no other.
+    /// The master's epoch and the database's uid that `local_version` belongs to.
+    #[serde(skip)]
+    origin: Option<(String, String)>,
     #[serde(skip)]
     failures: u32,
     #[serde(skip)]
@@ -202,6 +205,15 @@ impl Follower {
         })
     }
 
+    /// The position this replica has applied of database `name`: the master's epoch, the
+    /// database's uid and the version.
+    pub fn position(&self, name: &str) -> Option<(String, String, i64)> {
+        let m = self.dbs.lock().ok()?;
+        let s = m.get(name)?;
+        let (epoch, uid) = s.origin.clone()?;
+        Some((epoch, uid, s.local_version))
+    }
+
     /// Whether the replica has data to serve (see the `ready` field).
     pub fn is_ready(&self) -> bool {
         self.ready.load(std::sync::atomic::Ordering::Acquire)
@@ -221,7 +233,10 @@ impl Follower {
         for db in state.dbs.list().into_iter().filter(|d| self.follows(&d.name)) {
             if let Ok(Some(l)) = db.read(|conn| Ok(local_state(conn)?)).await {
                 self.set_ready();
-                self.note(&db.name, |s| s.local_version = l.version);
+                self.note(&db.name, |s| {
+                    s.local_version = l.version;
+                    s.origin = Some((l.epoch.clone(), l.uid.clone()));
+                });
                 let dropped = db
                     .write(|conn| {
                         Ok(conn.execute(
@@ -455,6 +470,11 @@ impl Follower {
                 self.bootstrap(state, &db, &why).await?
             }
         };
+        let origin = (epoch.to_string(), master_uid.clone());
+        self.note(name, |s| {
+            s.local_version = version;
+            s.origin = Some(origin);
+        });
         // A bootstrap is followed by entries after the snapshot; a master that keeps answering
         // 410 (or forking) after that is broken, and the round gives up instead of looping.
         let mut snapshots_this_round = 0;

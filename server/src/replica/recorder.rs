@@ -159,6 +159,11 @@ pub struct ChangeRecorder {
     /// The hash a transaction in flight changed the schema to; it becomes `schema_hash` only
     /// when that transaction commits.
     pending_hash: Arc<Mutex<Option<String>>>,
+    /// The database's uid and newest committed version (its position); the version of the
+    /// transaction in flight becomes `head` only when it commits.
+    uid: Mutex<String>,
+    head: Arc<std::sync::atomic::AtomicI64>,
+    pending_head: Arc<std::sync::atomic::AtomicI64>,
 }
 
 impl ChangeRecorder {
@@ -166,6 +171,9 @@ impl ChangeRecorder {
         Arc::new(ChangeRecorder {
             schema_hash: Arc::new(Mutex::new(String::new())),
             pending_hash: Arc::new(Mutex::new(None)),
+            uid: Mutex::new(String::new()),
+            head: Arc::new(std::sync::atomic::AtomicI64::new(0)),
+            pending_head: Arc::new(std::sync::atomic::AtomicI64::new(0)),
         })
     }
 }
@@ -194,7 +202,16 @@ impl Recorder for ChangeRecorder {
         if let Ok(mut cur) = self.schema_hash.lock() {
             *cur = h;
         }
+        if let Ok(mut uid) = self.uid.lock() {
+            *uid = database_uid(conn)?;
+        }
+        self.head.store(bounds(conn)?.1, std::sync::atomic::Ordering::Release);
         Ok(())
+    }
+
+    fn position(&self) -> Option<(String, i64)> {
+        let uid = self.uid.lock().ok()?.clone();
+        Some((uid, self.head.load(std::sync::atomic::Ordering::Acquire)))
     }
 
     fn begin<'c>(&self, conn: &'c Connection) -> rusqlite::Result<Box<dyn TxRecording + 'c>> {
@@ -205,15 +222,21 @@ impl Recorder for ChangeRecorder {
         if let Ok(mut p) = self.pending_hash.lock() {
             *p = None;
         }
+        self.pending_head.store(0, std::sync::atomic::Ordering::Relaxed);
         Ok(Box::new(Recording {
             session,
             schema_version: version,
             schema_hash: self.schema_hash.clone(),
             pending_hash: self.pending_hash.clone(),
+            pending_head: self.pending_head.clone(),
         }))
     }
 
     fn finished(&self, committed: bool) {
+        let version = self.pending_head.swap(0, std::sync::atomic::Ordering::Relaxed);
+        if committed && version > 0 {
+            self.head.store(version, std::sync::atomic::Ordering::Release);
+        }
         let pending = self.pending_hash.lock().ok().and_then(|mut p| p.take());
         if let (true, Some(h)) = (committed, pending) {
             if let Ok(mut cur) = self.schema_hash.lock() {
@@ -228,6 +251,7 @@ struct Recording<'c> {
     schema_version: i64,
     schema_hash: Arc<Mutex<String>>,
     pending_hash: Arc<Mutex<Option<String>>>,
+    pending_head: Arc<std::sync::atomic::AtomicI64>,
 }
 
 impl TxRecording for Recording<'_> {
@@ -237,6 +261,7 @@ impl TxRecording for Recording<'_> {
             schema_version: before,
             schema_hash,
             pending_hash,
+            pending_head,
         } = *self;
         let mut changeset = Vec::new();
         session.changeset_strm(&mut changeset)?;
@@ -278,6 +303,7 @@ impl TxRecording for Recording<'_> {
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
         )?
         .execute(params![version, hash, schema_json, changeset, now_ms(), entry, prev])?;
+        pending_head.store(version, std::sync::atomic::Ordering::Relaxed);
         Ok(())
     }
 }
