@@ -235,6 +235,11 @@ pub struct ServeConfig {
     #[arg(long, env = "SYNC_INTERVAL", default_value_t = 60)]
     pub sync_interval: u64,
 
+    /// Longest a replica holds a read whose X-Min-Db-Position it has not reached, in
+    /// milliseconds; then it answers 504 `replica is behind`.
+    #[arg(long, env = "REPLICA_READ_WAIT_MS", default_value_t = 2000)]
+    pub replica_read_wait_ms: u64,
+
     /// This replica's id, sent to the master and returned in X-Replica-Id. Default: generated
     /// once and kept in DATA_DIR/.replica_id.
     #[arg(long, env = "REPLICA_ID")]

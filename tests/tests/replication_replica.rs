@@ -1389,3 +1389,66 @@ fn answers_carry_the_position_of_their_database() {
         None
     );
 }
+
+#[test]
+fn reads_with_a_minimum_position_see_their_write_or_get_504() {
+    let m = master();
+    seed(&m);
+    // A polling replica that would otherwise see writes only every minute.
+    let r = spawn_replica(
+        &m,
+        SECRET,
+        NodeOptions::default()
+            .env("SYNC_INTERVAL", "60")
+            .env("REPLICA_READ_WAIT_MS", "2000"),
+    );
+    assert_replica_equals_master(&m, &r, SECRET, "default", TIMEOUT);
+    let list = "/api/collections/posts/records";
+    let mut seen = 0;
+    for i in 0..100 {
+        let resp = m
+            .http
+            .post(format!("{}{list}", m.url))
+            .json(&json!({"title": format!("ryw-{i}")}))
+            .send()
+            .unwrap();
+        let position = position_of(&resp).expect("a position");
+        let id = resp.json::<Value>().unwrap()["id"].as_str().unwrap().to_string();
+        let (s, b) = r.request(
+            "GET",
+            &format!("{list}/{id}"),
+            None,
+            None,
+            &[("X-Min-Db-Position", &position)],
+        );
+        if s == 200 && b["title"] == format!("ryw-{i}") {
+            seen += 1;
+        }
+    }
+    assert_eq!(seen, 100, "reads that saw their write");
+    // A position the master will not reach in time: 504 within the bound, never a hang.
+    let ahead = {
+        let p = position_of(&m.http.get(format!("{}{list}", m.url)).send().unwrap()).unwrap();
+        let (head, v) = p.rsplit_once('.').unwrap();
+        format!("{head}.{}", v.parse::<i64>().unwrap() + 1000)
+    };
+    let other_history = format!("{}.someotheruid.1", ahead.split('.').next().unwrap());
+    for token in [ahead.as_str(), other_history.as_str()] {
+        let start = std::time::Instant::now();
+        let (s, b) = r.request("GET", list, None, None, &[("X-Min-Db-Position", token)]);
+        assert_eq!((s, b["message"].as_str()), (504, Some("replica is behind")), "{token}");
+        let took = start.elapsed();
+        assert!(
+            took >= Duration::from_millis(1900) && took < Duration::from_secs(10),
+            "{token}: {took:?}"
+        );
+    }
+    let (s, _) = r.request("GET", list, None, None, &[("X-Min-Db-Position", "not a position")]);
+    assert_eq!(s, 400);
+    // The master ignores the header.
+    assert_eq!(
+        m.request("GET", list, None, None, &[("X-Min-Db-Position", ahead.as_str())])
+            .0,
+        200
+    );
+}

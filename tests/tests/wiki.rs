@@ -141,6 +141,7 @@ fn replication_examples_run() {
         "x-replica-mode: replica",
         "x-master-url",
         "x-db-position: ",
+        "read-your-writes: 1",
         "\"lag\": 0",
         "admin@example.com",
     ] {

@@ -144,6 +144,11 @@ pub struct Follower {
     http: reqwest::Client,
     /// One round at a time: the scheduled loop and `POST /api/replica/sync` share it.
     round_lock: tokio::sync::Mutex<()>,
+    /// Woken whenever the copy moves (a page applied, a snapshot restored, a round ended), for
+    /// reads waiting for a position.
+    moved: tokio::sync::Notify,
+    /// `REPLICA_READ_WAIT_MS`.
+    pub read_wait: Duration,
     /// Per-database state for `/health`. Held only to read or update.
     pub dbs: Mutex<BTreeMap<String, DbSync>>,
     /// Time of the last round that completed without error, and the last error.
@@ -196,6 +201,8 @@ impl Follower {
             omit: config.omitted_dbs().into_iter().collect(),
             http,
             round_lock: tokio::sync::Mutex::new(()),
+            moved: tokio::sync::Notify::new(),
+            read_wait: Duration::from_millis(config.replica_read_wait_ms),
             dbs: Mutex::new(BTreeMap::new()),
             last_round: Mutex::new((None, None)),
             last_ok_at: Mutex::new(None),
@@ -212,6 +219,44 @@ impl Follower {
         let s = m.get(name)?;
         let (epoch, uid) = s.origin.clone()?;
         Some((epoch, uid, s.local_version))
+    }
+
+    /// Holds a read until this replica has applied `token` (an `X-Db-Position` of database
+    /// `name`), fetching from the master at once when it has not, for at most `read_wait`.
+    /// `Ok(false)` when the wait ran out: the position is ahead of the master's reach in time,
+    /// or of another history that no re-bootstrap brought here.
+    pub async fn wait_for_position(&self, state: &web::Data<AppState>, name: &str, token: &str) -> bool {
+        // A position the master has not reached yet (or of another history) is asked for again
+        // at most this often while the read waits, not in a tight loop of rounds.
+        const RETRY: Duration = Duration::from_millis(200);
+        let deadline = tokio::time::Instant::now() + self.read_wait;
+        let want = parse_position(token);
+        let mut next_fetch = tokio::time::Instant::now();
+        loop {
+            let moved = self.moved.notified();
+            let reached = match (&want, self.position(name)) {
+                (Some((e, u, v)), Some((he, hu, hv))) => *e == he && *u == hu && hv >= *v,
+                _ => false,
+            };
+            if reached {
+                return true;
+            }
+            let now = tokio::time::Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            // Start a round now unless one is running; it wakes us as it applies pages.
+            if now >= next_fetch && self.round_lock.try_lock().is_ok() {
+                next_fetch = now + RETRY;
+                let st = state.clone();
+                actix_web::rt::spawn(async move {
+                    if let Some(f) = st.follower.as_ref() {
+                        let _ = f.round(&st, true).await;
+                    }
+                });
+            }
+            let _ = tokio::time::timeout_at(deadline.min(next_fetch.max(now + RETRY / 4)), moved).await;
+        }
     }
 
     /// Whether the replica has data to serve (see the `ready` field).
@@ -338,6 +383,7 @@ impl Follower {
     pub async fn round(&self, state: &web::Data<AppState>, force: bool) -> Result<(), String> {
         let _one_at_a_time = self.round_lock.lock().await;
         let result = self.round_inner(state, force).await;
+        self.moved.notify_waiters();
         if let Ok(mut last) = self.last_round.lock() {
             match &result {
                 Ok(()) => {
@@ -549,6 +595,7 @@ impl Follower {
             state.schemas.reload(&db).await.map_err(|e| e.to_string())?;
             log::debug!("applied entries to '{name}', now at version {version}");
             self.note(name, |s| s.local_version = version);
+            self.moved.notify_waiters();
             // What the master had at the round's start is enough for this round: a database
             // under sustained writes must not keep the round, and the manual sync, forever.
             if version >= master_version {
@@ -660,6 +707,7 @@ impl Follower {
         let _ = std::fs::remove_file(&tmp);
         let (version, hash) = result?;
         self.set_ready();
+        self.moved.notify_waiters();
         state.schemas.reload(db).await.map_err(|e| e.to_string())?;
         self.note(&db.name, |s| {
             s.bootstraps += 1;
@@ -724,6 +772,15 @@ impl Follower {
             .map_err(|e| e.to_string())?;
         Ok((version, hash))
     }
+}
+
+/// The parts of an `X-Db-Position` token: epoch, uid, version.
+pub fn parse_position(token: &str) -> Option<(String, String, i64)> {
+    let mut parts = token.trim().splitn(3, '.');
+    let (e, u, v) = (parts.next()?, parts.next()?, parts.next()?);
+    let ok = |s: &str| !s.is_empty() && s.len() <= 64 && s.bytes().all(|b| b.is_ascii_alphanumeric());
+    (ok(e) && ok(u)).then_some(())?;
+    Some((e.to_string(), u.to_string(), v.parse().ok().filter(|v: &i64| *v >= 0)?))
 }
 
 /// A transport failure in words an operator acts on: "connection refused", "timed out".
@@ -974,7 +1031,9 @@ fn allowed_on_replica(path: &str) -> bool {
         && matches!(parts[4], "auth-with-password" | "auth-refresh"))
 }
 
-/// Refuses writes on a replica before any handler runs: 403 `replica is read-only`.
+/// On a replica, before any handler runs: 503 until it has data, 403 `replica is read-only` for
+/// writes, and a read with `X-Min-Db-Position` held until that position is applied (504
+/// `replica is behind` after `REPLICA_READ_WAIT_MS`).
 pub async fn read_only_guard(
     req: ServiceRequest,
     next: Next<BoxBody>,
@@ -994,6 +1053,29 @@ pub async fn read_only_guard(
     if is_write(req.method()) && !allowed_on_replica(req.path()) {
         let resp = error_body(StatusCode::FORBIDDEN, "replica is read-only", json!({}));
         return Ok(req.into_response(resp));
+    }
+    if let Some(token) = req.headers().get("x-min-db-position") {
+        let token = token.to_str().unwrap_or("").to_string();
+        if parse_position(&token).is_none() {
+            let resp = error_body(
+                StatusCode::BAD_REQUEST,
+                "X-Min-Db-Position is not a position: send back an X-Db-Position token unchanged",
+                json!({}),
+            );
+            return Ok(req.into_response(resp));
+        }
+        let name = crate::app::requested_db_name(req.request());
+        let state = req.app_data::<web::Data<AppState>>().cloned();
+        if let Some(st) = state.filter(|_| crate::replica::is_replicated_db(&name)) {
+            let reached = match st.follower.as_ref() {
+                Some(f) => f.wait_for_position(&st, &name, &token).await,
+                None => true,
+            };
+            if !reached {
+                let resp = error_body(StatusCode::GATEWAY_TIMEOUT, "replica is behind", json!({}));
+                return Ok(req.into_response(resp));
+            }
+        }
     }
     next.call(req).await
 }
