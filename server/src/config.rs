@@ -253,6 +253,11 @@ pub struct ServeConfig {
     #[arg(long, env = "REPLICA_OMIT_DBS", default_value = "")]
     pub replica_omit_dbs: String,
 
+    /// What a replica does with a write: `refuse` (403 `replica is read-only`, as VSKI) or
+    /// `forward` (proxy it to MASTER_URL and answer once the write has been applied here).
+    #[arg(long, env = "REPLICA_WRITES", default_value = "refuse", value_parser = ["refuse", "forward"])]
+    pub replica_writes: String,
+
     /// HTTP worker threads. Default: one per CPU core.
     #[arg(long, env = "WORKERS")]
     pub workers: Option<usize>,

@@ -1452,3 +1452,79 @@ fn reads_with_a_minimum_position_see_their_write_or_get_504() {
         200
     );
 }
+
+#[test]
+fn a_forwarding_replica_relays_writes_and_reads_them_back_at_once() {
+    let mut m = master();
+    let t = seed(&m);
+    let def = json!({"name": "notes", "listRule": "", "viewRule": "", "createRule": "@request.auth.id != ''",
+                     "fields": [{"name": "body", "type": "text"}]});
+    assert_eq!(m.post("/api/collections", Some(&t), &def).0, 200);
+    let r = spawn_replica(
+        &m,
+        SECRET,
+        NodeOptions::default()
+            .env("SYNC_INTERVAL", "60")
+            .env("REPLICA_WRITES", "forward"),
+    );
+    assert_replica_equals_master(&m, &r, SECRET, "default", TIMEOUT);
+    // A create through the replica: the master's answer, readable on the replica at once.
+    let resp = r
+        .http
+        .post(format!("{}/api/collections/posts/records", r.url))
+        .json(&json!({"title": "forwarded"}))
+        .send()
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    assert_eq!(resp.headers()["x-replica-mode"], "replica");
+    let created: Value = resp.json().unwrap();
+    let (s, b) = r.get(
+        &format!("/api/collections/posts/records/{}", created["id"].as_str().unwrap()),
+        None,
+    );
+    assert_eq!((s, b["title"].as_str()), (200, Some("forwarded")));
+    // The master's refusals come back verbatim.
+    for (method, path, token, body) in [
+        ("POST", "/api/collections/notes/records", None, json!({"body": "guest"})),
+        ("POST", "/api/collections/nope/records", None, json!({})),
+        (
+            "DELETE",
+            "/api/collections/posts/records/missing000000",
+            None,
+            json!({}),
+        ),
+        ("POST", "/api/collections", None, json!({"name": "x"})),
+        (
+            "POST",
+            "/api/collections",
+            Some(t.as_str()),
+            json!({"name": "sqlite_x"}),
+        ),
+    ] {
+        let direct = m.request(method, path, token, Some(&body), &[]);
+        let relayed = r.request(method, path, token, Some(&body), &[]);
+        assert_eq!(relayed, direct, "{method} {path}");
+        assert!(direct.0 >= 400, "{method} {path}: {direct:?}");
+    }
+    // A 9 MB body goes through.
+    let big = "b".repeat(9 * 1024 * 1024);
+    let (s, b) = r.post("/api/collections/posts/records", None, &json!({"title": big}));
+    assert_eq!(s, 200, "{}", b["message"]);
+    assert_replica_equals_master(&m, &r, SECRET, "default", TIMEOUT);
+    // The master down: 502 with the error shape, and reads go on.
+    m.kill();
+    let (s, b) = r.post("/api/collections/posts/records", None, &json!({"title": "lost"}));
+    assert_eq!(s, 502, "{b}");
+    assert!(
+        b["message"].as_str().unwrap().contains("the master cannot be reached"),
+        "{b}"
+    );
+    assert_eq!(r.get("/api/collections/posts/records?perPage=1", None).0, 200);
+    // Sign-in stays local.
+    let (s, _) = r.post(
+        "/api/admins/auth-with-password",
+        None,
+        &json!({"identity": ADMIN_EMAIL, "password": ADMIN_PASSWORD}),
+    );
+    assert_eq!(s, 200);
+}

@@ -149,6 +149,8 @@ pub struct Follower {
     moved: tokio::sync::Notify,
     /// `REPLICA_READ_WAIT_MS`.
     pub read_wait: Duration,
+    /// `REPLICA_WRITES=forward`: writes are proxied to the master instead of refused.
+    pub forward_writes: bool,
     /// Per-database state for `/health`. Held only to read or update.
     pub dbs: Mutex<BTreeMap<String, DbSync>>,
     /// Time of the last round that completed without error, and the last error.
@@ -203,6 +205,7 @@ impl Follower {
             round_lock: tokio::sync::Mutex::new(()),
             moved: tokio::sync::Notify::new(),
             read_wait: Duration::from_millis(config.replica_read_wait_ms),
+            forward_writes: config.replica_writes == "forward",
             dbs: Mutex::new(BTreeMap::new()),
             last_round: Mutex::new((None, None)),
             last_ok_at: Mutex::new(None),
@@ -257,6 +260,11 @@ impl Follower {
             }
             let _ = tokio::time::timeout_at(deadline.min(next_fetch.max(now + RETRY / 4)), moved).await;
         }
+    }
+
+    /// The HTTP client for the master (write forwarding uses it too).
+    pub fn http(&self) -> &reqwest::Client {
+        &self.http
     }
 
     /// Whether the replica has data to serve (see the `ready` field).
@@ -784,7 +792,7 @@ pub fn parse_position(token: &str) -> Option<(String, String, i64)> {
 }
 
 /// A transport failure in words an operator acts on: "connection refused", "timed out".
-fn transport_error(e: &reqwest::Error) -> String {
+pub fn transport_error(e: &reqwest::Error) -> String {
     let mut text = e.to_string();
     let mut source = std::error::Error::source(e);
     while let Some(s) = source {
@@ -1051,6 +1059,10 @@ pub async fn read_only_guard(
         return Ok(req.into_response(resp));
     }
     if is_write(req.method()) && !allowed_on_replica(req.path()) {
+        let state = req.app_data::<web::Data<AppState>>().cloned();
+        if let Some(st) = state.filter(|s| s.follower.as_ref().is_some_and(|f| f.forward_writes)) {
+            return super::forward::forward(st, req).await;
+        }
         let resp = error_body(StatusCode::FORBIDDEN, "replica is read-only", json!({}));
         return Ok(req.into_response(resp));
     }

@@ -6,6 +6,7 @@
 pub mod apply;
 pub mod checksum;
 pub mod follower;
+pub mod forward;
 pub mod master;
 pub mod recorder;
 pub mod schema;
