@@ -236,7 +236,8 @@ pub struct ServeConfig {
     pub sync_interval: u64,
 
     /// Longest a replica holds a read whose X-Min-Db-Position it has not reached, in
-    /// milliseconds; then it answers 504 `replica is behind`.
+    /// milliseconds; then it answers 504 `replica is behind` (or forwards the read to the
+    /// master with REPLICA_WRITES=forward).
     #[arg(long, env = "REPLICA_READ_WAIT_MS", default_value_t = 2000)]
     pub replica_read_wait_ms: u64,
 

@@ -1511,6 +1511,30 @@ fn a_forwarding_replica_relays_writes_and_reads_them_back_at_once() {
     let (s, b) = r.post("/api/collections/posts/records", None, &json!({"title": big}));
     assert_eq!(s, 200, "{}", b["message"]);
     assert_replica_equals_master(&m, &r, SECRET, "default", TIMEOUT);
+    // A read at a position the replica will not reach in time is answered by the master.
+    let ahead = {
+        let p = position_of(
+            &m.http
+                .get(format!("{}/api/collections/posts/records", m.url))
+                .send()
+                .unwrap(),
+        )
+        .unwrap();
+        let (head, v) = p.rsplit_once('.').unwrap();
+        format!("{head}.{}", v.parse::<i64>().unwrap() + 1000)
+    };
+    let (s, b) = r.request(
+        "GET",
+        "/api/collections/posts/records?perPage=1",
+        None,
+        None,
+        &[("X-Min-Db-Position", ahead.as_str())],
+    );
+    assert_eq!(s, 200, "{b}");
+    assert_eq!(
+        b["totalItems"],
+        m.get("/api/collections/posts/records?perPage=1", None).1["totalItems"]
+    );
     // The master down: 502 with the error shape, and reads go on.
     m.kill();
     let (s, b) = r.post("/api/collections/posts/records", None, &json!({"title": "lost"}));

@@ -1084,6 +1084,10 @@ pub async fn read_only_guard(
                 None => true,
             };
             if !reached {
+                // With forwarding on, the master answers the read instead.
+                if st.follower.as_ref().is_some_and(|f| f.forward_writes) {
+                    return super::forward::forward(st, req).await;
+                }
                 let resp = error_body(StatusCode::GATEWAY_TIMEOUT, "replica is behind", json!({}));
                 return Ok(req.into_response(resp));
             }

@@ -1,4 +1,5 @@
-//! Write forwarding (`REPLICA_WRITES=forward`): a replica proxies a write to its master with the
+//! Write forwarding (`REPLICA_WRITES=forward`): a replica proxies a write (or a read it could not
+//! serve at the position asked for in time) to its master with the
 //! client's own headers (its token included, so forwarding grants nothing new), streams the
 //! body both ways, and answers only once it has applied the write's position, so the client
 //! reads its write on the same replica at once. No request ever runs on both nodes: the
