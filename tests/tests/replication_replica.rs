@@ -338,6 +338,35 @@ fn two_replicas_at_different_positions_and_the_master_knows_them() {
         ra["positions"]["default"].as_i64().unwrap() < rb["positions"]["default"].as_i64().unwrap(),
         "{list}"
     );
+    // Per database: versions behind and the age of the oldest commit not applied.
+    assert_eq!(ra["dbs"]["default"]["behind"], 5, "{list}");
+    assert!(ra["dbs"]["default"]["lagMs"].as_i64().unwrap() > 0, "{list}");
+    assert_eq!(
+        (
+            rb["dbs"]["default"]["behind"].clone(),
+            rb["dbs"]["default"]["lagMs"].clone()
+        ),
+        (json!(0), json!(0)),
+        "{list}"
+    );
+    // The figures move as the lagging replica catches up.
+    assert_eq!(a.post("/api/replica/sync", Some(&t), &json!({})).0, 200);
+    let (_, list) = m.get("/api/replica/replicas", Some(&t));
+    let ra = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["id"] == "r001")
+        .cloned()
+        .unwrap();
+    assert_eq!(
+        (
+            ra["dbs"]["default"]["behind"].clone(),
+            ra["dbs"]["default"]["lagMs"].clone()
+        ),
+        (json!(0), json!(0)),
+        "{list}"
+    );
 }
 
 #[test]

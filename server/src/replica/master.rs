@@ -289,7 +289,8 @@ async fn changesets(
     }
     .clamp(1, MAX_ENTRIES);
     let their_hash = q.hash.clone().filter(|h| !h.is_empty());
-    touch(&state, &req, &who, None);
+    // A pull from `since` says the replica has applied `since`: fresher than its last ack.
+    touch(&state, &req, &who, Some((&db.name, since)));
     let (min, head, uid, ours, entries) = db
         .read(move |conn| {
             conn.execute_batch("BEGIN")?;
@@ -494,13 +495,57 @@ async fn replicas(state: web::Data<AppState>, who: Identity) -> ApiResult<HttpRe
         Identity::Admin(_) => {}
         other => authorize(other, false).and(Err(ApiError::Forbidden("Only admins can list replicas.".into())))?,
     }
+    // Replicas not seen for a week (the default retention, after which they need a snapshot
+    // anyway) age out of the list.
+    let cutoff = (chrono::Utc::now() - chrono::Duration::days(7))
+        .format("%Y-%m-%d %H:%M:%S%.3fZ")
+        .to_string();
     let list: Vec<ReplicaInfo> = state
         .master
         .replicas
         .lock()
-        .map(|m| m.values().cloned().collect())
+        .map(|mut m| {
+            m.retain(|_, r| r.last_seen >= cutoff);
+            m.values().cloned().collect()
+        })
         .unwrap_or_default();
-    Ok(HttpResponse::Ok().json(list))
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64);
+    let mut out = Vec::new();
+    for r in list {
+        let mut dbs = serde_json::Map::new();
+        for (name, &applied) in &r.positions {
+            let Some(db) = state.dbs.get(name) else { continue };
+            let head = db.position().map_or(applied, |(_, v)| v);
+            let behind = (head - applied).max(0);
+            // Like pg_stat_replication's replay_lag: the age of the oldest commit not applied.
+            let oldest: Option<i64> = if behind > 0 {
+                use rusqlite::OptionalExtension;
+                db.read(move |conn| {
+                    Ok(conn
+                        .query_row(
+                            "SELECT created FROM _changelog WHERE version = ?1",
+                            [applied + 1],
+                            |r| r.get(0),
+                        )
+                        .optional()?)
+                })
+                .await?
+            } else {
+                None
+            };
+            let lag_ms = oldest.map_or(0, |c| (now_ms - c).max(0));
+            dbs.insert(
+                name.clone(),
+                json!({"version": applied, "behind": behind, "lagMs": lag_ms}),
+            );
+        }
+        let mut v = serde_json::to_value(&r).map_err(|e| ApiError::internal("replicas", e))?;
+        v["dbs"] = Value::Object(dbs);
+        out.push(v);
+    }
+    Ok(HttpResponse::Ok().json(out))
 }
 
 /// Deletes changelog entries older than `retention_hours` on every replicated database, every
