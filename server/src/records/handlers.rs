@@ -472,8 +472,14 @@ async fn update(
         auth.extend(changes);
     }
     let c2 = c.clone();
-    // The new values, and about as much again for the old ones the changeset keeps.
-    let weight = 2 * serde_json::to_string(&body).map_or(0, |b| b.len());
+    // The new values (the body's size as sent, not serialized again), and about as much again
+    // for the old ones the changeset keeps.
+    let sent = req
+        .headers()
+        .get(actix_web::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<usize>().ok())
+        .unwrap_or(0);
+    let weight = 2 * sent;
     let rec = db
         .write_weighted(weight, move |conn| {
             let current = store::get(conn, &c2, &id)?
