@@ -51,10 +51,16 @@ impl AppState {
     /// Opens the data directory and bootstraps every database in it.
     pub async fn open(config: &ServeConfig, secret: &str) -> ApiResult<Self> {
         // Replicas record nothing: their replicated databases change only by applying the master's log.
+        // Every commit of a replicated database is published to `feed`, which wakes the
+        // long-polls of streaming replicas.
+        let feed = Arc::new(crate::replica::feed::CommitFeed::new());
         let recorders: Option<crate::db::RecorderFactory> =
             (config.changelog == "on" && !config.is_replica()).then(|| {
-                let f: crate::db::RecorderFactory = Arc::new(|name: &str| {
-                    is_replicated_db(name).then(|| ChangeRecorder::new() as Arc<dyn crate::db::writer::Recorder>)
+                let feed = feed.clone();
+                let f: crate::db::RecorderFactory = Arc::new(move |name: &str| {
+                    is_replicated_db(name).then(|| {
+                        ChangeRecorder::publishing(name, feed.clone()) as Arc<dyn crate::db::writer::Recorder>
+                    })
                 });
                 f
             });
@@ -62,7 +68,7 @@ impl AppState {
         let stats = dbs
             .get(crate::db::STATS_DB)
             .ok_or_else(|| ApiError::internal("open", "stats database missing"))?;
-        let master = MasterState::open(&config.data_dir, &stats).await?;
+        let master = MasterState::open(&config.data_dir, &stats, feed).await?;
         let follower = if config.is_replica() {
             Some(crate::replica::follower::Follower::new(config)?)
         } else {
@@ -314,13 +320,15 @@ pub async fn run(config: ServeConfig, secret: String, listener: TcpListener) -> 
         headers.push(("X-Replica-Id", f.replica_id.clone()));
         headers.push(("X-Master-Url", f.master_url.clone()));
         log::info!(
-            "replica '{}' of {} (sync every {} s; 0 = manual)",
+            "replica '{}' of {} ({}; rounds every {} s, 0 = manual)",
             f.replica_id,
             f.master_url,
+            f.sync_mode(),
             f.interval
         );
         f.load_positions(&state).await;
         actix_web::rt::spawn(crate::replica::follower::sync_loop(state.clone()));
+        actix_web::rt::spawn(crate::replica::follower::stream_loop(state.clone()));
     } else {
         match state.has_admins().await {
             Ok(false) => log::warn!(
@@ -378,11 +386,14 @@ pub async fn run(config: ServeConfig, secret: String, listener: TcpListener) -> 
     // requests finish, so the signals are handled here.
     let server = server.disable_signals().listen(listener)?.run();
     let handle = server.handle();
+    let stopping = state.clone();
     actix_web::rt::spawn(async move {
         match shutdown_signal().await {
             Ok(name) => log::info!("{name} received: finishing in-flight requests"),
             Err(e) => log::error!("cannot listen for shutdown signals: {e}"),
         }
+        // Held long-polls of streaming replicas answer now instead of holding the stop.
+        stopping.master.feed.stop();
         handle.stop(true).await;
     });
     server.await?;

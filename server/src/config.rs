@@ -235,6 +235,12 @@ pub struct ServeConfig {
     #[arg(long, env = "SYNC_INTERVAL", default_value_t = 60)]
     pub sync_interval: u64,
 
+    /// How a replica follows the master when SYNC_INTERVAL > 0: `stream` (one long-poll for
+    /// all databases, answered the moment a write commits on the master; SYNC_INTERVAL is then
+    /// the period of the full safety round) or `poll` (a round every SYNC_INTERVAL seconds).
+    #[arg(long, env = "SYNC_MODE", default_value = "stream", value_parser = ["stream", "poll"])]
+    pub sync_mode: String,
+
     /// Longest a replica holds a read whose X-Min-Db-Position it has not reached, in
     /// milliseconds; then it answers 504 `replica is behind` (or forwards the read to the
     /// master with REPLICA_WRITES=forward).

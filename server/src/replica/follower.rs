@@ -7,7 +7,7 @@
 //! restored into the live file with the backup API in one step. A crash at any point leaves
 //! the database at a clean version, and the next round continues from there.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -93,6 +93,11 @@ pub struct DbSync {
     pub last_sync: Option<String>,
     /// Versions behind the master's last known version.
     pub lag: i64,
+    /// Milliseconds since this copy knows it is behind the master (0 when it is not): how
+    /// stale a read here may be.
+    pub lag_ms: u64,
+    #[serde(skip)]
+    behind_since: Option<Instant>,
     pub last_error: Option<String>,
     /// Snapshots downloaded for this database since start.
     pub bootstraps: u64,
@@ -119,6 +124,20 @@ pub struct DbSync {
     retry_at: Option<Instant>,
 }
 
+impl DbSync {
+    /// Sets both versions, and when this copy started to be behind.
+    fn set_versions(&mut self, local: i64, master: i64) {
+        self.local_version = local;
+        self.master_version = master;
+        self.lag = (master - local).max(0);
+        if self.lag == 0 {
+            self.behind_since = None;
+        } else if self.behind_since.is_none() {
+            self.behind_since = Some(Instant::now());
+        }
+    }
+}
+
 /// The wait after `failures` failed attempts: 2, 4, 8 … seconds, at least `interval`, at most
 /// 8 intervals or 5 minutes, plus up to 20% random jitter so replicas do not retry in step.
 pub fn backoff(failures: u32, interval: u64) -> Duration {
@@ -130,6 +149,10 @@ pub fn backoff(failures: u32, interval: u64) -> Duration {
     Duration::from_millis(base * 1000 + jitter)
 }
 
+/// Databases a replica syncs at once (and so about the most connections it opens to the
+/// master besides its one long-poll).
+const SYNC_SLOTS: usize = 4;
+
 /// Least time between two comparisons of a database's logical checksum with the master's
 /// (each reads the whole database on both sides).
 const VERIFY_EVERY: Duration = Duration::from_secs(300);
@@ -140,10 +163,22 @@ pub struct Follower {
     pub replica_id: String,
     pub public_url: Option<String>,
     pub interval: u64,
+    /// `SYNC_MODE=stream` with `SYNC_INTERVAL` > 0: a long-poll wakes the sync of each database
+    /// that committed on the master; rounds are only the safety net.
+    pub streaming: bool,
     omit: HashSet<String>,
     http: reqwest::Client,
     /// One round at a time: the scheduled loop and `POST /api/replica/sync` share it.
     round_lock: tokio::sync::Mutex<()>,
+    /// One sync of a database at a time (a round's and a stream's never interleave their pages),
+    /// by database name.
+    db_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Databases synced at once, so that a replica of 1,000 databases opens a handful of
+    /// connections to the master, not 1,000.
+    slots: tokio::sync::Semaphore,
+    /// Databases the stream woke whose sync is running, with the newer position it must reach
+    /// when it is done (`Some`), by name.
+    kicked: Mutex<HashMap<String, Option<(String, Value)>>>,
     /// Woken whenever the copy moves (a page applied, a snapshot restored, a round ended), for
     /// reads waiting for a position.
     moved: tokio::sync::Notify,
@@ -188,6 +223,7 @@ impl Follower {
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(10))
             .read_timeout(Duration::from_secs(60))
+            .pool_max_idle_per_host(SYNC_SLOTS + 1)
             .build()
             .map_err(std::io::Error::other)?;
         Ok(Follower {
@@ -200,9 +236,13 @@ impl Follower {
             replica_id: replica_id(config)?,
             public_url: config.public_url.clone(),
             interval: config.sync_interval,
+            streaming: config.sync_mode == "stream" && config.sync_interval > 0,
             omit: config.omitted_dbs().into_iter().collect(),
             http,
             round_lock: tokio::sync::Mutex::new(()),
+            db_locks: Mutex::new(HashMap::new()),
+            slots: tokio::sync::Semaphore::new(SYNC_SLOTS),
+            kicked: Mutex::new(HashMap::new()),
             moved: tokio::sync::Notify::new(),
             read_wait: Duration::from_millis(config.replica_read_wait_ms),
             forward_writes: config.replica_writes == "forward",
@@ -248,8 +288,19 @@ impl Follower {
             if now >= deadline {
                 return false;
             }
-            // Start a round now unless one is running; it wakes us as it applies pages.
-            if now >= next_fetch && self.round_lock.try_lock().is_ok() {
+            // A position of the history this copy follows: fetch that database now. Another
+            // history (a restored master, a re-created database): a round, which re-bootstraps.
+            let ours = match (&want, self.position(name)) {
+                (Some((e, u, _)), Some((he, hu, _))) => *e == he && *u == hu,
+                _ => false,
+            };
+            if now >= next_fetch && ours {
+                next_fetch = now + RETRY;
+                if let Some((e, u, v)) = &want {
+                    self.kick(state, e, name, json!({"name": name, "uid": u, "version": v}));
+                }
+            } else if now >= next_fetch && self.round_lock.try_lock().is_ok() {
+                // Start a round now unless one is running; it wakes us as it applies pages.
                 next_fetch = now + RETRY;
                 let st = state.clone();
                 actix_web::rt::spawn(async move {
@@ -306,6 +357,15 @@ impl Follower {
         }
     }
 
+    /// `stream`, `poll` or `manual`, as shown in `/health` and told to the master.
+    pub fn sync_mode(&self) -> &'static str {
+        match (self.interval, self.streaming) {
+            (0, _) => "manual",
+            (_, true) => "stream",
+            _ => "poll",
+        }
+    }
+
     /// Whether database `name` is replicated to this node.
     pub fn follows(&self, name: &str) -> bool {
         is_replicated_db(name) && !self.omit.contains(name)
@@ -319,7 +379,8 @@ impl Follower {
             .http
             .request(method, format!("{}{path}", self.master_url))
             .bearer_auth(token)
-            .header("X-Replica-Id", &self.replica_id);
+            .header("X-Replica-Id", &self.replica_id)
+            .header("X-Replica-Sync-Mode", self.sync_mode());
         if let Some(url) = &self.public_url {
             rb = rb.header("X-Replica-Public-Url", url);
         }
@@ -436,28 +497,13 @@ impl Follower {
         let epoch = epoch.as_str();
         let results = futures_util::future::join_all(
             due.iter()
-                .map(|(name, d)| async move { (name, self.sync_db(state, epoch, name, d).await) }),
+                .map(|(name, d)| async move { (name, self.sync_tracked(state, epoch, name, d, false).await) }),
         )
         .await;
-        let mut errors = Vec::new();
-        for (name, result) in results {
-            match result {
-                Ok(()) => self.note(name, |s| {
-                    s.failures = 0;
-                    s.retry_at = None;
-                }),
-                Err(e) => {
-                    log::warn!("sync of '{name}' failed: {e}");
-                    let interval = self.interval;
-                    self.note(name, |s| {
-                        s.last_error = Some(e.clone());
-                        s.failures = s.failures.saturating_add(1);
-                        s.retry_at = Some(Instant::now() + backoff(s.failures, interval));
-                    });
-                    errors.push(format!("{name}: {e}"));
-                }
-            }
-        }
+        let errors: Vec<String> = results
+            .into_iter()
+            .filter_map(|(name, r)| r.err().map(|e| format!("{name}: {e}")))
+            .collect();
         if errors.is_empty() {
             Ok(())
         } else {
@@ -494,7 +540,79 @@ impl Follower {
         }
     }
 
-    async fn sync_db(&self, state: &AppState, epoch: &str, name: &str, master: &Value) -> Result<(), String> {
+    /// Starts a quick sync of `name` up to the master's position `master` (`{name, uid,
+    /// version}`), unless one is running: that one then goes on to this position when it is
+    /// done. So a database under a stream of commits has one sync at a time, never a queue.
+    /// A database backing off from failures waits for its next round instead.
+    fn kick(&self, state: &web::Data<AppState>, epoch: &str, name: &str, master: Value) {
+        {
+            let mut k = self.kicked.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            if let Some(next) = k.get_mut(name) {
+                *next = Some((epoch.to_string(), master));
+                return;
+            }
+            k.insert(name.to_string(), None);
+        }
+        let st = state.clone();
+        let (mut epoch, mut master, name) = (epoch.to_string(), master, name.to_string());
+        actix_web::rt::spawn(async move {
+            let Some(f) = st.follower.as_ref() else { return };
+            loop {
+                let backing_off = f
+                    .dbs
+                    .lock()
+                    .ok()
+                    .and_then(|m| m.get(&name).and_then(|s| s.retry_at))
+                    .is_some_and(|at| at > Instant::now());
+                if !backing_off {
+                    let _ = f.sync_tracked(&st, &epoch, &name, &master, true).await;
+                }
+                let mut k = f.kicked.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                match k.get_mut(&name).and_then(Option::take) {
+                    Some((e, m)) => (epoch, master) = (e, m),
+                    None => {
+                        k.remove(&name);
+                        break;
+                    }
+                }
+            }
+        });
+    }
+
+    /// The lock that keeps syncs of database `name` one at a time.
+    fn db_lock(&self, name: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut m = self.db_locks.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        m.entry(name.to_string()).or_default().clone()
+    }
+
+    /// Syncs database `name` to the master's position `master` (an entry of the master's
+    /// status or stream answer), one sync of it at a time and at most [`SYNC_SLOTS`] databases
+    /// at once, and keeps its failure count and backoff. `quick` (a stream wake-up) only
+    /// fetches and applies entries; a round also checks the schema and checksum and acks.
+    async fn sync_tracked(&self, state: &AppState, epoch: &str, name: &str, master: &Value, quick: bool) -> Result<(), String> {
+        let lock = self.db_lock(name);
+        let _one_at_a_time = lock.lock().await;
+        let _slot = self.slots.acquire().await.map_err(|e| e.to_string())?;
+        let result = self.sync_db(state, epoch, name, master, quick).await;
+        match &result {
+            Ok(()) => self.note(name, |s| {
+                s.failures = 0;
+                s.retry_at = None;
+            }),
+            Err(e) => {
+                log::warn!("sync of '{name}' failed: {e}");
+                let interval = self.interval;
+                self.note(name, |s| {
+                    s.last_error = Some(e.clone());
+                    s.failures = s.failures.saturating_add(1);
+                    s.retry_at = Some(Instant::now() + backoff(s.failures, interval));
+                });
+            }
+        }
+        result
+    }
+
+    async fn sync_db(&self, state: &AppState, epoch: &str, name: &str, master: &Value, quick: bool) -> Result<(), String> {
         let master_version = master["version"].as_i64().unwrap_or(0);
         let master_uid = master["uid"].as_str().unwrap_or_default().to_string();
         let db = match state.dbs.get(name) {
@@ -507,11 +625,9 @@ impl Follower {
             .map_err(|e| e.to_string())?;
         // What the master has is known now, whether or not the rest of the round works.
         let local_version = local.as_ref().map_or(0, |l| l.version);
-        self.note(name, |s| {
-            s.master_version = master_version;
-            s.local_version = local_version;
-            s.lag = (master_version - local_version).max(0);
-        });
+        if !quick {
+            self.note(name, |s| s.set_versions(local_version, master_version));
+        }
         let (mut version, mut hash) = match local {
             Some(l) if l.epoch == epoch && l.uid == master_uid && l.version <= master_version => (l.version, l.hash),
             other => {
@@ -532,7 +648,11 @@ impl Follower {
         // A bootstrap is followed by entries after the snapshot; a master that keeps answering
         // 410 (or forking) after that is broken, and the round gives up instead of looping.
         let mut snapshots_this_round = 0;
-        loop {
+        // The master's head as its pages tell (a wake-up's target may come from a client's
+        // token, which proves nothing).
+        let mut master_head = None;
+        // A stream wake-up for a position this copy already has needs no request.
+        while !(quick && version >= master_version) {
             let path = format!("/api/replica/changesets?db={name}&since={version}&hash={hash}&limit=1000");
             let (status, page) = self.get_page(state, &path).await?;
             let (body, page) = match page {
@@ -561,6 +681,7 @@ impl Follower {
             if page.epoch != epoch || page.uid != master_uid {
                 return Err("the master changed during the round; the next round starts over".into());
             }
+            master_head = Some(page.version);
             let entries = page.entries;
             let Some(last) = entries.last().map(|e| e.version) else {
                 break;
@@ -580,8 +701,18 @@ impl Follower {
             log::debug!("applying {count} entries to '{db_name}' (versions {first}..={last})");
             let stored_hash = last_hash.clone();
             let conflicts;
+            let expected = version;
             (version, conflicts) = db
                 .write(move |conn| {
+                    // Only the sync that read this position may continue it: entries are never
+                    // applied twice.
+                    let at = local_state(conn)?.map_or(0, |l| l.version);
+                    if at != expected {
+                        return Err(ApiError::internal(
+                            "sync",
+                            format!("the copy moved from version {expected} to {at} during the sync"),
+                        ));
+                    }
                     let mut conflicts = 0;
                     for e in &entries {
                         conflicts += apply_entry(conn, e, Conflicts::Converge)?;
@@ -602,13 +733,23 @@ impl Follower {
             // reported (readers then find what the version promises).
             state.schemas.reload(&db).await.map_err(|e| e.to_string())?;
             log::debug!("applied entries to '{name}', now at version {version}");
-            self.note(name, |s| s.local_version = version);
+            self.note(name, |s| s.set_versions(version, s.master_version.max(version)));
             self.moved.notify_waiters();
             // What the master had at the round's start is enough for this round: a database
             // under sustained writes must not keep the round, and the manual sync, forever.
             if version >= master_version {
                 break;
             }
+        }
+        if quick {
+            let now = now_string();
+            let head = master_head.unwrap_or(master_version).max(version);
+            self.note(name, |s| {
+                s.set_versions(version, head);
+                s.last_sync = Some(now);
+                s.last_error = None;
+            });
+            return Ok(());
         }
         // A safety net: once caught up, the schemas must agree; if not, migrate to the master's.
         let local_hash = db
@@ -636,9 +777,7 @@ impl Follower {
         }
         let now = now_string();
         self.note(name, |s| {
-            s.local_version = version;
-            s.master_version = master_version.max(version);
-            s.lag = (s.master_version - version).max(0);
+            s.set_versions(version, master_version.max(version));
             s.last_sync = Some(now);
             s.last_error = None;
         });
@@ -892,6 +1031,9 @@ struct Page {
     epoch: String,
     #[serde(default)]
     uid: String,
+    /// The master's head when it answered.
+    #[serde(default)]
+    version: i64,
     #[serde(default, deserialize_with = "wire_entries")]
     entries: Vec<Entry>,
 }
@@ -976,6 +1118,63 @@ pub async fn sync_loop(state: web::Data<AppState>) {
     }
 }
 
+/// With `SYNC_MODE=stream`: holds one long-poll to the master for all databases, and syncs each
+/// database the master reports moved the moment it answers. The rounds of [`sync_loop`] go on
+/// every `SYNC_INTERVAL` as the safety net (schemas, new and deleted databases, acks).
+pub async fn stream_loop(state: web::Data<AppState>) {
+    let Some(f) = state.follower.as_ref().filter(|f| f.streaming) else { return };
+    let mut cursor = String::new();
+    let mut failures: u32 = 0;
+    loop {
+        let path = format!("/api/replica/stream?since={cursor}");
+        let answer = f.get_json_within(&state, &path, Some(Duration::from_secs(60))).await;
+        let body = match answer {
+            Ok((200, body)) => body,
+            other => {
+                failures = failures.saturating_add(1);
+                if failures == 1 {
+                    let why = match other {
+                        Ok((status, body)) => status_error(status, "/api/replica/stream", &body),
+                        Err(e) => e,
+                    };
+                    log::warn!("stream from {} broke off ({why}); retrying", f.master_url);
+                }
+                // Soon at first (a master restarting), then at most every 5 s.
+                tokio::time::sleep(Duration::from_millis((100u64 << failures.min(6)).min(5000))).await;
+                continue;
+            }
+        };
+        if failures > 0 {
+            log::info!("stream from {} works again", f.master_url);
+            failures = 0;
+        }
+        cursor = body["next"].as_str().unwrap_or_default().to_string();
+        let epoch = body["epoch"].as_str().unwrap_or_default();
+        for d in body["dbs"].as_array().into_iter().flatten() {
+            let (Some(name), Some(uid), Some(version)) = (d["name"].as_str(), d["uid"].as_str(), d["version"].as_i64())
+            else {
+                continue;
+            };
+            if !f.follows(name) || !crate::db::is_valid_db_name(name) {
+                continue;
+            }
+            let same_history = match f.position(name) {
+                Some((e, u, have)) if e == epoch && u == uid => {
+                    if have >= version {
+                        continue;
+                    }
+                    true
+                }
+                _ => false,
+            };
+            if same_history {
+                f.note(name, |s| s.set_versions(s.local_version, version.max(s.master_version)));
+            }
+            f.kick(&state, epoch, name, d.clone());
+        }
+    }
+}
+
 pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.service(resource("/api/replica/sync").route(web::post().to(sync_now)));
 }
@@ -999,7 +1198,10 @@ async fn sync_now(state: web::Data<AppState>, who: Identity) -> ApiResult<HttpRe
 
 /// The replica part of `/health`.
 pub fn health(f: &Follower) -> Value {
-    let dbs = f.dbs.lock().map(|m| m.clone()).unwrap_or_default();
+    let mut dbs = f.dbs.lock().map(|m| m.clone()).unwrap_or_default();
+    for s in dbs.values_mut() {
+        s.lag_ms = s.behind_since.map_or(0, |t| t.elapsed().as_millis() as u64);
+    }
     let (last_ok, last_error) = f.last_round.lock().map(|l| l.clone()).unwrap_or_default();
     // Seconds since the last successful round (since start when there was none yet).
     let last_ok_at = f.last_ok_at.lock().ok().and_then(|t| *t);
@@ -1013,6 +1215,7 @@ pub fn health(f: &Follower) -> Value {
         "replicaId": f.replica_id,
         "masterUrl": f.master_url,
         "syncInterval": f.interval,
+        "syncMode": f.sync_mode(),
         "lastSuccessfulRound": last_ok,
         "lastError": last_error,
         "stale": stale,

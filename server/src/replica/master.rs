@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use super::checksum::logical_checksum;
+use super::feed::{Changes, CommitFeed};
 use super::recorder::{self, bounds, can_resume, entries_since};
 use super::{is_replicated_db, schema};
 use crate::app::{AppState, resource};
@@ -23,6 +24,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.service(resource("/api/replica/status").route(web::get().to(status)))
         .service(resource("/api/replica/schema-sync").route(web::get().to(schema_sync)))
         .service(resource("/api/replica/changesets").route(web::get().to(changesets)))
+        .service(resource("/api/replica/stream").route(web::get().to(stream)))
         .service(resource("/api/replica/download").route(web::get().to(download)))
         .service(resource("/api/replica/ack").route(web::post().to(ack)))
         .service(resource("/api/replica/replicas").route(web::get().to(replicas)));
@@ -37,6 +39,9 @@ pub struct ReplicaInfo {
     /// Last acknowledged version per database.
     pub positions: BTreeMap<String, i64>,
     pub last_seen: String,
+    /// How the replica follows: `stream`, `poll` or `manual` (header `X-Replica-Sync-Mode`).
+    #[serde(default)]
+    pub sync_mode: String,
 }
 
 /// Replication state of a master.
@@ -47,6 +52,10 @@ pub struct MasterState {
     pub replicas: Mutex<BTreeMap<String, ReplicaInfo>>,
     /// Logical checksum per database, with the version it was computed at.
     pub checksums: Arc<Mutex<HashMap<String, (i64, String)>>>,
+    /// Commits of this process, for the long-polls of streaming replicas.
+    pub feed: Arc<CommitFeed>,
+    /// Long-polls held now, per replica id.
+    pub held: Mutex<HashMap<String, usize>>,
 }
 
 /// The epoch of `data_dir`: read from `.epoch`, created on first use.
@@ -78,7 +87,7 @@ const REPLICAS_DDL: &str = "CREATE TABLE IF NOT EXISTS replicas (
 
 impl MasterState {
     /// Loads the epoch and the replicas remembered in `stats`.
-    pub async fn open(data_dir: &Path, stats: &Database) -> ApiResult<Self> {
+    pub async fn open(data_dir: &Path, stats: &Database, feed: Arc<CommitFeed>) -> ApiResult<Self> {
         stats.write(|conn| Ok(conn.execute_batch(REPLICAS_DDL)?)).await?;
         let known = stats
             .read(|conn| {
@@ -90,6 +99,7 @@ impl MasterState {
                         public_url: r.get(1)?,
                         positions: serde_json::from_str(&positions).unwrap_or_default(),
                         last_seen: r.get(3)?,
+                        sync_mode: String::new(),
                     })
                 })?;
                 Ok(rows.collect::<Result<Vec<_>, _>>()?)
@@ -99,6 +109,8 @@ impl MasterState {
             epoch: epoch(data_dir)?,
             replicas: Mutex::new(known.into_iter().map(|r| (r.id.clone(), r)).collect()),
             checksums: Arc::new(Mutex::new(HashMap::new())),
+            feed,
+            held: Mutex::new(HashMap::new()),
         })
     }
 }
@@ -135,7 +147,11 @@ fn touch(state: &AppState, req: &HttpRequest, who: &Identity, position: Option<(
         public_url: String::new(),
         positions: BTreeMap::new(),
         last_seen: String::new(),
+        sync_mode: String::new(),
     });
+    if let Some(mode) = header("x-replica-sync-mode").filter(|m| matches!(m.as_str(), "stream" | "poll" | "manual")) {
+        entry.sync_mode = mode;
+    }
     if let Some(url) = header("x-replica-public-url").filter(|s| s.len() <= 2048) {
         entry.public_url = url;
     }
@@ -346,6 +362,97 @@ async fn changesets(
     ))
 }
 
+#[derive(Debug, Deserialize)]
+struct StreamQuery {
+    /// The cursor of the previous answer (`next`); none at first.
+    since: Option<String>,
+    /// Longest hold in seconds, at most [`MAX_HOLD`] (the default).
+    wait: Option<String>,
+}
+
+/// Longest a stream request is held when nothing commits.
+const MAX_HOLD: std::time::Duration = std::time::Duration::from_secs(25);
+
+/// Counts a replica's held long-poll while it lives (the request may end by a disconnect).
+struct Held<'a>(&'a MasterState, String);
+
+impl<'a> Held<'a> {
+    fn new(m: &'a MasterState, id: String) -> Self {
+        if let Ok(mut h) = m.held.lock() {
+            *h.entry(id.clone()).or_default() += 1;
+        }
+        Held(m, id)
+    }
+}
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut h) = self.0.held.lock() {
+            if let Some(n) = h.get_mut(&self.1) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    h.remove(&self.1);
+                }
+            }
+        }
+    }
+}
+
+/// `GET /api/replica/stream?since=CURSOR`: one long-poll for all databases. Answers at once
+/// when a replicated database committed after the cursor (all of them for a missing cursor or
+/// one of an earlier process), else holds the request until one commits, at most 25 s. The
+/// answer names the databases that moved with their position, and the cursor to send next.
+async fn stream(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    who: Identity,
+    q: web::Query<StreamQuery>,
+) -> ApiResult<HttpResponse> {
+    authorize(&who, false)?;
+    let id = touch(&state, &req, &who, None).map_or_else(String::new, |r| r.id);
+    let hold = match q.wait.as_deref() {
+        None | Some("") => MAX_HOLD,
+        Some(s) => s
+            .parse::<u64>()
+            .map(|s| std::time::Duration::from_secs(s).min(MAX_HOLD))
+            .map_err(|_| ApiError::invalid_field("wait", "validation_invalid_number", "Must be seconds (an integer)."))?,
+    };
+    let feed = &state.master.feed;
+    let deadline = tokio::time::Instant::now() + hold;
+    let _held = Held::new(&state.master, id);
+    let cursor = q.since.clone().unwrap_or_default();
+    let mut held_out = false;
+    let (next, names) = loop {
+        let mut woken = feed.subscribe();
+        let (next, changes) = feed.since(&cursor);
+        let names: Vec<String> = match changes {
+            Changes::All => state
+                .dbs
+                .list()
+                .into_iter()
+                .filter(|d| is_replicated_db(&d.name))
+                .map(|d| d.name.clone())
+                .collect(),
+            Changes::Since(names) => names,
+        };
+        if !names.is_empty() || feed.is_stopping() || held_out {
+            break (next, names);
+        }
+        // Held to the end: one more look (a commit may have raced the deadline), then the
+        // answer carries the cursor of that look.
+        held_out = tokio::time::timeout_at(deadline, woken.changed()).await.is_err();
+    };
+    let dbs: Vec<Value> = names
+        .iter()
+        .filter_map(|n| state.dbs.get(n))
+        .filter_map(|db| {
+            let (uid, version) = db.position()?;
+            Some(json!({"name": db.name, "uid": uid, "version": version}))
+        })
+        .collect();
+    Ok(HttpResponse::Ok().json(json!({"epoch": state.master.epoch, "next": next, "dbs": dbs})))
+}
+
 /// Leaves in a snapshot only its position, not the master's history: the newest changelog
 /// entry is kept for its version and hash (with its changeset emptied), every other entry goes,
 /// and VACUUM rewrites the file so that no deleted row or pre-image survives in free pages.
@@ -543,6 +650,9 @@ async fn replicas(state: web::Data<AppState>, who: Identity) -> ApiResult<HttpRe
         }
         let mut v = serde_json::to_value(&r).map_err(|e| ApiError::internal("replicas", e))?;
         v["dbs"] = Value::Object(dbs);
+        // Long-polls the replica holds open now: 1 for a streaming replica, whatever the
+        // number of databases it follows.
+        v["heldStreams"] = json!(state.master.held.lock().ok().and_then(|h| h.get(&r.id).copied()).unwrap_or(0));
         out.push(v);
     }
     Ok(HttpResponse::Ok().json(out))

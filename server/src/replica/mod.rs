@@ -5,6 +5,7 @@
 
 pub mod apply;
 pub mod checksum;
+pub mod feed;
 pub mod follower;
 pub mod forward;
 pub mod master;

@@ -11,6 +11,7 @@ use std::sync::{Arc, Mutex};
 use rusqlite::session::Session;
 use rusqlite::{Connection, OptionalExtension, params};
 
+use super::feed::CommitFeed;
 use super::is_local_table;
 use super::schema::{self, SchemaObject};
 use crate::db::writer::{Recorder, TxRecording};
@@ -164,16 +165,28 @@ pub struct ChangeRecorder {
     uid: Mutex<String>,
     head: Arc<std::sync::atomic::AtomicI64>,
     pending_head: Arc<std::sync::atomic::AtomicI64>,
+    /// Where a commit is published for streaming replicas, with the database's name.
+    feed: Option<(String, Arc<CommitFeed>)>,
 }
 
 impl ChangeRecorder {
     pub fn new() -> Arc<Self> {
+        Self::build(None)
+    }
+
+    /// A recorder that publishes every commit of database `db` to `feed`.
+    pub fn publishing(db: &str, feed: Arc<CommitFeed>) -> Arc<Self> {
+        Self::build(Some((db.to_string(), feed)))
+    }
+
+    fn build(feed: Option<(String, Arc<CommitFeed>)>) -> Arc<Self> {
         Arc::new(ChangeRecorder {
             schema_hash: Arc::new(Mutex::new(String::new())),
             pending_hash: Arc::new(Mutex::new(None)),
             uid: Mutex::new(String::new()),
             head: Arc::new(std::sync::atomic::AtomicI64::new(0)),
             pending_head: Arc::new(std::sync::atomic::AtomicI64::new(0)),
+            feed,
         })
     }
 }
@@ -242,6 +255,10 @@ impl Recorder for ChangeRecorder {
             if let Ok(mut cur) = self.schema_hash.lock() {
                 *cur = h;
             }
+        }
+        // Published last: a woken replica must find the new head and its entry.
+        if let (true, Some((db, feed))) = (committed && version > 0, &self.feed) {
+            feed.committed(db);
         }
     }
 }
