@@ -58,9 +58,8 @@ impl AppState {
             (config.changelog == "on" && !config.is_replica()).then(|| {
                 let feed = feed.clone();
                 let f: crate::db::RecorderFactory = Arc::new(move |name: &str| {
-                    is_replicated_db(name).then(|| {
-                        ChangeRecorder::publishing(name, feed.clone()) as Arc<dyn crate::db::writer::Recorder>
-                    })
+                    is_replicated_db(name)
+                        .then(|| ChangeRecorder::publishing(name, feed.clone()) as Arc<dyn crate::db::writer::Recorder>)
                 });
                 f
             });

@@ -1429,6 +1429,7 @@ fn reads_with_a_minimum_position_see_their_write_or_get_504() {
         SECRET,
         NodeOptions::default()
             .env("SYNC_INTERVAL", "60")
+            .env("SYNC_MODE", "poll")
             .env("REPLICA_READ_WAIT_MS", "2000"),
     );
     assert_replica_equals_master(&m, &r, SECRET, "default", TIMEOUT);

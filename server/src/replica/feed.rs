@@ -80,7 +80,9 @@ impl CommitFeed {
             .filter(|(boot, _)| *boot == self.boot)
             .and_then(|(_, seq)| seq.parse::<u64>().ok())
             .filter(|seq| *seq <= s.seq);
-        let Some(after) = theirs else { return (now, Changes::All) };
+        let Some(after) = theirs else {
+            return (now, Changes::All);
+        };
         let mut names: Vec<String> = s
             .last_commit
             .iter()
@@ -125,7 +127,10 @@ mod tests {
         feed.committed("b");
         assert_eq!(feed.since(&mid).1, Changes::Since(vec!["b".into()]));
         assert_eq!(feed.since("otherboot.1").1, Changes::All, "a cursor of another process");
-        assert_eq!(feed.since(&format!("{}.999", start.split('.').next().unwrap())).1, Changes::All);
+        assert_eq!(
+            feed.since(&format!("{}.999", start.split('.').next().unwrap())).1,
+            Changes::All
+        );
     }
 
     #[tokio::test]

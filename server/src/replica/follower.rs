@@ -153,6 +153,9 @@ pub fn backoff(failures: u32, interval: u64) -> Duration {
 /// master besides its one long-poll).
 const SYNC_SLOTS: usize = 4;
 
+/// Pages a stream's sync of one database applies before it gives its slot to the next.
+const QUICK_PAGES: usize = 8;
+
 /// Least time between two comparisons of a database's logical checksum with the master's
 /// (each reads the whole database on both sides).
 const VERIFY_EVERY: Duration = Duration::from_secs(300);
@@ -495,11 +498,11 @@ impl Follower {
             })
             .collect();
         let epoch = epoch.as_str();
-        let results = futures_util::future::join_all(
-            due.iter()
-                .map(|(name, d)| async move { (name, self.sync_tracked(state, epoch, name, d, false).await) }),
-        )
-        .await;
+        let results =
+            futures_util::future::join_all(due.iter().map(|(name, d)| async move {
+                (name, self.sync_tracked(state, epoch, name, d, false).await.map(|_| ()))
+            }))
+            .await;
         let errors: Vec<String> = results
             .into_iter()
             .filter_map(|(name, r)| r.err().map(|e| format!("{name}: {e}")))
@@ -543,7 +546,7 @@ impl Follower {
     /// Starts a quick sync of `name` up to the master's position `master` (`{name, uid,
     /// version}`), unless one is running: that one then goes on to this position when it is
     /// done. So a database under a stream of commits has one sync at a time, never a queue.
-    /// A database backing off from failures waits for its next round instead.
+    /// A database backing off from failures is synced when its wait is over.
     fn kick(&self, state: &web::Data<AppState>, epoch: &str, name: &str, master: Value) {
         {
             let mut k = self.kicked.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -558,18 +561,19 @@ impl Follower {
         actix_web::rt::spawn(async move {
             let Some(f) = st.follower.as_ref() else { return };
             loop {
-                let backing_off = f
-                    .dbs
-                    .lock()
-                    .ok()
-                    .and_then(|m| m.get(&name).and_then(|s| s.retry_at))
-                    .is_some_and(|at| at > Instant::now());
-                if !backing_off {
-                    let _ = f.sync_tracked(&st, &epoch, &name, &master, true).await;
+                // A database backing off from failures is tried again when its wait is over,
+                // whether or not another commit comes.
+                let retry_at = f.dbs.lock().ok().and_then(|m| m.get(&name).and_then(|s| s.retry_at));
+                if let Some(at) = retry_at.filter(|at| *at > Instant::now()) {
+                    tokio::time::sleep_until(at.into()).await;
                 }
+                let caught_up = !matches!(f.sync_tracked(&st, &epoch, &name, &master, true).await, Ok(false));
                 let mut k = f.kicked.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
                 match k.get_mut(&name).and_then(Option::take) {
                     Some((e, m)) => (epoch, master) = (e, m),
+                    // Out of turns but not caught up: another turn, behind the databases
+                    // waiting for a slot.
+                    None if !caught_up => {}
                     None => {
                         k.remove(&name);
                         break;
@@ -589,19 +593,28 @@ impl Follower {
     /// status or stream answer), one sync of it at a time and at most [`SYNC_SLOTS`] databases
     /// at once, and keeps its failure count and backoff. `quick` (a stream wake-up) only
     /// fetches and applies entries; a round also checks the schema and checksum and acks.
-    async fn sync_tracked(&self, state: &AppState, epoch: &str, name: &str, master: &Value, quick: bool) -> Result<(), String> {
+    async fn sync_tracked(
+        &self,
+        state: &AppState,
+        epoch: &str,
+        name: &str,
+        master: &Value,
+        quick: bool,
+    ) -> Result<bool, String> {
         let lock = self.db_lock(name);
         let _one_at_a_time = lock.lock().await;
         let _slot = self.slots.acquire().await.map_err(|e| e.to_string())?;
         let result = self.sync_db(state, epoch, name, master, quick).await;
         match &result {
-            Ok(()) => self.note(name, |s| {
+            Ok(_) => self.note(name, |s| {
                 s.failures = 0;
                 s.retry_at = None;
             }),
             Err(e) => {
                 log::warn!("sync of '{name}' failed: {e}");
-                let interval = self.interval;
+                // Streaming, the next try comes within seconds (a master restart is routine);
+                // polling, not before the next round.
+                let interval = if self.streaming { 1 } else { self.interval };
                 self.note(name, |s| {
                     s.last_error = Some(e.clone());
                     s.failures = s.failures.saturating_add(1);
@@ -612,7 +625,15 @@ impl Follower {
         result
     }
 
-    async fn sync_db(&self, state: &AppState, epoch: &str, name: &str, master: &Value, quick: bool) -> Result<(), String> {
+    /// Returns whether the copy caught up (a stream's sync that ran out of turns did not).
+    async fn sync_db(
+        &self,
+        state: &AppState,
+        epoch: &str,
+        name: &str,
+        master: &Value,
+        quick: bool,
+    ) -> Result<bool, String> {
         let master_version = master["version"].as_i64().unwrap_or(0);
         let master_uid = master["uid"].as_str().unwrap_or_default().to_string();
         let db = match state.dbs.get(name) {
@@ -629,13 +650,15 @@ impl Follower {
             self.note(name, |s| s.set_versions(local_version, master_version));
         }
         let (mut version, mut hash) = match local {
-            Some(l) if l.epoch == epoch && l.uid == master_uid && l.version <= master_version => (l.version, l.hash),
+            // A version past the master's is not judged by `master_version`, which may be older
+            // than what a stream's sync applied meanwhile: the master answers a pull from a
+            // version it does not have with 410, and then the copy starts over.
+            Some(l) if l.epoch == epoch && l.uid == master_uid => (l.version, l.hash),
             other => {
                 let why = match other {
                     None => "no local copy".to_string(),
                     Some(l) if l.epoch != epoch => "the master's epoch changed".to_string(),
-                    Some(l) if l.uid != master_uid => "the database was re-created on the master".to_string(),
-                    Some(l) => format!("local version {} is ahead of the master's {master_version}", l.version),
+                    Some(_) => "the database was re-created on the master".to_string(),
                 };
                 self.bootstrap(state, &db, &why).await?
             }
@@ -652,7 +675,14 @@ impl Follower {
         // token, which proves nothing).
         let mut master_head = None;
         // A stream wake-up for a position this copy already has needs no request.
-        while !(quick && version >= master_version) {
+        let mut pages = 0;
+        let mut caught_up = quick && version >= master_version;
+        while !caught_up {
+            if quick && pages == QUICK_PAGES {
+                // Enough for one turn: the slot goes to the next database, this one comes again.
+                break;
+            }
+            pages += 1;
             let path = format!("/api/replica/changesets?db={name}&since={version}&hash={hash}&limit=1000");
             let (status, page) = self.get_page(state, &path).await?;
             let (body, page) = match page {
@@ -684,6 +714,9 @@ impl Follower {
             master_head = Some(page.version);
             let entries = page.entries;
             let Some(last) = entries.last().map(|e| e.version) else {
+                // An empty page: this copy has all the master had, and the master knows it (a
+                // pull from a version says that version is applied).
+                caught_up = true;
                 break;
             };
             if entries[0].version != version + 1 {
@@ -736,8 +769,10 @@ impl Follower {
             self.note(name, |s| s.set_versions(version, s.master_version.max(version)));
             self.moved.notify_waiters();
             // What the master had at the round's start is enough for this round: a database
-            // under sustained writes must not keep the round, and the manual sync, forever.
-            if version >= master_version {
+            // under sustained writes must not keep the round, and the manual sync, forever. A
+            // stream's sync pulls until an empty page (at most QUICK_PAGES), so that the master
+            // hears the version it ends at.
+            if !quick && version >= master_version {
                 break;
             }
         }
@@ -749,7 +784,7 @@ impl Follower {
                 s.last_sync = Some(now);
                 s.last_error = None;
             });
-            return Ok(());
+            return Ok(caught_up);
         }
         // A safety net: once caught up, the schemas must agree; if not, migrate to the master's.
         let local_hash = db
@@ -791,7 +826,7 @@ impl Follower {
         if let Err(e) = ack {
             log::warn!("ack of '{name}' failed: {e}");
         }
-        Ok(())
+        Ok(true)
     }
 
     /// Compares the logical checksum of the copy at `version` with the master's, at most every
@@ -1122,7 +1157,9 @@ pub async fn sync_loop(state: web::Data<AppState>) {
 /// database the master reports moved the moment it answers. The rounds of [`sync_loop`] go on
 /// every `SYNC_INTERVAL` as the safety net (schemas, new and deleted databases, acks).
 pub async fn stream_loop(state: web::Data<AppState>) {
-    let Some(f) = state.follower.as_ref().filter(|f| f.streaming) else { return };
+    let Some(f) = state.follower.as_ref().filter(|f| f.streaming) else {
+        return;
+    };
     let mut cursor = String::new();
     let mut failures: u32 = 0;
     loop {

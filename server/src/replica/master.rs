@@ -415,7 +415,9 @@ async fn stream(
         Some(s) => s
             .parse::<u64>()
             .map(|s| std::time::Duration::from_secs(s).min(MAX_HOLD))
-            .map_err(|_| ApiError::invalid_field("wait", "validation_invalid_number", "Must be seconds (an integer)."))?,
+            .map_err(|_| {
+                ApiError::invalid_field("wait", "validation_invalid_number", "Must be seconds (an integer).")
+            })?,
     };
     let feed = &state.master.feed;
     let deadline = tokio::time::Instant::now() + hold;
@@ -652,7 +654,15 @@ async fn replicas(state: web::Data<AppState>, who: Identity) -> ApiResult<HttpRe
         v["dbs"] = Value::Object(dbs);
         // Long-polls the replica holds open now: 1 for a streaming replica, whatever the
         // number of databases it follows.
-        v["heldStreams"] = json!(state.master.held.lock().ok().and_then(|h| h.get(&r.id).copied()).unwrap_or(0));
+        v["heldStreams"] = json!(
+            state
+                .master
+                .held
+                .lock()
+                .ok()
+                .and_then(|h| h.get(&r.id).copied())
+                .unwrap_or(0)
+        );
         out.push(v);
     }
     Ok(HttpResponse::Ok().json(out))

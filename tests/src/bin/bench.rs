@@ -11,6 +11,9 @@ use std::time::{Duration, Instant};
 
 use vski_tests::{NodeOptions, Value, json, spawn_master_with};
 
+#[path = "../bench/lag.rs"]
+mod lag;
+
 struct Args {
     seconds: u64,
     concurrency: Vec<usize>,
@@ -44,13 +47,17 @@ fn parse_args() -> Args {
                     })
                     .expect("--concurrency 1,16")
             }
-            "--suite" => args.suite = it.next().expect("--suite http|query|replication|replica|all"),
+            "--suite" => {
+                args.suite = it
+                    .next()
+                    .expect("--suite http|query|replication|replica|lag|fanout|all")
+            }
             "--bootstrap-mb" => args.bootstrap_mb = it.next().and_then(|v| v.parse().ok()).expect("--bootstrap-mb N"),
             "--snapshot-rows" => {
                 args.snapshot_rows = it.next().and_then(|v| v.parse().ok()).expect("--snapshot-rows N")
             }
             other => panic!(
-                "unknown argument {other}; use --seconds N --concurrency 1,16 --suite http|query|replication|replica|all --snapshot-rows N"
+                "unknown argument {other}; use --seconds N --concurrency 1,16 --suite http|query|replication|replica|lag|fanout|all --snapshot-rows N"
             ),
         }
     }
@@ -110,6 +117,12 @@ fn main() {
     }
     if args.suite == "replica" || args.suite == "all" {
         replica_suite(&args);
+    }
+    if args.suite == "lag" {
+        lag_suite(&args);
+    }
+    if args.suite == "fanout" {
+        fanout_suite(&args);
     }
 }
 
@@ -391,6 +404,77 @@ fn replication_suite(args: &Args) {
     );
 }
 
+/// Write-to-visible lag at 10 and 500 writes/s: vski streaming, vski polling every second, and
+/// Litestream 0.5 (file replica and `restore -f` follower, both at 10 ms intervals), in one run.
+fn lag_suite(args: &Args) {
+    let secs = (args.seconds * 2).max(4);
+    println!("lag, write acknowledged -> readable on the follower ({secs} s per row; p50 / p99 / max in ms)");
+    println!(
+        "{:<44} {:>8} {:>8} {:>8} {:>8} {:>7}",
+        "follower", "writes/s", "p50", "p99", "max", "probes"
+    );
+    let row = |label: &str, rate: u32, lag: lag::Lag| {
+        println!(
+            "{:<44} {:>8} {:>8.1} {:>8.1} {:>8.1} {:>7}",
+            label, rate, lag.p50, lag.p99, lag.max, lag.probes
+        );
+    };
+    for rate in [10, 500] {
+        for (label, env) in [
+            (
+                "vski replica, SYNC_MODE=stream",
+                [("SYNC_MODE", "stream"), ("SYNC_INTERVAL", "60")],
+            ),
+            (
+                "vski replica, SYNC_MODE=poll SYNC_INTERVAL=1",
+                [("SYNC_MODE", "poll"), ("SYNC_INTERVAL", "1")],
+            ),
+        ] {
+            let master = bench_master("on");
+            let replicas = lag::replicas(&master, SECRET, 1, &env);
+            let target = lag::Target::Replicas(replicas.iter().map(|r| r.url.clone()).collect());
+            row(label, rate, lag::run(rate, secs, target, lag::vski_writer(&master.url)));
+        }
+        let dir = tempfile::tempdir().expect("tmp");
+        let ls = lag::litestream(dir.path());
+        let target = lag::Target::File(ls.out.clone());
+        row(
+            "Litestream 0.5.17, 10 ms intervals, restore -f",
+            rate,
+            lag::run(rate, secs, target, lag::litestream_writer(&ls.src)),
+        );
+    }
+}
+
+/// How many streaming replicas one master feeds at 500 writes/s: lag per replica count.
+fn fanout_suite(args: &Args) {
+    let secs = (args.seconds * 2).max(4);
+    println!("fan-out: one master at 500 writes/s, streaming replicas, probes spread over them ({secs} s per row)");
+    println!(
+        "{:<10} {:>8} {:>8} {:>8} {:>7}",
+        "replicas", "p50", "p99", "max", "probes"
+    );
+    for n in [1, 4, 16, 64] {
+        let master = bench_master("on");
+        let replicas = lag::replicas(&master, SECRET, n, &[("SYNC_MODE", "stream"), ("SYNC_INTERVAL", "60")]);
+        let target = lag::Target::Replicas(replicas.iter().map(|r| r.url.clone()).collect());
+        let l = lag::run(500, secs, target, lag::vski_writer(&master.url));
+        println!(
+            "{:<10} {:>8.1} {:>8.1} {:>8.1} {:>7}   {}",
+            n,
+            l.p50,
+            l.p99,
+            l.max,
+            l.probes,
+            if l.p99 <= 50.0 {
+                "p99 within 50 ms"
+            } else {
+                "p99 over 50 ms"
+            }
+        );
+    }
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v[v.len() / 2]
@@ -406,72 +490,13 @@ fn bench_replica(master: &vski_tests::Node, interval: &str, extra: &[(&str, &str
     vski_tests::spawn_replica(master, SECRET, opts)
 }
 
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
-}
-
 /// Replica side: lag, catch-up apply rate, bootstrap time.
 fn replica_suite(args: &Args) {
     println!();
     println!("vski replication benchmark (replica side)");
 
-    // Lag: a write acknowledged by the master until it is readable on the replica.
-    let master = bench_master("on");
-    let replica = bench_replica(&master, "1", &[]);
-    vski_tests::wait_converged(&master, &replica, SECRET, "default", Duration::from_secs(60));
-    let samples = Arc::new(std::sync::Mutex::new(Vec::new()));
-    let workers: Vec<_> = (0..4)
-        .map(|w| {
-            let (m, r, samples) = (master.url.clone(), replica.url.clone(), samples.clone());
-            std::thread::spawn(move || {
-                let c = reqwest::blocking::Client::new();
-                let mut rng = 0x2545_f491_4f6c_dd1d_u64 ^ (w as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-                for i in 0..25 {
-                    // A uniform pause over the whole sync interval, so writes land at every phase
-                    // of the replica's rounds (a fixed pause after the last arrival would not).
-                    rng ^= rng << 13;
-                    rng ^= rng >> 7;
-                    rng ^= rng << 17;
-                    std::thread::sleep(Duration::from_millis(rng % 1000));
-                    let created = check(
-                        c.post(format!("{m}/api/collections/bench/records"))
-                            .json(&json!({"title": format!("lag {w}-{i}")}))
-                            .send()
-                            .expect("write"),
-                    );
-                    let acked = Instant::now();
-                    let id = created["id"].as_str().expect("id").to_string();
-                    loop {
-                        let resp = c
-                            .get(format!("{r}/api/collections/bench/records/{id}"))
-                            .send()
-                            .expect("read");
-                        if resp.status().as_u16() == 200 {
-                            break;
-                        }
-                        assert!(acked.elapsed() < Duration::from_secs(30), "write never arrived");
-                        std::thread::sleep(Duration::from_millis(2));
-                    }
-                    samples
-                        .lock()
-                        .expect("samples")
-                        .push(acked.elapsed().as_secs_f64() * 1000.0);
-                }
-            })
-        })
-        .collect();
-    workers.into_iter().for_each(|h| h.join().expect("lag worker"));
-    let mut lag = samples.lock().expect("samples").clone();
-    lag.sort_by(|a, b| a.total_cmp(b));
-    println!(
-        "{:<48} p50 {:>6.0} ms   p99 {:>6.0} ms   ({} writes; Litestream 0.5.17 at 1 s intervals: p50 1131 ms)",
-        "lag, write acked on master -> readable on replica (SYNC_INTERVAL=1)",
-        percentile(&lag, 0.5),
-        percentile(&lag, 0.99),
-        lag.len()
-    );
-    drop(replica);
-    drop(master);
+    lag_suite(args);
+    fanout_suite(args);
 
     // Catch-up: a manual-mode replica applies 100k inserts in one sync call.
     let master = bench_master("on");

@@ -1,0 +1,292 @@
+//! Stream mode: a replica holds one long-poll to the master for all its databases and applies a
+//! write the moment it commits. Real master and replica processes on loopback.
+
+use std::time::{Duration, Instant};
+
+use vski_tests::*;
+
+const SECRET: &str = "stream-shared-secret-0123456789";
+const TIMEOUT: Duration = Duration::from_secs(30);
+
+/// [`assert_replica_equals_master`], printing both logs when it fails.
+fn converged(m: &Node, r: &Node) {
+    let ok = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        assert_replica_equals_master(m, r, SECRET, "default", Duration::from_secs(60))
+    }));
+    if let Err(e) = ok {
+        eprintln!("--- master log\n{}\n--- replica log\n{}", m.log(), r.log());
+        std::panic::resume_unwind(e);
+    }
+}
+
+fn master() -> Node {
+    spawn_master_with(NodeOptions::default().env("JWT_SECRET", SECRET))
+}
+
+/// A streaming replica whose safety round comes only every minute: anything it sees sooner
+/// came through the stream.
+fn streaming_replica(m: &Node) -> Node {
+    spawn_replica(
+        m,
+        SECRET,
+        NodeOptions::default()
+            .env("SYNC_INTERVAL", "60")
+            .env("SYNC_MODE", "stream"),
+    )
+}
+
+fn create_posts(m: &Node, token: &str, db: &str) {
+    let (s, b) = m.request(
+        "POST",
+        "/api/collections",
+        Some(token),
+        Some(
+            &json!({"name": "posts", "listRule": "", "viewRule": "", "createRule": "",
+                     "fields": [{"name": "title", "type": "text"}]}),
+        ),
+        &[("X-Dbname", db)],
+    );
+    assert_eq!(s, 200, "{b}");
+}
+
+/// The master's entry for replica `id` in `/api/replica/replicas`.
+fn replica_entry(m: &Node, admin: &str, id: &str) -> Value {
+    let (s, b) = m.get("/api/replica/replicas", Some(admin));
+    assert_eq!(s, 200, "{b}");
+    b.as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["id"] == id)
+        .cloned()
+        .unwrap_or(Value::Null)
+}
+
+#[test]
+fn a_streaming_replica_shows_writes_within_milliseconds() {
+    let m = master();
+    let admin = m.admin_token();
+    create_posts(&m, &admin, "default");
+    let r = streaming_replica(&m);
+    assert_replica_equals_master(&m, &r, SECRET, "default", TIMEOUT);
+    assert_eq!(r.health()["syncMode"], "stream");
+    let id = r.health()["replicaId"].as_str().unwrap().to_string();
+    wait_for("the master to see the held stream", TIMEOUT, || {
+        let e = replica_entry(&m, &admin, &id);
+        (e["heldStreams"] == 1 && e["syncMode"] == "stream").then_some(())
+    });
+
+    // Writes a few ms apart, each looked for on the replica until it is there.
+    let mut lag = Vec::new();
+    for i in 0..100 {
+        let (s, b) = m.post(
+            "/api/collections/posts/records",
+            None,
+            &json!({"title": format!("s{i}")}),
+        );
+        assert_eq!(s, 200, "{b}");
+        let acked = Instant::now();
+        let path = format!("/api/collections/posts/records/{}", b["id"].as_str().unwrap());
+        wait_for("the write on the replica", TIMEOUT, || {
+            (r.get(&path, None).0 == 200).then_some(())
+        });
+        lag.push(acked.elapsed());
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    lag.sort();
+    let (p50, max) = (lag[lag.len() / 2], lag[lag.len() - 1]);
+    // Bounds generous enough for a loaded CI machine; a minute-long safety round could not
+    // meet them. The real figures come from `tests/bench --suite replica`.
+    assert!(p50 < Duration::from_millis(250), "p50 {p50:?}, max {max:?}");
+    assert!(max < Duration::from_secs(3), "p50 {p50:?}, max {max:?}");
+    assert_replica_equals_master(&m, &r, SECRET, "default", TIMEOUT);
+    assert_eq!(r.health()["dbs"]["default"]["lagMs"], 0);
+}
+
+#[test]
+fn the_stream_endpoint_is_for_replicas_only() {
+    let m = master();
+    let admin = m.admin_token();
+    let (s, _) = m.get("/api/replica/stream", None);
+    assert_eq!(s, 401);
+    let (s, _) = m.get("/api/replica/stream", Some(&admin));
+    assert_eq!(s, 403);
+    // A replica token: no cursor means "everything", answered at once.
+    let token = replica_token(SECRET, "probe");
+    let (s, b) = m.get("/api/replica/stream", Some(&token));
+    assert_eq!(s, 200, "{b}");
+    assert!(
+        b["dbs"].as_array().unwrap().iter().any(|d| d["name"] == "default"),
+        "{b}"
+    );
+    // With the cursor it got, nothing has moved: held until the wait runs out.
+    let next = b["next"].as_str().unwrap().to_string();
+    let start = Instant::now();
+    let (s, b) = m.get(&format!("/api/replica/stream?since={next}&wait=1"), Some(&token));
+    assert_eq!((s, b["dbs"].as_array().map(Vec::len)), (200, Some(0)), "{b}");
+    assert!(start.elapsed() >= Duration::from_millis(900), "{:?}", start.elapsed());
+    let (s, _) = m.get("/api/replica/stream?wait=soon", Some(&token));
+    assert_eq!(s, 400);
+    // A commit answers a held request at once, naming the database that moved.
+    let url = format!("{}/api/replica/stream?since={next}", m.url);
+    let held = std::thread::spawn(move || {
+        let start = Instant::now();
+        let b: Value = reqwest::blocking::Client::new()
+            .get(url)
+            .bearer_auth(token)
+            .send()
+            .unwrap()
+            .json()
+            .unwrap();
+        (b, start.elapsed())
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    create_posts(&m, &admin, "default");
+    let (b, took) = held.join().unwrap();
+    assert!(took < Duration::from_secs(5), "{took:?}");
+    let names: Vec<&str> = b["dbs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["default"], "{b}");
+}
+
+#[test]
+fn a_replica_of_fifty_databases_holds_one_stream_and_few_connections() {
+    let m = master();
+    let admin = m.admin_token();
+    let names: Vec<String> = (0..50).map(|i| format!("tenant{i:02}")).collect();
+    for n in &names {
+        let (s, b) = m.post("/api/databases", Some(&admin), &json!({"name": n}));
+        assert!(s == 200 || s == 201, "{s} {b}");
+        create_posts(&m, &admin, n);
+    }
+    let r = streaming_replica(&m);
+    wait_for("50 databases on the replica", Duration::from_secs(60), || {
+        let h = r.health();
+        names
+            .iter()
+            .all(|n| h["dbs"][n]["lastSync"].is_string() && h["dbs"][n]["lag"] == 0)
+            .then_some(())
+    });
+    let id = r.health()["replicaId"].as_str().unwrap().to_string();
+    // A write to every database, three times over, arrives through the one stream.
+    for round in 0..3 {
+        let mut ids = Vec::new();
+        for n in &names {
+            let (s, b) = m.request(
+                "POST",
+                "/api/collections/posts/records",
+                None,
+                Some(&json!({"title": format!("{n}-{round}")})),
+                &[("X-Dbname", n)],
+            );
+            assert_eq!(s, 200, "{b}");
+            ids.push((n.clone(), b["id"].as_str().unwrap().to_string()));
+        }
+        for (n, rid) in &ids {
+            wait_for("the write on the replica", TIMEOUT, || {
+                let (s, _) = r.request(
+                    "GET",
+                    &format!("/api/collections/posts/records/{rid}"),
+                    None,
+                    None,
+                    &[("X-Dbname", n)],
+                );
+                (s == 200).then_some(())
+            });
+        }
+    }
+    let entry = replica_entry(&m, &admin, &id);
+    assert_eq!(entry["heldStreams"], 1, "{entry}");
+    // The stream, plus at most a few pooled connections for fetching pages (4 databases are
+    // synced at once), never one per database.
+    let conns = connections_to(r.pid(), m.port());
+    assert!(
+        (1..=6).contains(&conns),
+        "{conns} connections from the replica to the master"
+    );
+    for n in &names {
+        wait_converged(&m, &r, SECRET, n, TIMEOUT);
+    }
+}
+
+#[test]
+fn streaming_survives_kills_of_master_and_replica_without_loss_or_duplicates() {
+    let mut m = master();
+    let admin = m.admin_token();
+    create_posts(&m, &admin, "default");
+    let mut r = streaming_replica(&m);
+    assert_replica_equals_master(&m, &r, SECRET, "default", TIMEOUT);
+    for round in 0..3 {
+        let burst = write_burst(&m.url, 4, Duration::from_millis(800));
+        std::thread::sleep(Duration::from_millis(300));
+        if round % 2 == 0 {
+            r.kill();
+            r = r.restart();
+        } else {
+            // kill -9 of the master mid-stream, then the same data directory again.
+            burst.expect_stop();
+            m.kill();
+            let _ = join_acked(burst);
+            m = m.restart();
+            converged(&m, &r);
+            continue;
+        }
+        let acked = join_acked(burst);
+        converged(&m, &r);
+        // Every acknowledged write is on the replica exactly once.
+        let (s, b) = r.get("/api/collections/posts/records?perPage=1&skipTotal=0", None);
+        assert_eq!(s, 200);
+        let total = b["totalItems"].as_u64().unwrap() as usize;
+        let (_, mb) = m.get("/api/collections/posts/records?perPage=1", None);
+        assert_eq!(Some(total as u64), mb["totalItems"].as_u64());
+        for id in acked.iter().take(50) {
+            assert_eq!(
+                r.get(&format!("/api/collections/posts/records/{id}"), None).0,
+                200,
+                "{id}"
+            );
+        }
+    }
+    // After the kills the replica streams again: a new write arrives long before a round.
+    let (s, b) = m.post("/api/collections/posts/records", None, &json!({"title": "after"}));
+    assert_eq!(s, 200);
+    let path = format!("/api/collections/posts/records/{}", b["id"].as_str().unwrap());
+    wait_for("a write after the kills", Duration::from_secs(10), || {
+        (r.get(&path, None).0 == 200).then_some(())
+    });
+    // A master stops promptly with a replica's request held open.
+    let start = Instant::now();
+    assert_eq!(m.terminate(Duration::from_secs(20)), Some(0));
+    assert!(start.elapsed() < Duration::from_secs(10), "{:?}", start.elapsed());
+}
+
+#[test]
+fn polling_stays_available_and_holds_no_stream() {
+    let m = master();
+    let admin = m.admin_token();
+    create_posts(&m, &admin, "default");
+    let r = spawn_replica(
+        &m,
+        SECRET,
+        NodeOptions::default()
+            .env("SYNC_INTERVAL", "1")
+            .env("SYNC_MODE", "poll"),
+    );
+    assert_replica_equals_master(&m, &r, SECRET, "default", TIMEOUT);
+    assert_eq!(r.health()["syncMode"], "poll");
+    let (s, b) = m.post("/api/collections/posts/records", None, &json!({"title": "polled"}));
+    assert_eq!(s, 200);
+    assert_replica_equals_master(&m, &r, SECRET, "default", TIMEOUT);
+    let path = format!("/api/collections/posts/records/{}", b["id"].as_str().unwrap());
+    assert_eq!(r.get(&path, None).0, 200);
+    let id = r.health()["replicaId"].as_str().unwrap().to_string();
+    let e = replica_entry(&m, &admin, &id);
+    assert_eq!(
+        (e["heldStreams"].as_u64(), e["syncMode"].as_str()),
+        (Some(0), Some("poll")),
+        "{e}"
+    );
+}
