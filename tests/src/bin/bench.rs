@@ -410,13 +410,13 @@ fn lag_suite(args: &Args) {
     let secs = (args.seconds * 2).max(4);
     println!("lag, write acknowledged -> readable on the follower ({secs} s per row; p50 / p99 / max in ms)");
     println!(
-        "{:<44} {:>8} {:>8} {:>8} {:>8} {:>7}",
-        "follower", "writes/s", "p50", "p99", "max", "probes"
+        "{:<44} {:>8} {:>8} {:>8} {:>8} {:>7} {:>8}",
+        "follower", "writes/s", "p50", "p99", "max", "probes", "reached"
     );
     let row = |label: &str, rate: u32, lag: lag::Lag| {
         println!(
-            "{:<44} {:>8} {:>8.1} {:>8.1} {:>8.1} {:>7}",
-            label, rate, lag.p50, lag.p99, lag.max, lag.probes
+            "{:<44} {:>8} {:>8.1} {:>8.1} {:>8.1} {:>7} {:>8.0}",
+            label, rate, lag.p50, lag.p99, lag.max, lag.probes, lag.rate
         );
     };
     for rate in [10, 500] {
@@ -458,14 +458,18 @@ fn fanout_suite(args: &Args) {
         let master = bench_master("on");
         let replicas = lag::replicas(&master, SECRET, n, &[("SYNC_MODE", "stream"), ("SYNC_INTERVAL", "60")]);
         let target = lag::Target::Replicas(replicas.iter().map(|r| r.url.clone()).collect());
+        let (cpu, start) = (vski_tests::cpu_seconds(master.pid()), Instant::now());
         let l = lag::run(500, secs, target, lag::vski_writer(&master.url));
+        let cpu = (vski_tests::cpu_seconds(master.pid()) - cpu) / start.elapsed().as_secs_f64();
         println!(
-            "{:<10} {:>8.1} {:>8.1} {:>8.1} {:>7}   {}",
+            "{:<10} {:>8.1} {:>8.1} {:>8.1} {:>7} {:>8.0} {:>10.0}%   {}",
             n,
             l.p50,
             l.p99,
             l.max,
             l.probes,
+            l.rate,
+            cpu * 100.0,
             if l.p99 <= 50.0 {
                 "p99 within 50 ms"
             } else {
