@@ -1184,6 +1184,14 @@ pub async fn stream_loop(state: web::Data<AppState>) {
         if failures > 0 {
             log::info!("stream from {} works again", f.master_url);
             failures = 0;
+            // Back after a break: a full round now, not at the next interval (databases created
+            // or deleted meanwhile, the schema check, and the health it reports).
+            let st = state.clone();
+            actix_web::rt::spawn(async move {
+                if let Some(f) = st.follower.as_ref() {
+                    let _ = f.round(&st, true).await;
+                }
+            });
         }
         cursor = body["next"].as_str().unwrap_or_default().to_string();
         let epoch = body["epoch"].as_str().unwrap_or_default();
