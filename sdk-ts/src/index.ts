@@ -1,0 +1,12 @@
+export { VskiClient, VskiClient as default } from "./Client";
+export type { ClientOptions, RecordModel, RequestInfo, SendOptions } from "./Client";
+export { ClientResponseError } from "./ClientResponseError";
+export { BaseAuthStore, LocalAuthStore, getTokenPayload, isTokenValid } from "./AuthStore";
+export type { AuthRecord, OnStoreChange } from "./AuthStore";
+export { filter } from "./filter";
+export { RecordService } from "./services/RecordService";
+export type { ListOptions, ListResult, RecordAuthResponse, RecordOptions } from "./services/RecordService";
+export type { AdminAuthResponse, AdminModel } from "./services/AdminService";
+export type { CollectionModel, DatabaseModel } from "./services/SettingsService";
+export type { CronJob } from "./services/CronService";
+export type { NodeStatus } from "./services/ReplicaService";
