@@ -54,7 +54,7 @@ fn newest_mtime(dir: &Path) -> SystemTime {
 
 /// Makes the spawned process get SIGKILL when the test process dies, so a killed test run
 /// leaves no server behind.
-fn die_with_parent(cmd: &mut Command) {
+pub fn die_with_parent(cmd: &mut Command) {
     use std::os::unix::process::CommandExt;
     // SAFETY: prctl is async-signal-safe and touches only the child being set up.
     unsafe {
