@@ -23,6 +23,16 @@ pub enum Command {
         #[command(subcommand)]
         command: AdminCommand,
     },
+    /// Exit 0 when the server on this machine answers GET /health with 200 (a replica that
+    /// holds no data yet answers 503), 1 otherwise. For container health checks.
+    Healthcheck {
+        /// The server's port.
+        #[arg(long, env = "PORT", default_value_t = 3000)]
+        port: u16,
+        /// The address to ask.
+        #[arg(long, default_value = "127.0.0.1")]
+        host: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]

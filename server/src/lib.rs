@@ -173,3 +173,27 @@ pub async fn admin_create(
     let _ = tokio::task::spawn_blocking(move || db2.close()).await;
     result.map(|a| a.id().to_string())
 }
+
+/// `vski healthcheck`: whether the server at `host:port` answers `GET /health` with 200. A
+/// replica that holds no data yet answers 503, so a container is healthy only once it can serve.
+pub fn healthcheck(host: &str, port: u16) -> Result<(), String> {
+    let url = format!("http://{host}:{port}/health");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start a runtime: {e}"))?;
+    let status = rt.block_on(async {
+        let client = reqwest::Client::builder()
+            .timeout(std::time::Duration::from_secs(5))
+            .build()
+            .map_err(|e| e.to_string())?;
+        client.get(&url).send().await.map(|r| r.status().as_u16()).map_err(|e| {
+            let why = replica::follower::transport_error(&e);
+            format!("{url}: {}", why.replace(" (is the master running at MASTER_URL?)", ""))
+        })
+    })?;
+    match status {
+        200 => Ok(()),
+        s => Err(format!("{url} answered {s}")),
+    }
+}

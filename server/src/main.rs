@@ -12,6 +12,13 @@ fn main() -> ExitCode {
         log::warn!("{warning}");
     }
     match cli.command {
+        Command::Healthcheck { port, host } => match vski::healthcheck(&host, port) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("vski: {e}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Serve(config) => {
             let config = *config;
             let result = actix_web::rt::System::new().block_on(vski::serve(config));

@@ -151,3 +151,39 @@ fn replication_examples_run() {
         );
     }
 }
+
+#[test]
+fn deployment_examples_run() {
+    let master = spawn_master();
+    let (s, b) = master.post(
+        "/api/admins/init",
+        None,
+        &json!({"email": "admin@example.com", "password": "change-me-now"}),
+    );
+    assert_eq!(s, 200, "{b}");
+    let script = format!("set -euo pipefail\n{}", sh_blocks("Deployment.md"));
+    // From the repository's root, as the page says.
+    let out = Command::new("bash")
+        .arg("-c")
+        .arg(&script)
+        .current_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join(".."))
+        .env("VSKI", &master.url)
+        .env("DATA_DIR", &master.data_dir)
+        .output()
+        .expect("run bash");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "Deployment.md examples failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for needle in [
+        "TRAEFIK_DYNAMIC=",
+        "use_backend master if is_write",
+        "r001.example.org",
+        "default.db",
+        "ok",
+    ] {
+        assert!(stdout.contains(needle), "missing {needle:?} in:\n{stdout}");
+    }
+}
