@@ -186,6 +186,15 @@ impl Database {
         self.readers.read(f).await
     }
 
+    /// Runs `f` with a read-only connection on the calling thread: only for reads bounded to a
+    /// few rows by a primary key (see `ReadPool::read_now`).
+    pub async fn read_now<T, F>(&self, f: F) -> ApiResult<T>
+    where
+        F: FnOnce(&Connection) -> ApiResult<T>,
+    {
+        self.readers.read_now(f).await
+    }
+
     /// Size of the database file in bytes (without the WAL).
     pub fn size(&self) -> u64 {
         std::fs::metadata(&self.path).map(|m| m.len()).unwrap_or(0)

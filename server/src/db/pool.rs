@@ -54,6 +54,27 @@ impl ReadPool {
         result
     }
 
+    /// Runs `f` with a read connection on the calling thread, without a hand-off to the
+    /// blocking pool: for reads that take microseconds (a record by primary key), where moving
+    /// to another thread and back costs more than the query. Never for scans.
+    pub async fn read_now<T, F>(&self, f: F) -> ApiResult<T>
+    where
+        F: FnOnce(&Connection) -> ApiResult<T>,
+    {
+        let _permit = self
+            .permits
+            .acquire()
+            .await
+            .map_err(|_| ApiError::internal("read pool", "database is closed"))?;
+        let conn = match self.idle.lock().map_err(poisoned)?.pop() {
+            Some(c) => c,
+            None => super::open_connection(&self.path, true)?,
+        };
+        let result = f(&conn);
+        self.idle.lock().map_err(poisoned)?.push(conn);
+        result
+    }
+
     /// Closes every idle connection and refuses new reads.
     pub fn close(&self) {
         self.permits.close();

@@ -218,20 +218,26 @@ async fn view(
     let (coll, id) = path.into_inner();
     let Target { db, c, schema, cond } = target(&state, &req, &coll, &who, Action::View, None).await?;
     let (tree, fields) = shape(&c, &schema, q.expand.as_deref(), q.fields.as_deref())?;
-    let rec = db
-        .read(move |conn| match store::get(conn, &c, &id)? {
-            Some(r) if matches(conn, &c, &id, cond.as_ref())? => {
-                let mut items = vec![public_record(&c, &r, &who)];
-                if !tree.0.is_empty() {
-                    let auth = auth_record(&who);
-                    super::expand::expand(conn, &schema, &c, &mut items, &tree, &who, auth.as_ref())?;
-                }
-                Ok(items.pop())
+    let plain = tree.0.is_empty();
+    let lookup = move |conn: &rusqlite::Connection| match store::get(conn, &c, &id)? {
+        Some(r) if matches(conn, &c, &id, cond.as_ref())? => {
+            let mut items = vec![public_record(&c, &r, &who)];
+            if !tree.0.is_empty() {
+                let auth = auth_record(&who);
+                super::expand::expand(conn, &schema, &c, &mut items, &tree, &who, auth.as_ref())?;
             }
-            _ => Ok(None),
-        })
-        .await?
-        .ok_or_else(|| ApiError::not_found("Record not found."))?;
+            Ok(items.pop())
+        }
+        _ => Ok(None),
+    };
+    // One row by primary key (and a view rule over that row) takes microseconds: it runs on
+    // this thread. An expand follows relations and may read many rows: the blocking pool.
+    let rec = if plain {
+        db.read_now(lookup).await?
+    } else {
+        db.read(lookup).await?
+    }
+    .ok_or_else(|| ApiError::not_found("Record not found."))?;
     Ok(HttpResponse::Ok().json(super::expand::pick(rec, &fields)))
 }
 

@@ -11,6 +11,8 @@ use std::time::{Duration, Instant};
 
 use vski_tests::{NodeOptions, Value, json, spawn_master_with};
 
+#[path = "../bench/compare.rs"]
+mod compare;
 #[path = "../bench/lag.rs"]
 mod lag;
 
@@ -23,6 +25,9 @@ struct Args {
     snapshot_rows: usize,
     /// Size in MB of the database whose replica bootstrap is timed.
     bootstrap_mb: usize,
+    /// `compare`: alternating rounds per row, and the table sizes.
+    rounds: usize,
+    sizes: Vec<usize>,
 }
 
 fn parse_args() -> Args {
@@ -32,6 +37,8 @@ fn parse_args() -> Args {
         suite: "all".into(),
         snapshot_rows: 200_000,
         bootstrap_mb: 1000,
+        rounds: 3,
+        sizes: vec![10_000, 100_000],
     };
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
@@ -50,14 +57,25 @@ fn parse_args() -> Args {
             "--suite" => {
                 args.suite = it
                     .next()
-                    .expect("--suite http|query|replication|replica|lag|fanout|all")
+                    .expect("--suite http|query|replication|replica|lag|fanout|compare|all")
+            }
+            "--rounds" => args.rounds = it.next().and_then(|v| v.parse().ok()).expect("--rounds N"),
+            "--sizes" => {
+                args.sizes = it
+                    .next()
+                    .map(|v| {
+                        v.split(',')
+                            .map(|x| x.trim().parse().expect("--sizes 10000,100000"))
+                            .collect()
+                    })
+                    .expect("--sizes 10000,100000")
             }
             "--bootstrap-mb" => args.bootstrap_mb = it.next().and_then(|v| v.parse().ok()).expect("--bootstrap-mb N"),
             "--snapshot-rows" => {
                 args.snapshot_rows = it.next().and_then(|v| v.parse().ok()).expect("--snapshot-rows N")
             }
             other => panic!(
-                "unknown argument {other}; use --seconds N --concurrency 1,16 --suite http|query|replication|replica|lag|fanout|all --snapshot-rows N"
+                "unknown argument {other}; use --seconds N --concurrency 1,16 --suite http|query|replication|replica|lag|fanout|compare|all --snapshot-rows N"
             ),
         }
     }
@@ -117,6 +135,9 @@ fn main() {
     }
     if args.suite == "replica" || args.suite == "all" {
         replica_suite(&args);
+    }
+    if args.suite == "compare" {
+        compare::suite(args.seconds, args.rounds, &args.sizes);
     }
     if args.suite == "lag" {
         lag_suite(&args);
