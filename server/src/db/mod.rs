@@ -8,7 +8,7 @@
 pub mod pool;
 pub mod writer;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 use std::thread::JoinHandle;
@@ -82,7 +82,14 @@ pub struct Database {
     readers: ReadPool,
     /// The recorder of a master's replicated database, which knows its position.
     recorder: Option<Arc<dyn Recorder>>,
+    /// Moves after every commit (and restore), before the writer answers anyone.
+    generation: Arc<std::sync::atomic::AtomicU64>,
+    /// Query results by query, each with the generation it was read at (see `cached`).
+    list_cache: Mutex<HashMap<String, (u64, Arc<dyn std::any::Any + Send + Sync>)>>,
 }
+
+/// Entries the result cache of one database holds before it starts over.
+const CACHE_ENTRIES: usize = 256;
 
 impl Database {
     /// Opens (creating if needed) the database file at `path` and starts its writer.
@@ -105,9 +112,11 @@ impl Database {
         }
         let (tx, rx) = mpsc::channel(4096);
         let for_writer = recorder.clone();
+        let generation = Arc::new(std::sync::atomic::AtomicU64::new(1));
+        let gen_writer = generation.clone();
         let thread = std::thread::Builder::new()
             .name(format!("writer-{name}"))
-            .spawn(move || writer::run(conn, rx, for_writer))?;
+            .spawn(move || writer::run(conn, rx, for_writer, gen_writer))?;
         Ok(Arc::new(Database {
             name: name.to_string(),
             readers: ReadPool::new(path.clone(), read_pool_size),
@@ -115,6 +124,8 @@ impl Database {
             writer: Mutex::new(Some(tx)),
             writer_thread: Mutex::new(Some(thread)),
             recorder,
+            generation,
+            list_cache: Mutex::new(HashMap::new()),
         }))
     }
 
@@ -193,6 +204,46 @@ impl Database {
         F: FnOnce(&Connection) -> ApiResult<T>,
     {
         self.readers.read_now(f).await
+    }
+
+    /// The database's generation: it moves after every commit, before the write is
+    /// acknowledged. A result read after loading generation `g` is at least as new as `g`.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// A result cached under `key` at the current generation, if any.
+    ///
+    /// Architecture invariant: a cached result is never stale. It is stored under the
+    /// generation loaded *before* its read began, and looked up only at the generation of now;
+    /// the writer moves the generation after COMMIT and before answering the writer's caller, so
+    /// a read that starts after a write was acknowledged never finds a result from before it.
+    pub fn cached<T: Send + Sync + 'static>(&self, key: &str) -> Option<Arc<T>> {
+        let now = self.generation();
+        let m = self.list_cache.lock().ok()?;
+        let (g, v) = m.get(key)?;
+        if *g != now {
+            return None;
+        }
+        v.clone().downcast::<T>().ok()
+    }
+
+    /// Keeps `value`, read at generation `at` (loaded before the read began), under `key`.
+    pub fn cache<T: Send + Sync + 'static>(&self, key: String, at: u64, value: Arc<T>) {
+        if let Ok(mut m) = self.list_cache.lock() {
+            let now = self.generation();
+            if at != now {
+                // A write committed meanwhile: the result may already be old.
+                return;
+            }
+            if m.len() >= CACHE_ENTRIES {
+                m.retain(|_, (g, _)| *g == now);
+                if m.len() >= CACHE_ENTRIES {
+                    m.clear();
+                }
+            }
+            m.insert(key, (at, value));
+        }
     }
 
     /// Size of the database file in bytes (without the WAL).

@@ -109,7 +109,14 @@ async fn send<T: 'static>(tx: &mpsc::Sender<Job>, work: Work, weight: usize) -> 
 }
 
 /// The writer loop. Returns when every sender is dropped and the queue is drained.
-pub fn run(mut conn: Connection, mut rx: mpsc::Receiver<Job>, recorder: Option<Arc<dyn Recorder>>) {
+/// `generation` is bumped after every COMMIT and every exclusive job, before any caller is
+/// answered: a read that loads it afterwards sees the change (see `Database::generation`).
+pub fn run(
+    mut conn: Connection,
+    mut rx: mpsc::Receiver<Job>,
+    recorder: Option<Arc<dyn Recorder>>,
+    generation: Arc<std::sync::atomic::AtomicU64>,
+) {
     // An exclusive job that arrived while a batch was gathered; it runs right after the batch.
     let mut pending: Option<Job> = None;
     while let Some(first) = pending.take().or_else(|| rx.blocking_recv()) {
@@ -120,6 +127,8 @@ pub fn run(mut conn: Connection, mut rx: mpsc::Receiver<Job>, recorder: Option<A
                     Ok(r) => r,
                     Err(_) => Err(ApiError::internal("writer", "exclusive job panicked")),
                 };
+                // It may have replaced the whole content (a snapshot restore).
+                generation.fetch_add(1, std::sync::atomic::Ordering::Release);
                 let _ = first.reply.send(result);
                 continue;
             }
@@ -146,14 +155,19 @@ pub fn run(mut conn: Connection, mut rx: mpsc::Receiver<Job>, recorder: Option<A
                 Err(_) => break,
             }
         }
-        run_batch(&conn, recorder.as_deref(), batch);
+        run_batch(&conn, recorder.as_deref(), batch, &generation);
     }
     if let Err((_, e)) = conn.close() {
         log::warn!("closing writer connection: {e}");
     }
 }
 
-fn run_batch(conn: &Connection, recorder: Option<&dyn Recorder>, batch: Vec<(Run, Reply)>) {
+fn run_batch(
+    conn: &Connection,
+    recorder: Option<&dyn Recorder>,
+    batch: Vec<(Run, Reply)>,
+    generation: &std::sync::atomic::AtomicU64,
+) {
     if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
         let msg = e.to_string();
         for (_, reply) in batch {
@@ -231,6 +245,7 @@ fn run_batch(conn: &Connection, recorder: Option<&dyn Recorder>, batch: Vec<(Run
     if let Err(e) = committed {
         return abort(conn, replies, &e);
     }
+    generation.fetch_add(1, std::sync::atomic::Ordering::Release);
     for (reply, result) in replies.into_iter().zip(results) {
         // The caller may have gone away (client disconnected); the write is committed anyway.
         let _ = reply.send(result);
@@ -295,7 +310,7 @@ mod tests {
                 (run, reply)
             })
             .collect();
-        run_batch(&conn, recorder, batch);
+        run_batch(&conn, recorder, batch, &std::sync::atomic::AtomicU64::new(0));
         let ok = rxs
             .into_iter()
             .map(|mut rx| matches!(rx.try_recv(), Ok(Ok(_))))

@@ -181,17 +181,39 @@ async fn list(
     let per_page = parse_positive("perPage", q.per_page.as_deref(), 30)?.min(MAX_PER_PAGE);
     let skip_total = matches!(q.skip_total.as_deref(), Some("1" | "true"));
     let sort = store::parse_sort(&c, &schema, q.sort.as_deref().unwrap_or(""), who.is_admin())?;
-    let (items, total) = db
-        .read(move |conn| {
-            let (rows, total) = store::list(conn, &c, cond.as_ref(), &sort, page, per_page, skip_total)?;
-            let mut items: Vec<Value> = rows.iter().map(|s| public_record(&c, s, &who)).collect();
-            if !tree.0.is_empty() {
-                let auth = auth_record(&who);
-                super::expand::expand(conn, &schema, &c, &mut items, &tree, &who, auth.as_ref())?;
-            }
-            Ok((items, total))
-        })
-        .await?;
+    let query = store::list_query(&c, cond.as_ref(), &sort, page, per_page, skip_total);
+    // The same query at the same generation gives the same rows: they come from the cache,
+    // which a commit makes miss (see `Database::cached`). Rules and filters are part of the
+    // query, so one caller never gets rows chosen for another.
+    type Page = (Vec<store::Stored>, Option<u64>);
+    let key = query.cacheable.then(|| query.key());
+    let at = db.generation();
+    let hit: Option<Arc<Page>> = key.as_deref().and_then(|k| db.cached::<Page>(k));
+    let (items, total, fresh) = match hit {
+        Some(page) if tree.0.is_empty() => {
+            let items: Vec<Value> = page.0.iter().map(|s| public_record(&c, s, &who)).collect();
+            (items, page.1, None)
+        }
+        hit => {
+            db.read(move |conn| {
+                let (page, fresh) = match hit {
+                    Some(p) => (p, false),
+                    None => (Arc::new(store::run_list(conn, &c, &query)?), true),
+                };
+                let mut items: Vec<Value> = page.0.iter().map(|s| public_record(&c, s, &who)).collect();
+                if !tree.0.is_empty() {
+                    let auth = auth_record(&who);
+                    super::expand::expand(conn, &schema, &c, &mut items, &tree, &who, auth.as_ref())?;
+                }
+                let total = page.1;
+                Ok((items, total, fresh.then_some(page)))
+            })
+            .await?
+        }
+    };
+    if let (Some(page), Some(key)) = (fresh, key) {
+        db.cache(key, at, page);
+    }
     let items: Vec<Value> = items.into_iter().map(|v| super::expand::pick(v, &fields)).collect();
     let (total_items, total_pages) = match total {
         Some(t) => (t as i64, t.div_ceil(per_page) as i64),

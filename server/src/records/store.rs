@@ -378,16 +378,33 @@ pub fn parse_sort(c: &Collection, schema: &Schema, sort: &str, admin: bool) -> A
     Ok(keys)
 }
 
-/// One page of the records matching `cond` and, unless `skip_total`, how many match.
-pub fn list(
-    conn: &Connection,
+/// The SQL of one page of a list and of its count, built once, run by [`run_list`].
+pub struct ListQuery {
+    sql: String,
+    params: Vec<Sql>,
+    /// `SELECT COUNT(*)` and its parameters, unless the caller skips the total.
+    count: Option<(String, Vec<Sql>)>,
+    /// Whether the same query gives the same rows at the same generation (not with `@random`).
+    pub cacheable: bool,
+}
+
+impl ListQuery {
+    /// The cache key: the statements and every bound value.
+    pub fn key(&self) -> String {
+        format!("{}\u{1}{:?}\u{1}{:?}", self.sql, self.params, self.count)
+    }
+}
+
+/// The page `page` of `per_page` records matching `cond`, in `sort` order, and unless
+/// `skip_total` how many match.
+pub fn list_query(
     c: &Collection,
     cond: Option<&crate::query::Condition>,
     sort: &[SortKey],
     page: u64,
     per_page: u64,
     skip_total: bool,
-) -> ApiResult<(Vec<Stored>, Option<u64>)> {
+) -> ListQuery {
     let mut order: Vec<String> = sort
         .iter()
         .map(|k| match k {
@@ -410,11 +427,10 @@ pub fn list(
     let order = order.join(", ");
     // A sort the caller chose may have no index: SQLite then sorts every matching row. Sorting
     // only the keys and the rowid, then reading the page's rows by rowid (a deferred join),
-    // keeps whole rows out of the sorter (about 4x faster over 100k rows of ~250 bytes). The
-    // default order walks the `_order_` index and needs none of this. The rowid only finds
-    // rows here; it never decides their order.
-    let deferred = !sort.is_empty() && !sort.contains(&SortKey::Random);
-    let sql = if deferred {
+    // keeps whole rows out of the sorter. The default order walks the `_order_` index and needs
+    // none of this. The rowid only finds rows here; it never decides their order.
+    let random = sort.contains(&SortKey::Random);
+    let sql = if !sort.is_empty() && !random {
         format!(
             "SELECT {} FROM {table} _t WHERE _t.rowid IN (SELECT _t.rowid FROM {table} _t {where_sql} ORDER BY {order} LIMIT ? OFFSET ?) ORDER BY {order}",
             select_list(c),
@@ -426,21 +442,31 @@ pub fn list(
         )
     };
     let offset = (page - 1).saturating_mul(per_page);
-    let count_params = params.clone();
+    let count = (!skip_total).then(|| (format!("SELECT COUNT(*) FROM {table} _t {where_sql}"), params.clone()));
     params.push(Sql::Integer(per_page as i64));
     params.push(Sql::Integer(offset.min(i64::MAX as u64) as i64));
+    ListQuery {
+        sql,
+        params,
+        count,
+        cacheable: !random,
+    }
+}
+
+/// Runs a [`ListQuery`]: the page's records and, unless skipped, the total.
+pub fn run_list(conn: &Connection, c: &Collection, q: &ListQuery) -> ApiResult<(Vec<Stored>, Option<u64>)> {
     let items = conn
-        .prepare_cached(&sql)?
-        .query_map(params_from_iter(params), |r| read_row(c, r))?
+        .prepare_cached(&q.sql)?
+        .query_map(params_from_iter(q.params.iter()), |r| read_row(c, r))?
         .collect::<Result<Vec<_>, _>>()?;
-    let total = if skip_total {
-        None
-    } else {
-        let sql = format!("SELECT COUNT(*) FROM {table} _t {where_sql}");
-        let n: i64 = conn
-            .prepare_cached(&sql)?
-            .query_row(params_from_iter(count_params), |r| r.get(0))?;
-        Some(n as u64)
+    let total = match &q.count {
+        None => None,
+        Some((sql, params)) => {
+            let n: i64 = conn
+                .prepare_cached(sql)?
+                .query_row(params_from_iter(params.iter()), |r| r.get(0))?;
+            Some(n as u64)
+        }
     };
     Ok((items, total))
 }

@@ -104,7 +104,7 @@ pub fn vski_server(node: &Node) -> Server {
     Server {
         name: "vski",
         url: node.url.clone(),
-        token: node.admin_login(),
+        token: node.admin_token(),
         pid: node.pid(),
     }
 }
