@@ -85,8 +85,11 @@ pub struct Database {
     /// Moves after every commit (and restore), before the writer answers anyone.
     generation: Arc<std::sync::atomic::AtomicU64>,
     /// Query results by query, each with the generation it was read at (see `cached`).
-    list_cache: Mutex<HashMap<String, (u64, Arc<dyn std::any::Any + Send + Sync>)>>,
+    list_cache: Mutex<HashMap<String, (u64, CachedValue)>>,
 }
+
+/// A cached result of any type (the caller names the type it stored).
+type CachedValue = Arc<dyn std::any::Any + Send + Sync>;
 
 /// Entries the result cache of one database holds before it starts over.
 const CACHE_ENTRIES: usize = 256;
