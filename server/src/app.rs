@@ -63,7 +63,12 @@ impl AppState {
                 });
                 f
             });
-        let dbs = Registry::open(&config.data_dir, config.read_pool_size, recorders)?;
+        let dbs = Registry::open(
+            &config.data_dir,
+            config.read_pool_size,
+            recorders,
+            config.list_cache_entries,
+        )?;
         let stats = dbs
             .get(crate::db::STATS_DB)
             .ok_or_else(|| ApiError::internal("open", "stats database missing"))?;

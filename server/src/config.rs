@@ -219,6 +219,11 @@ pub struct ServeConfig {
     #[arg(long, env = "ADMIN_TOKEN_TTL", default_value_t = 24 * 3600)]
     pub admin_token_ttl: u64,
 
+    /// List results each database keeps for repeated identical lists (0 = none). A cached
+    /// result is served only while nothing was written since it was read.
+    #[arg(long, env = "LIST_CACHE_ENTRIES", default_value_t = crate::db::CACHE_ENTRIES)]
+    pub list_cache_entries: usize,
+
     /// Read connections per database (each request that only reads uses one).
     #[arg(long, env = "READ_POOL_SIZE", default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=256))]
     pub read_pool_size: u32,

@@ -86,13 +86,15 @@ pub struct Database {
     generation: Arc<std::sync::atomic::AtomicU64>,
     /// Query results by query, each with the generation it was read at (see `cached`).
     list_cache: Mutex<HashMap<String, (u64, CachedValue)>>,
+    /// Most entries `list_cache` holds (`LIST_CACHE_ENTRIES`; 0 turns caching off).
+    cache_entries: std::sync::atomic::AtomicUsize,
 }
 
 /// A cached result of any type (the caller names the type it stored).
 type CachedValue = Arc<dyn std::any::Any + Send + Sync>;
 
-/// Entries the result cache of one database holds before it starts over.
-const CACHE_ENTRIES: usize = 256;
+/// Entries the result cache of one database holds before it starts over, unless configured.
+pub const CACHE_ENTRIES: usize = 256;
 
 impl Database {
     /// Opens (creating if needed) the database file at `path` and starts its writer.
@@ -129,6 +131,7 @@ impl Database {
             recorder,
             generation,
             list_cache: Mutex::new(HashMap::new()),
+            cache_entries: std::sync::atomic::AtomicUsize::new(CACHE_ENTRIES),
         }))
     }
 
@@ -233,15 +236,19 @@ impl Database {
 
     /// Keeps `value`, read at generation `at` (loaded before the read began), under `key`.
     pub fn cache<T: Send + Sync + 'static>(&self, key: String, at: u64, value: Arc<T>) {
+        let capacity = self.cache_entries.load(std::sync::atomic::Ordering::Relaxed);
+        if capacity == 0 {
+            return;
+        }
         if let Ok(mut m) = self.list_cache.lock() {
             let now = self.generation();
             if at != now {
                 // A write committed meanwhile: the result may already be old.
                 return;
             }
-            if m.len() >= CACHE_ENTRIES {
+            if m.len() >= capacity {
                 m.retain(|_, (g, _)| *g == now);
-                if m.len() >= CACHE_ENTRIES {
+                if m.len() >= capacity {
                     m.clear();
                 }
             }
@@ -274,6 +281,8 @@ pub struct Registry {
     data_dir: PathBuf,
     read_pool_size: u32,
     recorders: Option<RecorderFactory>,
+    /// `LIST_CACHE_ENTRIES` of every database opened here.
+    cache_entries: usize,
     /// Sorted for stable listings. Held only to look up, insert or remove.
     dbs: RwLock<BTreeMap<String, Arc<Database>>>,
 }
@@ -281,12 +290,18 @@ pub struct Registry {
 impl Registry {
     /// Opens every `*.db` file in `data_dir` whose name is a valid database name, and creates
     /// the system databases that are missing.
-    pub fn open(data_dir: &Path, read_pool_size: u32, recorders: Option<RecorderFactory>) -> ApiResult<Self> {
+    pub fn open(
+        data_dir: &Path,
+        read_pool_size: u32,
+        recorders: Option<RecorderFactory>,
+        cache_entries: usize,
+    ) -> ApiResult<Self> {
         std::fs::create_dir_all(data_dir)?;
         let reg = Registry {
             data_dir: data_dir.to_path_buf(),
             read_pool_size,
             recorders,
+            cache_entries,
             dbs: RwLock::new(BTreeMap::new()),
         };
         let mut names: Vec<String> = SYSTEM_DBS.iter().map(|s| s.to_string()).collect();
@@ -308,6 +323,8 @@ impl Registry {
     fn open_db(&self, name: &str) -> ApiResult<Arc<Database>> {
         let path = self.data_dir.join(format!("{name}.db"));
         let db = Database::open(name, path, self.read_pool_size, self.recorder_for(name))?;
+        db.cache_entries
+            .store(self.cache_entries, std::sync::atomic::Ordering::Relaxed);
         self.dbs.write().map_err(poisoned)?.insert(name.to_string(), db.clone());
         Ok(db)
     }
@@ -351,6 +368,8 @@ impl Registry {
         }
         let path = self.data_dir.join(format!("{name}.db"));
         let db = Database::open(name, path, self.read_pool_size, self.recorder_for(name))?;
+        db.cache_entries
+            .store(self.cache_entries, std::sync::atomic::Ordering::Relaxed);
         dbs.insert(name.to_string(), db.clone());
         Ok(db)
     }

@@ -296,15 +296,25 @@ pub fn suite(secs: u64, rounds: usize, sizes: &[usize]) {
     let pb_bin = PathBuf::from(std::env::var("POCKETBASE_BIN").unwrap_or_else(|_| "pocketbase".into()));
     let scratch = tempfile::tempdir().expect("tmp");
     let node = vski_tests::spawn_master_with(NodeOptions::default().env("RUST_LOG", "warn,vski::app=info"));
+    // The same server without its list cache: what a list costs when it must run.
+    let uncached = vski_tests::spawn_master_with(
+        NodeOptions::default()
+            .env("RUST_LOG", "warn,vski::app=info")
+            .env("LIST_CACHE_ENTRIES", "0"),
+    );
     let pb = start_pocketbase(&pb_bin);
-    let vs = vski_server(&node);
     std::thread::sleep(Duration::from_millis(500));
-    let idle = (rss_mib(vs.pid).0, rss_mib(pb.server.pid).0);
+    let started = (rss_mib(node.pid()).0, rss_mib(pb.server.pid).0);
+    let vs = vski_server(&node);
+    let mut nc = vski_server(&uncached);
+    nc.name = "vski-uncached";
     let servers = [&vs, &pb.server];
-    for s in servers {
+    for s in [&vs, &nc, &pb.server] {
         create_collection(s, "posts");
         create_collection(s, "writes");
     }
+    std::thread::sleep(Duration::from_millis(500));
+    let idle = (rss_mib(vs.pid).0, rss_mib(pb.server.pid).0);
     let bare = bare_actix();
     let bare_server = Server {
         name: "bare",
@@ -316,12 +326,12 @@ pub fn suite(secs: u64, rounds: usize, sizes: &[usize]) {
         "vski vs PocketBase 0.40.6: wrk, {secs} s per measurement, median of {rounds} alternating rounds; records of ~250 bytes, no indexes"
     );
     println!(
-        "{:<40} {:>7} {:>6} {:>10} {:>11} {:>7}",
-        "row", "records", "conns", "vski", "PocketBase", "ratio"
+        "{:<40} {:>7} {:>6} {:>10} {:>11} {:>7} {:>14} {:>7}",
+        "row", "records", "conns", "vski", "PocketBase", "ratio", "vski uncached", "ratio"
     );
     let mut have = 0;
     for &size in sizes {
-        for s in servers {
+        for s in [&vs, &nc, &pb.server] {
             fill(s, have, size);
         }
         have = size;
@@ -346,12 +356,26 @@ pub fn suite(secs: u64, rounds: usize, sizes: &[usize]) {
             for conns in [1, 16] {
                 let mut v = Vec::new();
                 let mut p = Vec::new();
+                let mut u = Vec::new();
+                let lists = matches!(load, Load::Get(_));
                 for _ in 0..rounds {
                     v.push(wrk(&vs, load, &ids[0], conns, secs, scratch.path()));
                     p.push(wrk(&pb.server, load, &ids[1], conns, secs, scratch.path()));
+                    if lists {
+                        u.push(wrk(&nc, load, &[], conns, secs, scratch.path()));
+                    }
                 }
                 let (v, p) = (median(v), median(p));
-                println!("{label:<40} {size:>7} {conns:>6} {v:>10.0} {p:>11.0} {:>6.2}x", v / p);
+                let tail = if lists {
+                    let u = median(u);
+                    format!("{u:>14.0} {:>6.2}x", u / p)
+                } else {
+                    String::new()
+                };
+                println!(
+                    "{label:<40} {size:>7} {conns:>6} {v:>10.0} {p:>11.0} {:>6.2}x {tail}",
+                    v / p
+                );
             }
         }
     }
@@ -378,7 +402,9 @@ pub fn suite(secs: u64, rounds: usize, sizes: &[usize]) {
     }
     let peak = (rss_mib(vs.pid).1, rss_mib(pb.server.pid).1);
     println!(
-        "memory: idle RSS vski {:.1} MiB, PocketBase {:.1} MiB; peak RSS over the run vski {:.1} MiB, PocketBase {:.1} MiB ({:.0}%)",
+        "memory: RSS at start vski {:.1} MiB, PocketBase {:.1} MiB; idle after sign-in and setup vski {:.1} MiB, PocketBase {:.1} MiB; peak RSS over the run vski {:.1} MiB, PocketBase {:.1} MiB ({:.0}%)",
+        started.0,
+        started.1,
         idle.0,
         idle.1,
         peak.0,
