@@ -195,20 +195,45 @@ async fn list(
             (items, page.1, None)
         }
         hit => {
-            db.read(move |conn| {
-                let (page, fresh) = match hit {
-                    Some(p) => (p, false),
-                    None => (Arc::new(store::run_list(conn, &c, &query)?), true),
-                };
-                let mut items: Vec<Value> = page.0.iter().map(|s| public_record(&c, s, &who)).collect();
-                if !tree.0.is_empty() {
-                    let auth = auth_record(&who);
-                    super::expand::expand(conn, &schema, &c, &mut items, &tree, &who, auth.as_ref())?;
+            let query = Arc::new(query);
+            // A miss with a total counts beside the page, on another connection: both may scan
+            // the table, and the caller waits for the slower of the two instead of for both.
+            let count = match (&hit, query.counts()) {
+                (None, true) => {
+                    let (db, q) = (db.clone(), query.clone());
+                    Some(actix_web::rt::spawn(async move {
+                        db.read(move |conn| store::run_count(conn, &q)).await
+                    }))
                 }
-                let total = page.1;
-                Ok((items, total, fresh.then_some(page)))
-            })
-            .await?
+                _ => None,
+            };
+            let fresh_rows = hit.is_none();
+            let (items, page) = db
+                .read(move |conn| {
+                    let page: Arc<Page> = match hit {
+                        Some(p) => p,
+                        None => Arc::new((store::run_page(conn, &c, &query)?, None)),
+                    };
+                    let mut items: Vec<Value> = page.0.iter().map(|s| public_record(&c, s, &who)).collect();
+                    if !tree.0.is_empty() {
+                        let auth = auth_record(&who);
+                        super::expand::expand(conn, &schema, &c, &mut items, &tree, &who, auth.as_ref())?;
+                    }
+                    Ok((items, page))
+                })
+                .await?;
+            let total = match count {
+                Some(handle) => handle
+                    .await
+                    .map_err(|e| ApiError::internal("count task", e.to_string()))??,
+                None => page.1,
+            };
+            // A page just read is kept with its total, for the next identical list.
+            let fresh = fresh_rows.then(|| match Arc::try_unwrap(page) {
+                Ok((rows, _)) => Arc::new((rows, total)),
+                Err(shared) => Arc::new((shared.0.clone(), total)),
+            });
+            (items, total, fresh)
         }
     };
     if let (Some(page), Some(key)) = (fresh, key) {
