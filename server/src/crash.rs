@@ -6,7 +6,8 @@
 //!
 //! Points: `apply:before_commit` (a replica applied a page and set its version, not yet
 //! committed), `restore:mid` (a replica's restore has copied part of a snapshot into the live
-//! database).
+//! database), `swap:before_rename` (a replica's first copy of a database: the empty file is
+//! closed and its WAL removed, the snapshot not yet renamed over it).
 
 use std::collections::HashMap;
 use std::sync::{Mutex, OnceLock};

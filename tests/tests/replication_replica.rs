@@ -1278,6 +1278,28 @@ fn a_crash_inside_a_page_or_a_restore_leaves_the_copy_where_it_was() {
 }
 
 #[test]
+fn a_crash_while_a_first_copy_takes_its_place_leaves_a_replica_that_starts_over() {
+    let m = master();
+    seed(&m);
+    let tmp = std::sync::Arc::new(tempfile::tempdir().unwrap());
+    let dir = tmp.path().join("data");
+    // The first copy of `default` replaces the empty file: crash between closing it and the
+    // rename. The old file (no position) stays, and the next start downloads again.
+    crash_replica_at(&m, &dir, "swap:before_rename");
+    let conn = vski::rusqlite::Connection::open(dir.join("default.db")).unwrap();
+    assert_eq!(vski::replica::follower::local_state(&conn).unwrap(), None);
+    drop(conn);
+    let opts = NodeOptions::default()
+        .env("REPLICA_MODE", "replica")
+        .env("MASTER_URL", &m.url)
+        .env("JWT_SECRET", SECRET)
+        .env("SYNC_INTERVAL", "0");
+    let r = Node::start(dir.clone(), opts, Some(tmp.clone()));
+    assert_replica_equals_master(&m, &r, SECRET, "default", TIMEOUT);
+    assert_eq!(titles(&r), vec!["first"]);
+}
+
+#[test]
 fn reads_on_a_replica_never_go_back_in_time_through_churn_and_kills() {
     let m = master();
     seed(&m);

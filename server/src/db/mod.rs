@@ -374,6 +374,35 @@ impl Registry {
         Ok(db)
     }
 
+    /// Puts the SQLite file at `src` in place of database `name`: closes it, removes its WAL,
+    /// renames `src` over its file and opens it again. Blocking. Only for a database nobody
+    /// relies on yet (a replica's copy that was never bootstrapped): a request holding the old
+    /// handle finds it closed. A crash at any point leaves either the old file or the new one.
+    pub fn replace_with_file(&self, name: &str, src: &Path) -> ApiResult<Arc<Database>> {
+        let mut dbs = self.dbs.write().map_err(poisoned)?;
+        let old = dbs
+            .remove(name)
+            .ok_or_else(|| ApiError::not_found(format!("Database '{name}' not found.")))?;
+        old.close();
+        // An old WAL next to the new file would be replayed into it.
+        for suffix in ["-wal", "-shm"] {
+            let p = PathBuf::from(format!("{}{suffix}", old.path.display()));
+            match std::fs::remove_file(&p) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        crate::crash::point("swap:before_rename");
+        std::fs::rename(src, &old.path)?;
+        std::fs::File::open(&self.data_dir)?.sync_all()?;
+        let db = Database::open(name, old.path.clone(), self.read_pool_size, self.recorder_for(name))?;
+        db.cache_entries
+            .store(self.cache_entries, std::sync::atomic::Ordering::Relaxed);
+        dbs.insert(name.to_string(), db.clone());
+        Ok(db)
+    }
+
     /// Closes a database and deletes its files. Blocking. System databases cannot be deleted.
     pub fn delete(&self, name: &str) -> ApiResult<()> {
         if SYSTEM_DBS.contains(&name) {

@@ -595,7 +595,7 @@ impl Follower {
     /// fetches and applies entries; a round also checks the schema and checksum and acks.
     async fn sync_tracked(
         &self,
-        state: &AppState,
+        state: &web::Data<AppState>,
         epoch: &str,
         name: &str,
         master: &Value,
@@ -628,7 +628,7 @@ impl Follower {
     /// Returns whether the copy caught up (a stream's sync that ran out of turns did not).
     async fn sync_db(
         &self,
-        state: &AppState,
+        state: &web::Data<AppState>,
         epoch: &str,
         name: &str,
         master: &Value,
@@ -636,7 +636,7 @@ impl Follower {
     ) -> Result<bool, String> {
         let master_version = master["version"].as_i64().unwrap_or(0);
         let master_uid = master["uid"].as_str().unwrap_or_default().to_string();
-        let db = match state.dbs.get(name) {
+        let mut db = match state.dbs.get(name) {
             Some(db) => db,
             None => state.dbs.create(name).map_err(|e| e.to_string())?,
         };
@@ -660,7 +660,7 @@ impl Follower {
                     Some(l) if l.epoch != epoch => "the master's epoch changed".to_string(),
                     Some(_) => "the database was re-created on the master".to_string(),
                 };
-                self.bootstrap(state, &db, &why).await?
+                self.bootstrap(state, &mut db, &why).await?
             }
         };
         let origin = (epoch.to_string(), master_uid.clone());
@@ -702,7 +702,7 @@ impl Follower {
                 } else {
                     "the master pruned the versions this copy needs"
                 };
-                (version, hash) = self.bootstrap(state, &db, why).await?;
+                (version, hash) = self.bootstrap(state, &mut db, why).await?;
                 continue;
             }
             if status != 200 {
@@ -880,7 +880,12 @@ impl Follower {
 
     /// Downloads a snapshot, checks it, and restores it into the live database in one step.
     /// Returns the version the database is at afterwards, and its history hash.
-    async fn bootstrap(&self, state: &AppState, db: &Arc<Database>, why: &str) -> Result<(i64, String), String> {
+    async fn bootstrap(
+        &self,
+        state: &web::Data<AppState>,
+        db: &mut Arc<Database>,
+        why: &str,
+    ) -> Result<(i64, String), String> {
         log::info!("downloading a snapshot of '{}': {why}", db.name);
         let dir = state.dbs.data_dir().join(".snapshots");
         std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
@@ -899,7 +904,12 @@ impl Follower {
         Ok((version, hash))
     }
 
-    async fn bootstrap_into(&self, state: &AppState, db: &Arc<Database>, tmp: &Path) -> Result<(i64, String), String> {
+    async fn bootstrap_into(
+        &self,
+        state: &web::Data<AppState>,
+        db: &mut Arc<Database>,
+        tmp: &Path,
+    ) -> Result<(i64, String), String> {
         use sha2::Digest;
         use tokio::io::AsyncWriteExt;
         let path = format!("/api/replica/download?db={}", db.name);
@@ -949,9 +959,26 @@ impl Follower {
             .await
             .map_err(|e| e.to_string())??;
         let src = tmp.to_path_buf();
-        db.write_exclusive(move |conn| restore(conn, &src))
+        let served = db
+            .read(|conn| Ok(local_state(conn)?.is_some()))
             .await
             .map_err(|e| e.to_string())?;
+        if served {
+            // Readers may be on this copy: the new content goes in through the writer, in one
+            // step of the backup API, and they see the old content or the new, never a mix.
+            db.write_exclusive(move |conn| restore(conn, &src))
+                .await
+                .map_err(|e| e.to_string())?;
+        } else {
+            // Never bootstrapped, so nothing is served from it: the downloaded file simply
+            // takes its place (close, rename, reopen), without writing it all again.
+            let name = db.name.clone();
+            let st = state.clone();
+            *db = tokio::task::spawn_blocking(move || st.dbs.replace_with_file(&name, &src))
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| e.to_string())?;
+        }
         Ok((version, hash))
     }
 }

@@ -455,10 +455,9 @@ async fn stream(
     Ok(HttpResponse::Ok().json(json!({"epoch": state.master.epoch, "next": next, "dbs": dbs})))
 }
 
-/// Leaves in a snapshot only its position, not the master's history: the newest changelog
-/// entry is kept for its version and hash (with its changeset emptied), every other entry goes,
-/// and VACUUM rewrites the file so that no deleted row or pre-image survives in free pages.
-pub fn strip_history(conn: &rusqlite::Connection) -> ApiResult<()> {
+/// Deletes a copy's changelog but its position: the newest entry is kept for its version and
+/// hash (with its changeset emptied). Run with `secure_delete` on, the freed pages are zeroed.
+fn drop_history(conn: &rusqlite::Connection) -> ApiResult<()> {
     let has_log = conn
         .prepare("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = '_changelog'")?
         .exists([])?;
@@ -468,7 +467,6 @@ pub fn strip_history(conn: &rusqlite::Connection) -> ApiResult<()> {
              UPDATE _changelog SET changeset = x'', schema = NULL;",
         )?;
     }
-    conn.execute_batch("VACUUM")?;
     Ok(())
 }
 
@@ -497,12 +495,18 @@ pub fn snapshot(db: &Database, dir: &Path) -> ApiResult<(std::fs::File, u64, i64
     let result = (|| -> ApiResult<_> {
         let src = Connection::open_with_flags(&db.path, OpenFlags::SQLITE_OPEN_READ_ONLY)?;
         src.busy_timeout(std::time::Duration::from_secs(10))?;
-        let mut dst = Connection::open(&path)?;
+        // One read transaction writes a compact copy: no free pages, so nothing deleted on the
+        // master (in free space) comes along, in one pass over the file.
+        let target = path
+            .to_str()
+            .ok_or_else(|| ApiError::internal("snapshot", "path is not UTF-8"))?;
+        src.execute("VACUUM INTO ?1", [target])?;
+        let dst = Connection::open(&path)?;
         // The copy is a private temporary file: if anything fails it is thrown away, so it needs
-        // neither a journal nor fsyncs while it is written.
-        dst.execute_batch("PRAGMA journal_mode = OFF; PRAGMA synchronous = OFF;")?;
-        backup_all(&src, &mut dst)?;
-        strip_history(&dst)?;
+        // neither a journal nor fsyncs while it is changed. The history it drops is zeroed where
+        // it lay (secure_delete), so no pre-image survives in the pages it frees.
+        dst.execute_batch("PRAGMA journal_mode = OFF; PRAGMA synchronous = OFF; PRAGMA secure_delete = ON;")?;
+        drop_history(&dst)?;
         // A snapshot is a plain single file; the replica sets WAL mode when it opens it.
         dst.query_row("PRAGMA journal_mode = DELETE", [], |_| Ok(()))?;
         let version = recorder::head(&dst)?;

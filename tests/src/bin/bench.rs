@@ -57,7 +57,7 @@ fn parse_args() -> Args {
             "--suite" => {
                 args.suite = it
                     .next()
-                    .expect("--suite http|query|replication|replica|lag|fanout|compare|all")
+                    .expect("--suite http|query|replication|replica|lag|fanout|catchup|bootstrap|compare|all")
             }
             "--rounds" => args.rounds = it.next().and_then(|v| v.parse().ok()).expect("--rounds N"),
             "--sizes" => {
@@ -75,7 +75,7 @@ fn parse_args() -> Args {
                 args.snapshot_rows = it.next().and_then(|v| v.parse().ok()).expect("--snapshot-rows N")
             }
             other => panic!(
-                "unknown argument {other}; use --seconds N --concurrency 1,16 --suite http|query|replication|replica|lag|fanout|compare|all --snapshot-rows N"
+                "unknown argument {other}; use --seconds N --concurrency 1,16 --suite http|query|replication|replica|lag|fanout|catchup|bootstrap|compare|all --snapshot-rows N"
             ),
         }
     }
@@ -138,6 +138,12 @@ fn main() {
     }
     if args.suite == "compare" {
         compare::suite(args.seconds, args.rounds, &args.sizes);
+    }
+    if args.suite == "bootstrap" {
+        bootstrap_bench(&args);
+    }
+    if args.suite == "catchup" {
+        catchup_bench();
     }
     if args.suite == "lag" {
         lag_suite(&args);
@@ -523,7 +529,12 @@ fn replica_suite(args: &Args) {
     lag_suite(args);
     fanout_suite(args);
 
-    // Catch-up: a manual-mode replica applies 100k inserts in one sync call.
+    catchup_bench();
+    bootstrap_bench(args);
+}
+
+/// Catch-up: a manual-mode replica applies 100k inserts in one sync call.
+fn catchup_bench() {
     let master = bench_master("on");
     let replica = bench_replica(&master, "0", &[]);
     vski_tests::wait_converged(&master, &replica, SECRET, "default", Duration::from_secs(60));
@@ -547,8 +558,10 @@ fn replica_suite(args: &Args) {
     );
     drop(replica);
     drop(master);
+}
 
-    // Bootstrap of a large database against cp of its file.
+/// Bootstrap of a large database against cp of its file.
+fn bootstrap_bench(args: &Args) {
     let mb = args.bootstrap_mb;
     let tmp = tempfile::tempdir().expect("tmp");
     let data = tmp.path().join("data");
