@@ -110,6 +110,19 @@ fn the_stream_endpoint_is_for_replicas_only() {
     assert_eq!(s, 401);
     let (s, _) = m.get("/api/replica/stream", Some(&admin));
     assert_eq!(s, 403);
+    let (s, b) = m.post(
+        "/api/collections/users/records",
+        None,
+        &json!({"email": "u@example.com", "password": "password123", "passwordConfirm": "password123"}),
+    );
+    assert_eq!(s, 200, "{b}");
+    let (_, a) = m.post(
+        "/api/collections/users/auth-with-password",
+        None,
+        &json!({"identity": "u@example.com", "password": "password123"}),
+    );
+    let (s, _) = m.get("/api/replica/stream", a["token"].as_str());
+    assert_eq!(s, 403, "a user token");
     // A replica token: no cursor means "everything", answered at once.
     let token = replica_token(SECRET, "probe");
     let (s, b) = m.get("/api/replica/stream", Some(&token));
