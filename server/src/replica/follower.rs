@@ -22,7 +22,7 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
-use super::apply::{Conflicts, apply_entry};
+use super::apply::{Conflicts, apply_entries};
 use super::recorder::Entry;
 use super::{is_replicated_db, schema};
 use crate::app::{AppState, resource};
@@ -746,10 +746,7 @@ impl Follower {
                             format!("the copy moved from version {expected} to {at} during the sync"),
                         ));
                     }
-                    let mut conflicts = 0;
-                    for e in &entries {
-                        conflicts += apply_entry(conn, e, Conflicts::Converge)?;
-                    }
+                    let conflicts = apply_entries(conn, &entries, Conflicts::Converge)?;
                     conn.execute_batch(STATE_DDL)?;
                     set_state(conn, "version", &last.to_string())?;
                     set_state(conn, "hash", &stored_hash)?;
