@@ -723,3 +723,11 @@ pub fn connections_to(pid: u32, port: u16) -> usize {
     }
     n
 }
+
+/// A TCP port free on loopback right now (for programs that must be told their port).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}

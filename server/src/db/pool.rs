@@ -35,15 +35,7 @@ impl ReadPool {
         T: Send + 'static,
         F: FnOnce(&Connection) -> ApiResult<T> + Send + 'static,
     {
-        let _permit = self
-            .permits
-            .acquire()
-            .await
-            .map_err(|_| ApiError::internal("read pool", "database is closed"))?;
-        let conn = match self.idle.lock().map_err(poisoned)?.pop() {
-            Some(c) => c,
-            None => super::open_connection(&self.path, true)?,
-        };
+        let (_permit, conn) = self.checkout().await?;
         let (conn, result) = tokio::task::spawn_blocking(move || {
             let r = f(&conn);
             (conn, r)
@@ -61,7 +53,16 @@ impl ReadPool {
     where
         F: FnOnce(&Connection) -> ApiResult<T>,
     {
-        let _permit = self
+        let (_permit, conn) = self.checkout().await?;
+        let result = f(&conn);
+        self.idle.lock().map_err(poisoned)?.push(conn);
+        result
+    }
+
+    /// A permit and an idle connection (or a new one); the caller pushes the connection back
+    /// to `idle` before dropping the permit.
+    async fn checkout(&self) -> ApiResult<(tokio::sync::SemaphorePermit<'_>, Connection)> {
+        let permit = self
             .permits
             .acquire()
             .await
@@ -70,9 +71,7 @@ impl ReadPool {
             Some(c) => c,
             None => super::open_connection(&self.path, true)?,
         };
-        let result = f(&conn);
-        self.idle.lock().map_err(poisoned)?.push(conn);
-        result
+        Ok((permit, conn))
     }
 
     /// Closes every idle connection and refuses new reads.

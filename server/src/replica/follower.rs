@@ -487,15 +487,7 @@ impl Follower {
             .into_iter()
             .filter_map(|d| Some((d["name"].as_str()?.to_string(), d)))
             .filter(|(name, _)| self.follows(name) && crate::db::is_valid_db_name(name))
-            .filter(|(name, _)| {
-                force
-                    || self
-                        .dbs
-                        .lock()
-                        .ok()
-                        .and_then(|m| m.get(name).and_then(|s| s.retry_at))
-                        .is_none_or(|at| at <= now)
-            })
+            .filter(|(name, _)| force || self.retry_at(name).is_none_or(|at| at <= now))
             .collect();
         let epoch = epoch.as_str();
         let results =
@@ -563,8 +555,7 @@ impl Follower {
             loop {
                 // A database backing off from failures is tried again when its wait is over,
                 // whether or not another commit comes.
-                let retry_at = f.dbs.lock().ok().and_then(|m| m.get(&name).and_then(|s| s.retry_at));
-                if let Some(at) = retry_at.filter(|at| *at > Instant::now()) {
+                if let Some(at) = f.retry_at(&name).filter(|at| *at > Instant::now()) {
                     tokio::time::sleep_until(at.into()).await;
                 }
                 let caught_up = !matches!(f.sync_tracked(&st, &epoch, &name, &master, true).await, Ok(false));
@@ -581,6 +572,11 @@ impl Follower {
                 }
             }
         });
+    }
+
+    /// When database `name` may be synced again after failures (`None`: now).
+    fn retry_at(&self, name: &str) -> Option<Instant> {
+        self.dbs.lock().ok().and_then(|m| m.get(name).and_then(|s| s.retry_at))
     }
 
     /// The lock that keeps syncs of database `name` one at a time.
@@ -990,7 +986,7 @@ pub fn parse_position(token: &str) -> Option<(String, String, i64)> {
 }
 
 /// A transport failure in words an operator acts on: "connection refused", "timed out".
-pub fn transport_error(e: &reqwest::Error) -> String {
+pub fn describe_transport(e: &reqwest::Error) -> String {
     let mut text = e.to_string();
     let mut source = std::error::Error::source(e);
     while let Some(s) = source {
@@ -1001,11 +997,20 @@ pub fn transport_error(e: &reqwest::Error) -> String {
     if e.is_timeout() || lower.contains("timed out") {
         "timed out".to_string()
     } else if lower.contains("connection refused") {
-        "connection refused (is the master running at MASTER_URL?)".to_string()
+        "connection refused".to_string()
     } else if lower.contains("dns") || lower.contains("failed to lookup") {
-        format!("cannot resolve the master's host name ({text})")
+        format!("cannot resolve the host name ({text})")
     } else {
         text
+    }
+}
+
+/// [`describe_transport`] for a request to the master, with the setting to check.
+pub fn transport_error(e: &reqwest::Error) -> String {
+    match describe_transport(e) {
+        s if s == "connection refused" => "connection refused (is the master running at MASTER_URL?)".into(),
+        s if s.starts_with("cannot resolve the host name") => s.replacen("the host name", "the master's host name", 1),
+        s => s,
     }
 }
 

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use vski_tests::{Node, NodeOptions, Value, json};
+use vski_tests::{Node, NodeOptions, Value, free_port, json};
 
 const EMAIL: &str = "admin@example.com";
 const PASSWORD: &str = "adminpass123";
@@ -36,13 +36,6 @@ impl Drop for PocketBase {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
 }
 
 fn http() -> reqwest::blocking::Client {
@@ -287,11 +280,6 @@ pub fn bare_actix() -> String {
     url
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
-}
-
 pub fn suite(secs: u64, rounds: usize, sizes: &[usize]) {
     let pb_bin = PathBuf::from(std::env::var("POCKETBASE_BIN").unwrap_or_else(|_| "pocketbase".into()));
     let scratch = tempfile::tempdir().expect("tmp");
@@ -365,9 +353,9 @@ pub fn suite(secs: u64, rounds: usize, sizes: &[usize]) {
                         u.push(wrk(&nc, load, &[], conns, secs, scratch.path()));
                     }
                 }
-                let (v, p) = (median(v), median(p));
+                let (v, p) = (crate::median(v), crate::median(p));
                 let tail = if lists {
-                    let u = median(u);
+                    let u = crate::median(u);
                     format!("{u:>14.0} {:>6.2}x", u / p)
                 } else {
                     String::new()
@@ -394,7 +382,7 @@ pub fn suite(secs: u64, rounds: usize, sizes: &[usize]) {
             ));
             v.push(wrk(&vs, &Load::View, &ids, conns, secs, scratch.path()));
         }
-        let (b, v) = (median(b), median(v));
+        let (b, v) = (crate::median(b), crate::median(v));
         println!(
             "bare actix-web handler, {conns} conns: {b:.0} req/s; a vski view reaches {:.0}% of it",
             100.0 * v / b
