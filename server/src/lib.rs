@@ -3,6 +3,8 @@
 //! `main.rs` parses the configuration and calls [`serve`] (or [`admin_create`]); everything else
 //! lives here. See ARCHITECTURE.md for the code map and the invariants.
 
+#[cfg(test)]
+mod alloc_count;
 pub mod app;
 pub mod auth;
 pub mod collections;

@@ -12,6 +12,7 @@ use super::values::{Changes, from_sql};
 use crate::collections::model::{Collection, Field};
 use crate::collections::store::{Schema, constraint_or, relations_into};
 use crate::error::{ApiError, ApiResult, FieldErrors, field_error};
+use crate::query::Condition;
 use crate::util::{new_record_id, now_string, quote_ident, random_id};
 
 /// A record as stored, with the secret auth columns kept apart from the JSON.
@@ -90,6 +91,24 @@ pub fn get(conn: &Connection, c: &Collection, id: &str) -> ApiResult<Option<Stor
         .prepare_cached(&sql)?
         .query_row([id], |r| read_row(c, r))
         .optional()?)
+}
+
+/// The records of `c` among `ids` that match `cond` (every one of them, when there is no
+/// condition), in one query; ids that do not exist or do not match are left out.
+pub fn get_many(conn: &Connection, c: &Collection, ids: &[&str], cond: Option<&Condition>) -> ApiResult<Vec<Stored>> {
+    let sql = format!(
+        "SELECT {} FROM {} _t WHERE _t.id IN (SELECT value FROM json_each(?)) AND ({})",
+        select_list(c),
+        quote_ident(&c.name),
+        cond.map_or("1", |c| c.sql.as_str())
+    );
+    let mut params = vec![Sql::Text(serde_json::to_string(ids).unwrap_or_default())];
+    if let Some(cond) = cond {
+        params.extend(cond.params.iter().cloned());
+    }
+    let mut stmt = conn.prepare_cached(&sql)?;
+    let rows = stmt.query_map(params_from_iter(params), |r| read_row(c, r))?;
+    Ok(rows.collect::<rusqlite::Result<_>>()?)
 }
 
 /// One auth record by email (case-insensitive), or by id when `identity` has no `@`.

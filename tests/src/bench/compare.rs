@@ -367,7 +367,7 @@ pub fn suite(secs: u64, rounds: usize, sizes: &[usize]) {
             }
         }
     }
-    for conns in [16] {
+    for conns in [1, 16] {
         let mut b = Vec::new();
         let mut v = Vec::new();
         let ids = some_ids(&vs);
