@@ -45,6 +45,10 @@ pub struct AppState {
     pub follower: Option<crate::replica::follower::Follower>,
     /// Password sign-in attempts per client IP and identity (`AUTH_RATE_LIMIT`).
     pub sign_in: crate::auth::limit::SignInLimiter,
+    /// Realtime clients and the commits waiting to become their events.
+    pub realtime: Arc<crate::realtime::Hub>,
+    /// The hub's queue, taken by the dispatcher when the server starts.
+    pub realtime_queue: std::sync::Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<crate::realtime::Committed>>>,
 }
 
 impl AppState {
@@ -54,19 +58,35 @@ impl AppState {
         // Every commit of a replicated database is published to `feed`, which wakes the
         // long-polls of streaming replicas.
         let feed = Arc::new(crate::replica::feed::CommitFeed::new());
-        let recorders: Option<crate::db::RecorderFactory> =
-            (config.changelog == "on" && !config.is_replica()).then(|| {
-                let feed = feed.clone();
-                let f: crate::db::RecorderFactory = Arc::new(move |name: &str| {
-                    is_replicated_db(name)
-                        .then(|| ChangeRecorder::publishing(name, feed.clone()) as Arc<dyn crate::db::writer::Recorder>)
-                });
-                f
-            });
+        let (realtime, realtime_queue) = crate::realtime::Hub::new(
+            !config.is_replica() || config.replica_realtime == "on",
+            config.realtime_client_buffer as usize,
+            std::time::Duration::from_secs(config.realtime_ping_secs),
+            config.realtime_max_clients,
+        );
+        // Realtime events come from committed changes: the changelog's changeset where one is
+        // recorded, otherwise a session attached while clients are connected. A replica's
+        // replicated databases publish what the follower applies.
+        let recorders: crate::db::RecorderFactory = {
+            let (feed, hub) = (feed.clone(), realtime.clone());
+            let record = config.changelog == "on" && !config.is_replica();
+            let follows = config.is_replica();
+            let omitted = config.omitted_dbs();
+            Arc::new(move |name: &str| {
+                let r: Arc<dyn crate::db::writer::Recorder> = if record && is_replicated_db(name) {
+                    ChangeRecorder::publishing(name, feed.clone(), hub.clone())
+                } else if follows && is_replicated_db(name) && !omitted.iter().any(|o| o == name) {
+                    return None;
+                } else {
+                    crate::realtime::capture::Capture::new(name, hub.clone())
+                };
+                Some(r)
+            })
+        };
         let dbs = Registry::open(
             &config.data_dir,
             config.read_pool_size,
-            recorders,
+            Some(recorders),
             config.list_cache_entries,
         )?;
         let stats = dbs
@@ -85,6 +105,8 @@ impl AppState {
             schemas: SchemaCache::default(),
             tokens: TokenKeys::new(secret),
             sign_in: crate::auth::limit::SignInLimiter::new(config.auth_rate_limit),
+            realtime,
+            realtime_queue: std::sync::Mutex::new(Some(realtime_queue)),
             settings: Settings {
                 auth_token_ttl: config.auth_token_ttl,
                 admin_token_ttl: config.admin_token_ttl,
@@ -227,6 +249,7 @@ pub fn configure(cfg: &mut web::ServiceConfig, replica: bool) {
     crate::databases::configure(cfg);
     crate::auth::configure(cfg);
     crate::collections::configure(cfg);
+    crate::realtime::configure(cfg);
     if replica {
         crate::replica::follower::configure(cfg);
     } else {
@@ -348,6 +371,9 @@ pub async fn run(config: ServeConfig, secret: String, listener: TcpListener) -> 
             state.clone(),
             config.changelog_retention_hours,
         ));
+    }
+    if let Some(queue) = state.realtime_queue.lock().ok().and_then(|mut q| q.take()) {
+        actix_web::rt::spawn(crate::realtime::dispatch::run(state.clone(), queue));
     }
     let pruned = state.clone();
     actix_web::rt::spawn(async move {

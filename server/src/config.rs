@@ -289,6 +289,25 @@ pub struct ServeConfig {
     #[arg(long, env = "CORS_ORIGINS", default_value = "*")]
     pub cors_origins: String,
 
+    /// Whether a replica serves realtime subscriptions from the changes it applies (`on`), or
+    /// refuses them with 503 as VSKI does (`off`). A master always serves them.
+    #[arg(long, env = "REPLICA_REALTIME", default_value = "off", value_parser = ["on", "off"])]
+    pub replica_realtime: String,
+
+    /// Realtime messages one client may have waiting; a client that falls this far behind is
+    /// disconnected with a close reason instead of being buffered without limit.
+    #[arg(long, env = "REALTIME_CLIENT_BUFFER", default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub realtime_client_buffer: u32,
+
+    /// Seconds between pings to a realtime client; one that answers nothing for three of them
+    /// is disconnected.
+    #[arg(long, env = "REALTIME_PING_SECS", default_value_t = 25, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub realtime_ping_secs: u64,
+
+    /// Realtime connections this node accepts at once; more get 503.
+    #[arg(long, env = "REALTIME_MAX_CLIENTS", default_value_t = 10_000)]
+    pub realtime_max_clients: usize,
+
     /// Password sign-in attempts allowed per minute for one client IP and identity; past it the
     /// endpoint answers 429 with Retry-After. 0 turns the limit off.
     #[arg(long, env = "AUTH_RATE_LIMIT", default_value_t = 20)]

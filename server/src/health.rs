@@ -30,6 +30,7 @@ async fn health(state: web::Data<AppState>) -> HttpResponse {
         }
         None => body["mode"] = json!("master"),
     }
+    body["realtime"] = json!({"enabled": state.realtime.enabled, "clients": state.realtime.count()});
     let status = if body["code"] == 503 {
         actix_web::http::StatusCode::SERVICE_UNAVAILABLE
     } else {

@@ -16,6 +16,7 @@ pub mod db;
 pub mod error;
 pub mod health;
 pub mod query;
+pub mod realtime;
 pub mod records;
 pub mod replica;
 pub mod util;

@@ -81,14 +81,19 @@ pub fn bearer_token(req: &HttpRequest) -> Option<&str> {
 /// another database (by `X-Dbname` or `?db=`) counts as no token there, so it can never pass a
 /// rule, fill `@request.auth`, or be refreshed outside its own database.
 pub async fn identify(req: &HttpRequest, state: &AppState) -> ApiResult<Identity> {
-    let Some(claims) = bearer_token(req).and_then(|t| state.tokens.verify(t)) else {
+    identify_token(state, bearer_token(req), &requested_db_name(req)).await
+}
+
+/// Resolves the identity of `token` for a request to database `requested` (see [`identify`]).
+pub async fn identify_token(state: &AppState, token: Option<&str>, requested: &str) -> ApiResult<Identity> {
+    let Some(claims) = token.and_then(|t| state.tokens.verify(t)) else {
         return Ok(Identity::Guest);
     };
     let (db_name, collection) = match claims.kind {
         TokenType::Replica => return Ok(Identity::Replica(claims.sub)),
         TokenType::Admin => (DEFAULT_DB.to_string(), None),
         TokenType::Auth => match (&claims.db, &claims.collection_id) {
-            (Some(db), Some(c)) if *db == requested_db_name(req) => (db.clone(), Some(c.clone())),
+            (Some(db), Some(c)) if db == requested => (db.clone(), Some(c.clone())),
             _ => return Ok(Identity::Guest),
         },
     };

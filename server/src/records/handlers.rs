@@ -115,7 +115,7 @@ async fn target(
 }
 
 /// `a AND b` of two optional conditions.
-fn both(a: Option<Condition>, b: Option<Condition>) -> Option<Condition> {
+pub(crate) fn both(a: Option<Condition>, b: Option<Condition>) -> Option<Condition> {
     match (a, b) {
         (Some(a), Some(b)) => {
             let mut params = a.params;

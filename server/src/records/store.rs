@@ -111,6 +111,42 @@ pub fn get_many(conn: &Connection, c: &Collection, ids: &[&str], cond: Option<&C
     Ok(rows.collect::<rusqlite::Result<_>>()?)
 }
 
+/// The record of `c` that a row image holds (`values` of the table's `columns`, in order), if
+/// it matches `cond`: a row as a change left it, which may no longer be in the table. The row
+/// stands in for the table within the query, so a rule compiled for the table applies to it
+/// unchanged.
+pub fn get_image(
+    conn: &Connection,
+    c: &Collection,
+    columns: &[String],
+    values: &[Sql],
+    cond: Option<&Condition>,
+) -> ApiResult<Option<Stored>> {
+    if columns.is_empty() {
+        return Ok(None);
+    }
+    let names: Vec<String> = columns.iter().map(|n| quote_ident(n)).collect();
+    let marks = vec!["?"; columns.len()].join(", ");
+    let sql = format!(
+        "WITH {t}({}) AS (VALUES ({marks})) SELECT {} FROM {t} _t WHERE ({})",
+        names.join(", "),
+        select_list(c),
+        cond.map_or("1", |c| c.sql.as_str()),
+        t = quote_ident(&c.name),
+    );
+    // A column added since the change reads NULL; one dropped since is left out.
+    let mut params: Vec<Sql> = (0..columns.len())
+        .map(|i| values.get(i).cloned().unwrap_or(Sql::Null))
+        .collect();
+    if let Some(cond) = cond {
+        params.extend(cond.params.iter().cloned());
+    }
+    Ok(conn
+        .prepare(&sql)?
+        .query_row(params_from_iter(params), |r| read_row(c, r))
+        .optional()?)
+}
+
 /// One auth record by email (case-insensitive), or by id when `identity` has no `@`.
 pub fn find_auth(conn: &Connection, c: &Collection, identity: &str) -> ApiResult<Option<Stored>> {
     let col = if identity.contains('@') {

@@ -729,6 +729,12 @@ impl Follower {
             let (first, count, db_name) = (entries[0].version, entries.len(), name.to_string());
             log::debug!("applying {count} entries to '{db_name}' (versions {first}..={last})");
             let stored_hash = last_hash.clone();
+            // Realtime subscribers on this replica get the page's changes once it commits.
+            let events: Vec<Vec<u8>> = if state.realtime.enabled && state.realtime.watching(name) {
+                entries.iter().map(|e| e.changeset.clone()).collect()
+            } else {
+                Vec::new()
+            };
             let conflicts;
             let expected = version;
             (version, conflicts) = db
@@ -758,6 +764,9 @@ impl Follower {
             // Collections may have changed: the API must know them before the new version is
             // reported (readers then find what the version promises).
             state.schemas.reload(&db).await.map_err(|e| e.to_string())?;
+            for changeset in events {
+                state.realtime.publish(name, changeset);
+            }
             log::debug!("applied entries to '{name}', now at version {version}");
             self.note(name, |s| s.set_versions(version, s.master_version.max(version)));
             self.moved.notify_waiters();
@@ -894,6 +903,8 @@ impl Follower {
             s.local_version = version;
         });
         log::info!("restored '{}' from a snapshot at version {version}", db.name);
+        // Realtime subscribers get one `resync` instead of an event per changed record.
+        state.realtime.resync(&db.name);
         Ok((version, hash))
     }
 
@@ -1309,7 +1320,7 @@ fn allowed_on_replica(path: &str) -> bool {
     let parts: Vec<&str> = p.split('/').collect();
     matches!(
         p,
-        "/api/admins/auth-with-password" | "/api/auth/login" | "/api/replica/sync"
+        "/api/admins/auth-with-password" | "/api/auth/login" | "/api/replica/sync" | "/api/realtime"
     ) || (parts.len() == 5
         && parts[1] == "api"
         && parts[2] == "collections"

@@ -15,6 +15,7 @@ use super::feed::CommitFeed;
 use super::is_local_table;
 use super::schema::{self, SchemaObject};
 use crate::db::writer::{Recorder, TxRecording};
+use crate::realtime::Hub;
 
 const CHANGELOG_DDL: &str = "CREATE TABLE IF NOT EXISTS _changelog (
     version INTEGER PRIMARY KEY NOT NULL,
@@ -167,19 +168,24 @@ pub struct ChangeRecorder {
     pending_head: Arc<std::sync::atomic::AtomicI64>,
     /// Where a commit is published for streaming replicas, with the database's name.
     feed: Option<(String, Arc<CommitFeed>)>,
+    /// Where a commit's changeset goes for realtime clients, with the database's name, and
+    /// the changeset of the transaction in flight.
+    events: Option<(String, Arc<Hub>)>,
+    pending_events: Arc<Mutex<Option<Vec<u8>>>>,
 }
 
 impl ChangeRecorder {
     pub fn new() -> Arc<Self> {
-        Self::build(None)
+        Self::build(None, None)
     }
 
-    /// A recorder that publishes every commit of database `db` to `feed`.
-    pub fn publishing(db: &str, feed: Arc<CommitFeed>) -> Arc<Self> {
-        Self::build(Some((db.to_string(), feed)))
+    /// A recorder that publishes every commit of database `db` to `feed`, and its changes to
+    /// the realtime `hub`.
+    pub fn publishing(db: &str, feed: Arc<CommitFeed>, hub: Arc<Hub>) -> Arc<Self> {
+        Self::build(Some((db.to_string(), feed)), Some((db.to_string(), hub)))
     }
 
-    fn build(feed: Option<(String, Arc<CommitFeed>)>) -> Arc<Self> {
+    fn build(feed: Option<(String, Arc<CommitFeed>)>, events: Option<(String, Arc<Hub>)>) -> Arc<Self> {
         Arc::new(ChangeRecorder {
             schema_hash: Arc::new(Mutex::new(String::new())),
             pending_hash: Arc::new(Mutex::new(None)),
@@ -187,6 +193,8 @@ impl ChangeRecorder {
             head: Arc::new(std::sync::atomic::AtomicI64::new(0)),
             pending_head: Arc::new(std::sync::atomic::AtomicI64::new(0)),
             feed,
+            events,
+            pending_events: Arc::new(Mutex::new(None)),
         })
     }
 }
@@ -236,7 +244,17 @@ impl Recorder for ChangeRecorder {
             *p = None;
         }
         self.pending_head.store(0, std::sync::atomic::Ordering::Relaxed);
+        if let Ok(mut p) = self.pending_events.lock() {
+            *p = None;
+        }
+        // Realtime clients get this transaction's changes only if they are connected now.
+        let events = self
+            .events
+            .as_ref()
+            .filter(|(db, hub)| hub.watching(db))
+            .map(|_| self.pending_events.clone());
         Ok(Box::new(Recording {
+            events,
             session,
             schema_version: version,
             schema_hash: self.schema_hash.clone(),
@@ -260,11 +278,17 @@ impl Recorder for ChangeRecorder {
         if let (true, Some((db, feed))) = (committed && version > 0, &self.feed) {
             feed.committed(db);
         }
+        let changes = self.pending_events.lock().ok().and_then(|mut p| p.take());
+        if let (true, Some(cs), Some((db, hub))) = (committed, changes, &self.events) {
+            hub.publish(db, cs);
+        }
     }
 }
 
 struct Recording<'c> {
     session: Session<'c>,
+    /// Where the changeset goes for realtime clients, when some are connected.
+    events: Option<Arc<Mutex<Option<Vec<u8>>>>>,
     schema_version: i64,
     schema_hash: Arc<Mutex<String>>,
     pending_hash: Arc<Mutex<Option<String>>>,
@@ -275,6 +299,7 @@ impl TxRecording for Recording<'_> {
     fn before_commit(self: Box<Self>, conn: &Connection) -> rusqlite::Result<()> {
         let Recording {
             mut session,
+            events,
             schema_version: before,
             schema_hash,
             pending_hash,
@@ -321,6 +346,11 @@ impl TxRecording for Recording<'_> {
         )?
         .execute(params![version, hash, schema_json, changeset, now_ms(), entry, prev])?;
         pending_head.store(version, std::sync::atomic::Ordering::Relaxed);
+        if let Some(slot) = events {
+            if let Ok(mut p) = slot.lock() {
+                *p = Some(changeset);
+            }
+        }
         Ok(())
     }
 }

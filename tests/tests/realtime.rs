@@ -1,0 +1,576 @@
+//! Realtime over WebSocket and PocketBase's Server-Sent Events, on a master and on replicas:
+//! events from committed changes, rules per subscriber, bounded buffers. Real processes on
+//! loopback; the WebSocket client is tungstenite.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use tungstenite::Message;
+use vski_tests::*;
+
+const SECRET: &str = "realtime-shared-secret-0123456789";
+const WAIT: Duration = Duration::from_secs(10);
+
+/// An SSE client reading on its own thread: `(event, data)` pairs arrive on `events`.
+struct Sse {
+    id: String,
+    events: mpsc::Receiver<(String, Value)>,
+}
+
+fn sse(node: &Node, db: &str) -> Sse {
+    let url = format!("{}/api/realtime?db={db}", node.url);
+    let (tx, events) = mpsc::channel();
+    std::thread::spawn(move || {
+        let client = reqwest::blocking::Client::builder().timeout(None).build().unwrap();
+        let Ok(resp) = client.get(url).header("Accept", "text/event-stream").send() else {
+            return;
+        };
+        let mut event = String::new();
+        for line in BufReader::new(resp).lines() {
+            let Ok(line) = line else { return };
+            if let Some(e) = line.strip_prefix("event:") {
+                event = e.to_string();
+            } else if let Some(d) = line.strip_prefix("data:") {
+                let data = serde_json::from_str(d).unwrap_or(Value::Null);
+                if tx.send((std::mem::take(&mut event), data)).is_err() {
+                    return;
+                }
+            }
+        }
+    });
+    let (event, data) = events.recv_timeout(WAIT).expect("PB_CONNECT");
+    assert_eq!(event, "PB_CONNECT");
+    Sse {
+        id: data["clientId"].as_str().unwrap().to_string(),
+        events,
+    }
+}
+
+impl Sse {
+    fn subscribe(&self, node: &Node, token: Option<&str>, topics: &[&str]) -> (u16, Value) {
+        node.post(
+            "/api/realtime",
+            token,
+            &json!({"clientId": self.id, "subscriptions": topics}),
+        )
+    }
+
+    /// The next event other than a ping, or `None` after `within`.
+    fn next(&self, within: Duration) -> Option<(String, Value)> {
+        self.events.recv_timeout(within).ok()
+    }
+
+    /// Nothing arrives for a while.
+    fn quiet(&self) {
+        if let Some(e) = self.next(Duration::from_millis(700)) {
+            panic!("unexpected event {e:?}");
+        }
+    }
+}
+
+type Ws = tungstenite::WebSocket<tungstenite::stream::MaybeTlsStream<TcpStream>>;
+
+fn websocket(node: &Node, query: &str) -> Ws {
+    let url = format!("ws://127.0.0.1:{}/api/realtime?{query}", node.port());
+    let (ws, _) = tungstenite::connect(url).expect("websocket handshake");
+    if let tungstenite::stream::MaybeTlsStream::Plain(s) = ws.get_ref() {
+        s.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+    }
+    ws
+}
+
+/// The next JSON text message, or `None` after `within`.
+fn ws_next(ws: &mut Ws, within: Duration) -> Option<Value> {
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        match ws.read() {
+            Ok(Message::Text(t)) => return Some(serde_json::from_str(&t).expect("JSON message")),
+            Ok(Message::Close(frame)) => {
+                return Some(json!({"closed": frame.map(|f| f.reason.to_string()).unwrap_or_default()}));
+            }
+            Ok(_) => {}
+            Err(tungstenite::Error::Io(e))
+                if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+            Err(e) => return Some(json!({"closed": e.to_string()})),
+        }
+    }
+    None
+}
+
+fn ws_send(ws: &mut Ws, v: Value) {
+    ws.send(Message::text(v.to_string())).expect("send");
+}
+
+/// A master with `notes` (owner-only list and view rules) and two users.
+struct Fixture {
+    node: Node,
+    admin: String,
+    alice: (String, String),
+    bob: (String, String),
+}
+
+fn user(node: &Node, email: &str) -> (String, String) {
+    let (s, b) = node.post(
+        "/api/collections/users/records",
+        None,
+        &json!({"email": email, "password": "password123", "passwordConfirm": "password123"}),
+    );
+    assert_eq!(s, 200, "{b}");
+    let (s, b) = node.post(
+        "/api/collections/users/auth-with-password",
+        None,
+        &json!({"identity": email, "password": "password123"}),
+    );
+    assert_eq!(s, 200, "{b}");
+    (
+        b["record"]["id"].as_str().unwrap().to_string(),
+        b["token"].as_str().unwrap().to_string(),
+    )
+}
+
+fn notes_schema() -> Value {
+    json!({"name": "notes", "listRule": "owner = @request.auth.id", "viewRule": "owner = @request.auth.id",
+           "createRule": "", "updateRule": "owner = @request.auth.id", "deleteRule": "owner = @request.auth.id",
+           "fields": [{"name": "title", "type": "text"},
+                      {"name": "owner", "type": "relation", "collectionId": "_pb_users_auth_"}]})
+}
+
+fn fixture(opts: NodeOptions) -> Fixture {
+    let node = spawn_master_with(opts.env("JWT_SECRET", SECRET));
+    let admin = node.admin_token();
+    let (s, users) = node.get("/api/collections/users", Some(&admin));
+    assert_eq!(s, 200);
+    let mut schema = notes_schema();
+    schema["fields"][1]["collectionId"] = users["id"].clone();
+    let (s, b) = node.post("/api/collections", Some(&admin), &schema);
+    assert_eq!(s, 200, "{b}");
+    let alice = user(&node, "alice@example.com");
+    let bob = user(&node, "bob@example.com");
+    Fixture {
+        node,
+        admin,
+        alice,
+        bob,
+    }
+}
+
+fn note(node: &Node, token: &str, owner: &str, title: &str) -> String {
+    let (s, b) = node.post(
+        "/api/collections/notes/records",
+        Some(token),
+        &json!({"title": title, "owner": owner}),
+    );
+    assert_eq!(s, 200, "{b}");
+    b["id"].as_str().unwrap().to_string()
+}
+
+#[test]
+fn sse_and_websocket_clients_get_the_events_their_rules_allow() {
+    let f = fixture(NodeOptions::default());
+    let n = &f.node;
+    let alice = sse(n, "default");
+    assert_eq!(alice.subscribe(n, Some(&f.alice.1), &["notes/*"]).0, 204);
+    let guest = sse(n, "default");
+    assert_eq!(guest.subscribe(n, None, &["notes/*"]).0, 204);
+    let mut bob = websocket(n, &format!("auth={}", f.bob.1));
+    ws_send(&mut bob, json!({"type": "SUBSCRIBE", "collection": "notes"}));
+    assert_eq!(ws_next(&mut bob, WAIT).unwrap()["type"], "SUBSCRIBED");
+
+    let a1 = note(n, &f.alice.1, &f.alice.0, "alice's");
+    let b1 = note(n, &f.bob.1, &f.bob.0, "bob's");
+    let (event, data) = alice.next(WAIT).expect("alice's create");
+    assert_eq!(event, "notes/*");
+    assert_eq!(data["action"], "create");
+    assert_eq!(data["record"]["id"], a1.as_str());
+    assert_eq!(data["record"]["title"], "alice's");
+    let m = ws_next(&mut bob, WAIT).expect("bob's create");
+    assert_eq!(m["collection"], "notes");
+    assert_eq!(m["events"].as_array().unwrap().len(), 1, "{m}");
+    assert_eq!(m["events"][0]["id"], b1.as_str());
+    assert_eq!(m["events"][0]["data"]["action"], "create");
+
+    // Update and delete: each reaches the owner only, and a delete is checked against the
+    // record as it was.
+    let (s, _) = n.patch(
+        &format!("/api/collections/notes/records/{a1}"),
+        Some(&f.alice.1),
+        &json!({"title": "edited"}),
+    );
+    assert_eq!(s, 200);
+    let (_, data) = alice.next(WAIT).expect("alice's update");
+    assert_eq!(
+        (data["action"].as_str(), data["record"]["title"].as_str()),
+        (Some("update"), Some("edited"))
+    );
+    assert_eq!(
+        n.delete(&format!("/api/collections/notes/records/{b1}"), Some(&f.bob.1))
+            .0,
+        204
+    );
+    let m = ws_next(&mut bob, WAIT).expect("bob's delete");
+    assert_eq!(m["events"][0]["data"]["action"], "delete");
+    assert_eq!(m["events"][0]["data"]["record"]["title"], "bob's");
+    alice.quiet();
+    guest.quiet();
+    assert_eq!(ws_next(&mut bob, Duration::from_millis(500)), None);
+
+    // A signed-in connection keeps its identity; a guest may sign in.
+    let (s, b) = alice.subscribe(n, Some(&f.bob.1), &["notes/*"]);
+    assert_eq!(s, 403, "{b}");
+    let (s, _) = alice.subscribe(n, None, &["notes/*"]);
+    assert_eq!(s, 403, "a signed-in connection cannot fall back to a guest");
+    // Topic options: a filter, and a one-record topic under the viewRule.
+    let topic = format!(
+        "notes/*?options={}",
+        urlencode(&json!({"query": {"filter": "title ~ 'keep'", "fields": "id,title"}}).to_string())
+    );
+    assert_eq!(
+        alice
+            .subscribe(n, Some(&f.alice.1), &[&topic, &format!("notes/{a1}")])
+            .0,
+        204
+    );
+    let kept = note(n, &f.alice.1, &f.alice.0, "keep me");
+    let (event, data) = alice.next(WAIT).expect("filtered create");
+    assert_eq!(event, topic);
+    assert_eq!(data["record"], json!({"id": kept, "title": "keep me"}));
+    note(n, &f.alice.1, &f.alice.0, "drop me");
+    alice.quiet();
+    n.patch(
+        &format!("/api/collections/notes/records/{a1}"),
+        Some(&f.alice.1),
+        &json!({"title": "again"}),
+    );
+    let (event, data) = alice.next(WAIT).expect("record topic");
+    assert_eq!(event, format!("notes/{a1}"));
+    assert_eq!(data["record"]["title"], "again");
+
+    // Bad requests change nothing.
+    let (s, b) = alice.subscribe(
+        n,
+        Some(&f.alice.1),
+        &["notes/*?options={\"query\":{\"filter\":\"nope ==\"}}"],
+    );
+    assert_eq!(s, 400, "{b}");
+    for bad in ["notes", "../x/*", "notes/a b"] {
+        assert_eq!(alice.subscribe(n, Some(&f.alice.1), &[bad]).0, 400, "{bad}");
+    }
+    let (s, _) = n.post("/api/realtime", None, &json!({"clientId": "nope", "subscriptions": []}));
+    assert_eq!(s, 404);
+    n.patch(
+        &format!("/api/collections/notes/records/{a1}"),
+        Some(&f.alice.1),
+        &json!({"title": "still"}),
+    );
+    assert_eq!(alice.next(WAIT).expect("still subscribed").0, format!("notes/{a1}"));
+}
+
+#[test]
+fn a_token_of_another_database_subscribes_as_a_guest() {
+    let f = fixture(NodeOptions::default());
+    let n = &f.node;
+    let (s, b) = n.post("/api/databases", Some(&f.admin), &json!({"name": "other"}));
+    assert_eq!(s, 201, "{b}");
+    let mut schema = notes_schema();
+    schema["listRule"] = json!("");
+    schema["fields"] = json!([{"name": "title", "type": "text"}, {"name": "owner", "type": "text"}]);
+    let (s, b) = n.request(
+        "POST",
+        "/api/collections",
+        Some(&f.admin),
+        Some(&schema),
+        &[("X-Dbname", "other")],
+    );
+    assert_eq!(s, 200, "{b}");
+    // Alice's token is from `default`: in `other` she is a guest, and the guest sees what
+    // listRule "" shows, with no @request.auth.
+    let mut ws = websocket(n, &format!("db=other&auth={}", f.alice.1));
+    ws_send(
+        &mut ws,
+        json!({"type": "SUBSCRIBE", "collection": "notes", "filter": "owner = @request.auth.id"}),
+    );
+    assert_eq!(ws_next(&mut ws, WAIT).unwrap()["type"], "SUBSCRIBED");
+    let (s, b) = n.request(
+        "POST",
+        "/api/collections/notes/records",
+        Some(&f.admin),
+        Some(&json!({"title": "x", "owner": f.alice.0})),
+        &[("X-Dbname", "other")],
+    );
+    assert_eq!(s, 200, "{b}");
+    assert_eq!(
+        ws_next(&mut ws, Duration::from_millis(800)),
+        None,
+        "the token must not fill @request.auth"
+    );
+    // A commit in `default` never reaches a client of `other`.
+    note(n, &f.alice.1, &f.alice.0, "default's");
+    assert_eq!(ws_next(&mut ws, Duration::from_millis(500)), None);
+}
+
+#[test]
+fn websocket_commands_errors_pings_and_idle_timeout() {
+    let f = fixture(NodeOptions::default().env("REALTIME_PING_SECS", "1"));
+    let n = &f.node;
+    let mut ws = websocket(n, &format!("auth={}", f.alice.1));
+    for (cmd, want) in [
+        (json!({"type": "SUBSCRIBE", "collection": "nope"}), "ERROR"),
+        (
+            json!({"type": "SUBSCRIBE", "collection": "notes", "filter": "title ==="}),
+            "ERROR",
+        ),
+        (
+            json!({"type": "SUBSCRIBE", "collection": "notes", "expand": "title"}),
+            "ERROR",
+        ),
+        (
+            json!({"type": "SUBSCRIBE", "collection": "notes", "id": "../../x"}),
+            "ERROR",
+        ),
+        (json!({"type": "DANCE"}), "ERROR"),
+        (json!({"type": "SUBSCRIBE", "collection": "notes"}), "SUBSCRIBED"),
+    ] {
+        ws_send(&mut ws, cmd.clone());
+        assert_eq!(ws_next(&mut ws, WAIT).unwrap()["type"], want, "{cmd}");
+    }
+    ws.send(Message::text("not json")).unwrap();
+    assert_eq!(ws_next(&mut ws, WAIT).unwrap()["type"], "ERROR");
+    note(n, &f.alice.1, &f.alice.0, "one");
+    assert_eq!(ws_next(&mut ws, WAIT).unwrap()["events"][0]["data"]["action"], "create");
+    ws_send(&mut ws, json!({"type": "UNSUBSCRIBE", "collection": "notes"}));
+    assert_eq!(ws_next(&mut ws, WAIT).unwrap()["type"], "UNSUBSCRIBED");
+    note(n, &f.alice.1, &f.alice.0, "two");
+    assert_eq!(ws_next(&mut ws, Duration::from_millis(700)), None);
+    // The server pings every second; a client that keeps reading answers them and stays.
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(4) {
+        assert_eq!(ws_next(&mut ws, Duration::from_millis(300)), None);
+    }
+    // One that stops reading (and so answering) is closed as idle.
+    std::thread::sleep(Duration::from_secs(5));
+    // Reading answers the queued pings first, which may fail on the closed socket before the
+    // close frame is read; the server's log names the reason either way.
+    let closed = ws_next(&mut ws, WAIT).expect("closed");
+    assert!(closed.get("closed").is_some(), "{closed}");
+    assert!(n.log().contains("disconnected: idle"), "{}", n.log());
+    wait_for("the client to be forgotten", WAIT, || {
+        (n.health()["realtime"]["clients"] == 0).then_some(())
+    });
+}
+
+/// Opens an SSE stream on a raw socket that is then never read; returns it and its client id.
+fn stalled_sse(node: &Node) -> (TcpStream, String) {
+    let mut s = TcpStream::connect(("127.0.0.1", node.port())).unwrap();
+    write!(
+        s,
+        "GET /api/realtime HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\n\r\n"
+    )
+    .unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    loop {
+        s.read_exact(&mut byte).unwrap();
+        head.push(byte[0]);
+        let text = String::from_utf8_lossy(&head);
+        if let Some(i) = text.find("clientId\":\"") {
+            if let Some(end) = text[i + 11..].find('"') {
+                return (s, text[i + 11..i + 11 + end].to_string());
+            }
+        }
+    }
+}
+
+#[test]
+fn a_slow_client_is_cut_off_while_a_fast_one_keeps_receiving() {
+    let node = spawn_master_with(
+        NodeOptions::default()
+            .env("JWT_SECRET", SECRET)
+            .env("REALTIME_CLIENT_BUFFER", "8"),
+    );
+    let admin = node.admin_token();
+    let (s, _) = node.post(
+        "/api/collections",
+        Some(&admin),
+        &json!({"name": "big", "listRule": "", "viewRule": "", "createRule": "", "fields": [{"name": "body", "type": "text", "max": 100000}]}),
+    );
+    assert_eq!(s, 200);
+    let (mut slow, slow_id) = stalled_sse(&node);
+    let (s, _) = node.post(
+        "/api/realtime",
+        None,
+        &json!({"clientId": slow_id, "subscriptions": ["big/*"]}),
+    );
+    assert_eq!(s, 204);
+    let fast = sse(&node, "default");
+    assert_eq!(fast.subscribe(&node, None, &["big/*"]).0, 204);
+    assert_eq!(node.health()["realtime"]["clients"], 2);
+    // 300 events of 64 KiB: far more than the stalled socket and its 8 buffered messages hold.
+    let body = "x".repeat(64 * 1024);
+    let writer = {
+        let url = node.url.clone();
+        std::thread::spawn(move || {
+            let c = reqwest::blocking::Client::new();
+            for _ in 0..300 {
+                let r = c
+                    .post(format!("{url}/api/collections/big/records"))
+                    .json(&json!({"body": body}))
+                    .send()
+                    .unwrap();
+                assert_eq!(r.status(), 200);
+            }
+        })
+    };
+    let mut got = 0;
+    while got < 300 {
+        let (event, data) = fast
+            .next(Duration::from_secs(20))
+            .expect("the fast client kept receiving");
+        assert_eq!(event, "big/*");
+        assert_eq!(data["record"]["body"].as_str().map(str::len), Some(64 * 1024));
+        got += 1;
+    }
+    writer.join().unwrap();
+    wait_for("the slow client to be dropped", WAIT, || {
+        (node.health()["realtime"]["clients"] == 1).then_some(())
+    });
+    // Reading the stalled stream now ends with the reason.
+    slow.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut rest = Vec::new();
+    let _ = slow.read_to_end(&mut rest);
+    let text = String::from_utf8_lossy(&rest);
+    assert!(
+        text.contains("event:disconnect") && text.contains("too slow"),
+        "{}",
+        &text[text.len().saturating_sub(300)..]
+    );
+}
+
+#[test]
+fn replicas_refuse_realtime_by_default_and_serve_it_with_replica_realtime_on() {
+    let f = fixture(NodeOptions::default());
+    let m = &f.node;
+    let off = spawn_replica(m, SECRET, NodeOptions::default().env("SYNC_INTERVAL", "1"));
+    let on = spawn_replica(
+        m,
+        SECRET,
+        NodeOptions::default()
+            .env("SYNC_INTERVAL", "60")
+            .env("REPLICA_REALTIME", "on"),
+    );
+    wait_for("both replicas ready", Duration::from_secs(30), || {
+        (off.get("/health", None).0 == 200 && on.get("/health", None).0 == 200).then_some(())
+    });
+    let (s, b) = off.get("/api/realtime", None);
+    assert_eq!(s, 503, "{b}");
+    assert!(b["message"].as_str().unwrap().contains("REPLICA_REALTIME"));
+    let url = format!("ws://127.0.0.1:{}/api/realtime", off.port());
+    match tungstenite::connect(url) {
+        Err(tungstenite::Error::Http(r)) => assert_eq!(r.status(), 503),
+        other => panic!("expected a 503 upgrade, got {:?}", other.map(|(_, r)| r.status())),
+    }
+    assert_eq!(
+        off.post("/api/realtime", None, &json!({"clientId": "x", "subscriptions": []}))
+            .0,
+        503
+    );
+
+    // With REPLICA_REALTIME=on, subscriptions on the replica receive master writes, under the
+    // replica's copy of the rules: the subscription POST passes the read-only guard.
+    let alice = sse(&on, "default");
+    assert_eq!(alice.subscribe(&on, Some(&f.alice.1), &["notes/*", "resync"]).0, 204);
+    let mut bob = websocket(&on, &format!("auth={}", f.bob.1));
+    ws_send(&mut bob, json!({"type": "SUBSCRIBE", "collection": "notes"}));
+    assert_eq!(ws_next(&mut bob, WAIT).unwrap()["type"], "SUBSCRIBED");
+    let a1 = note(m, &f.alice.1, &f.alice.0, "from the master");
+    let (event, data) = alice.next(WAIT).expect("a master write, seen on the replica");
+    assert_eq!((event.as_str(), data["action"].as_str()), ("notes/*", Some("create")));
+    assert_eq!(data["record"]["id"], a1.as_str());
+    assert_eq!(
+        ws_next(&mut bob, Duration::from_millis(700)),
+        None,
+        "bob must not see alice's note"
+    );
+    let b1 = note(m, &f.bob.1, &f.bob.0, "bob's");
+    assert_eq!(ws_next(&mut bob, WAIT).unwrap()["events"][0]["id"], b1.as_str());
+    alice.quiet();
+    assert_eq!(
+        m.delete(&format!("/api/collections/notes/records/{a1}"), Some(&f.alice.1))
+            .0,
+        204
+    );
+    assert_eq!(alice.next(WAIT).expect("delete").1["action"], "delete");
+    // Writes on the replica stay refused.
+    let (s, _) = on.post(
+        "/api/collections/notes/records",
+        Some(&f.alice.1),
+        &json!({"title": "x"}),
+    );
+    assert_eq!(s, 403);
+}
+
+#[test]
+fn a_rebootstrapped_replica_sends_resync_instead_of_a_flood() {
+    let f = fixture(NodeOptions::default());
+    let mut m = f.node;
+    let r = spawn_replica(
+        &m,
+        SECRET,
+        NodeOptions::default()
+            .env("SYNC_INTERVAL", "1")
+            .env("REPLICA_REALTIME", "on"),
+    );
+    wait_for("replica ready", Duration::from_secs(30), || {
+        (r.get("/health", None).0 == 200).then_some(())
+    });
+    let watcher = sse(&r, "default");
+    assert_eq!(watcher.subscribe(&r, Some(&f.admin), &["notes/*", "resync"]).0, 204);
+    // Another master behind the same URL: the replica downloads a new snapshot.
+    let port = m.port();
+    m.kill();
+    let m2 = spawn_master_with(NodeOptions {
+        port: Some(port),
+        ..NodeOptions::default().env("JWT_SECRET", SECRET)
+    });
+    let t = m2.admin_token();
+    let (s, _) = m2.post(
+        "/api/collections",
+        Some(&t),
+        &json!({"name": "notes", "listRule": "", "fields": [{"name": "title", "type": "text"}]}),
+    );
+    assert_eq!(s, 200);
+    for i in 0..20 {
+        assert_eq!(
+            m2.post(
+                "/api/collections/notes/records",
+                Some(&t),
+                &json!({"title": format!("n{i}")})
+            )
+            .0,
+            200
+        );
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut seen = Vec::new();
+    while Instant::now() < deadline {
+        if let Some((event, _)) = watcher.next(Duration::from_millis(500)) {
+            seen.push(event.clone());
+            if event == "resync" {
+                break;
+            }
+        }
+    }
+    assert!(seen.contains(&"resync".to_string()), "events: {seen:?}\n{}", r.log());
+    assert!(seen.len() <= 2, "a resync, not a flood of events: {seen:?}");
+}
+
+fn urlencode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
