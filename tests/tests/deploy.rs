@@ -219,6 +219,71 @@ fn read(p: &Proxy, path: &str, pin: Option<&str>, host: Option<&str>) -> (u16, S
     }
 }
 
+/// Realtime through the proxy: an SSE stream (unbuffered, and its subscription POST reaches the
+/// same node even when pinned to a replica) and a WebSocket upgrade both deliver a write.
+fn realtime_through(kind: Kind, p: &Proxy) {
+    use std::io::BufRead;
+    let (tx, lines) = std::sync::mpsc::channel::<String>();
+    let url = format!("{}/api/realtime", p.url);
+    std::thread::spawn(move || {
+        let c = reqwest::blocking::Client::builder().timeout(None).build().unwrap();
+        let Ok(resp) = c.get(url).header("Accept", "text/event-stream").send() else {
+            return;
+        };
+        for line in std::io::BufReader::new(resp).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let hello = lines
+        .iter()
+        .find(|l| l.starts_with("data:"))
+        .unwrap_or_else(|| panic!("{kind:?}: no PB_CONNECT through the proxy"));
+    let id = serde_json::from_str::<Value>(&hello[5..]).unwrap()["clientId"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let resp = client()
+        .post(format!("{}/api/realtime", p.url))
+        .header("X-Replica-Id", "r001")
+        .json(&json!({"clientId": id, "subscriptions": ["posts/*"]}))
+        .send()
+        .unwrap();
+    assert_eq!(
+        resp.status().as_u16(),
+        204,
+        "{kind:?}: the subscription reached another node"
+    );
+    let (mut ws, _) = tungstenite::connect(format!("ws://127.0.0.1:{}/api/realtime", p.port))
+        .unwrap_or_else(|e| panic!("{kind:?}: WebSocket upgrade through the proxy: {e}"));
+    ws.send(tungstenite::Message::text(
+        r#"{"type":"SUBSCRIBE","collection":"posts"}"#,
+    ))
+    .unwrap();
+    assert!(ws.read().unwrap().to_text().unwrap().contains("SUBSCRIBED"));
+    let resp = client()
+        .post(format!("{}/api/collections/posts/records", p.url))
+        .json(&json!({"title": "live through the proxy"}))
+        .send()
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let line = lines
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .unwrap_or_else(|_| panic!("{kind:?}: the event did not come through the proxy in time"));
+        if line.contains("live through the proxy") {
+            break;
+        }
+    }
+    let event = ws.read().unwrap();
+    assert!(
+        event.to_text().unwrap().contains("live through the proxy"),
+        "{kind:?}: {event}"
+    );
+}
+
 fn master_with_posts() -> (Node, String) {
     let m = spawn_master_with(NodeOptions::default().env("JWT_SECRET", SECRET));
     let t = m.admin_token();
@@ -337,6 +402,8 @@ fn exercise(kind: Kind) {
             (read(&p, &one, pin, None).0 == 200).then_some(())
         });
     }
+
+    realtime_through(kind, &p);
 
     // Unpinned reads are spread over several nodes.
     let nodes: BTreeSet<String> = (0..30)

@@ -187,3 +187,13 @@ fn deployment_examples_run() {
         assert!(stdout.contains(needle), "missing {needle:?} in:\n{stdout}");
     }
 }
+
+#[test]
+fn realtime_examples_run() {
+    let out = run_page("Realtime.md", true);
+    assert!(out.contains(r#"{"action":"create","text":"hello lobby"}"#), "{out}");
+    assert!(
+        out.contains(r#"{"collection":"messages","action":"create","text":"over a socket"}"#),
+        "{out}"
+    );
+}

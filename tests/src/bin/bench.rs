@@ -15,6 +15,8 @@ use vski_tests::{NodeOptions, Value, json, spawn_master_with};
 mod compare;
 #[path = "../bench/lag.rs"]
 mod lag;
+#[path = "../bench/realtime.rs"]
+mod realtime;
 
 struct Args {
     seconds: u64,
@@ -57,7 +59,7 @@ fn parse_args() -> Args {
             "--suite" => {
                 args.suite = it
                     .next()
-                    .expect("--suite http|query|replication|replica|lag|fanout|catchup|bootstrap|compare|all")
+                    .expect("--suite http|query|replication|replica|lag|fanout|realtime|catchup|bootstrap|compare|all")
             }
             "--rounds" => args.rounds = it.next().and_then(|v| v.parse().ok()).expect("--rounds N"),
             "--sizes" => {
@@ -75,7 +77,7 @@ fn parse_args() -> Args {
                 args.snapshot_rows = it.next().and_then(|v| v.parse().ok()).expect("--snapshot-rows N")
             }
             other => panic!(
-                "unknown argument {other}; use --seconds N --concurrency 1,16 --suite http|query|replication|replica|lag|fanout|catchup|bootstrap|compare|all --snapshot-rows N"
+                "unknown argument {other}; use --seconds N --concurrency 1,16 --suite http|query|replication|replica|lag|fanout|realtime|catchup|bootstrap|compare|all --snapshot-rows N"
             ),
         }
     }
@@ -147,6 +149,9 @@ fn main() {
     }
     if args.suite == "lag" {
         lag_suite(&args);
+    }
+    if args.suite == "realtime" || args.suite == "replica" {
+        realtime_suite(&args);
     }
     if args.suite == "fanout" {
         fanout_suite(&args);
@@ -470,6 +475,40 @@ fn lag_suite(args: &Args) {
             rate,
             lag::run(rate, secs, target, lag::litestream_writer(&ls.src)),
         );
+    }
+}
+
+/// Realtime latency: write sent to the master -> SSE event at a subscriber of the master, and of
+/// a streaming replica with REPLICA_REALTIME=on.
+fn realtime_suite(args: &Args) {
+    let secs = (args.seconds * 2).max(4);
+    println!("realtime, write sent to the master -> SSE event at the subscriber ({secs} s per row; ms)");
+    println!(
+        "{:<44} {:>8} {:>8} {:>8} {:>8} {:>9}",
+        "subscriber on", "writes/s", "p50", "p99", "max", "events"
+    );
+    for rate in [10, 500] {
+        let master = bench_master("on");
+        let replicas = lag::replicas(
+            &master,
+            SECRET,
+            1,
+            &[
+                ("SYNC_MODE", "stream"),
+                ("SYNC_INTERVAL", "60"),
+                ("REPLICA_REALTIME", "on"),
+            ],
+        );
+        for (label, url) in [
+            ("the master", master.url.clone()),
+            ("a streaming replica, REPLICA_REALTIME=on", replicas[0].url.clone()),
+        ] {
+            let l = realtime::measure(&master, &url, rate, secs);
+            println!(
+                "{:<44} {:>8} {:>8.1} {:>8.1} {:>8.1} {:>4}/{:<4}",
+                label, rate, l.p50, l.p99, l.max, l.events, l.writes
+            );
+        }
     }
 }
 
