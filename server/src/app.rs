@@ -47,6 +47,8 @@ pub struct AppState {
     pub sign_in: crate::auth::limit::SignInLimiter,
     /// Realtime clients and the commits waiting to become their events.
     pub realtime: Arc<crate::realtime::Hub>,
+    /// The cron scheduler and the jobs it runs on this node.
+    pub cron: crate::cron::Cron,
     /// The hub's queue, taken by the dispatcher when the server starts.
     pub realtime_queue: std::sync::Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<crate::realtime::Committed>>>,
 }
@@ -107,6 +109,7 @@ impl AppState {
             sign_in: crate::auth::limit::SignInLimiter::new(config.auth_rate_limit),
             realtime,
             realtime_queue: std::sync::Mutex::new(Some(realtime_queue)),
+            cron: crate::cron::Cron::default(),
             settings: Settings {
                 auth_token_ttl: config.auth_token_ttl,
                 admin_token_ttl: config.admin_token_ttl,
@@ -250,6 +253,7 @@ pub fn configure(cfg: &mut web::ServiceConfig, replica: bool) {
     crate::auth::configure(cfg);
     crate::collections::configure(cfg);
     crate::realtime::configure(cfg);
+    crate::cron::configure(cfg);
     if replica {
         crate::replica::follower::configure(cfg);
     } else {
@@ -374,6 +378,9 @@ pub async fn run(config: ServeConfig, secret: String, listener: TcpListener) -> 
     }
     if let Some(queue) = state.realtime_queue.lock().ok().and_then(|mut q| q.take()) {
         actix_web::rt::spawn(crate::realtime::dispatch::run(state.clone(), queue));
+    }
+    if let Err(e) = crate::cron::Cron::start(&state).await {
+        log::error!("cron: cannot start the scheduler: {e}");
     }
     let pruned = state.clone();
     actix_web::rt::spawn(async move {

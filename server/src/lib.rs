@@ -10,6 +10,7 @@ pub mod auth;
 pub mod collections;
 pub mod config;
 pub mod crash;
+pub mod cron;
 pub mod databases;
 pub mod datadir;
 pub mod db;

@@ -197,3 +197,16 @@ fn realtime_examples_run() {
         "{out}"
     );
 }
+
+#[test]
+fn cron_examples_run() {
+    let out = run_page("Cron.md", true);
+    for needle in [
+        r#"{"outcome":"ok","detail":"1 rows changed"}"#,
+        r#"{"status":400,"fields":["schedule","sql"]}"#,
+        r#"[{"name":"expire-sessions","active":true},{"name":"nightly-report","active":true}]"#,
+        "204",
+    ] {
+        assert!(out.contains(needle), "missing {needle:?} in {out}");
+    }
+}

@@ -89,6 +89,23 @@ describe("admins, collections and databases", () => {
   });
 });
 
+describe("cron", () => {
+  it("creates a job that runs every second, reads its runs and deletes it", async () => {
+    const c = client(master.url);
+    await c.admins.authWithPassword(ADMIN.email, ADMIN.password);
+    const made = await c.cron.create({ name: "touch", schedule: "* * * * * *", type: "sql", sql: "UPDATE posts SET n = n WHERE 0" });
+    expect(made.name).toBe("touch");
+    expect((await c.cron.list()).map((j) => [j.name, j.active])).toEqual([["touch", true]]);
+    await waitFor("a run", async () => (await c.cron.runs("touch")).length > 0, 10_000);
+    const [run] = await c.cron.runs("touch");
+    expect([run!.outcome, run!.detail]).toEqual(["ok", "0 rows changed"]);
+    const bad = await c.cron.create({ name: "bad", schedule: "daily", type: "sql", sql: "SELECT 1" }).catch((e) => e);
+    expect([bad.status, Object.keys(bad.response.data)]).toEqual([400, ["schedule"]]);
+    expect(await c.cron.delete("touch")).toBe(true);
+    expect(await c.cron.list()).toEqual([]);
+  });
+});
+
 describe("records", () => {
   it("every record method, with a typed collection", async () => {
     interface Post {

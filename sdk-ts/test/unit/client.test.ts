@@ -86,6 +86,7 @@ describe("request shaping", () => {
     await client.auth.login("u@b.c", "pw");
     await client.settings.databases.create("x");
     await client.cron.delete("nightly");
+    await client.cron.runs("nightly");
     expect(s.calls.map((c) => `${c.method} ${new URL(c.url).pathname}`)).toEqual([
       "PATCH /api/collections/posts/records/bulk",
       "DELETE /api/collections/posts/records/bulk",
@@ -96,6 +97,7 @@ describe("request shaping", () => {
       "POST /api/auth/login",
       "POST /api/databases",
       "DELETE /api/cron/nightly",
+      "GET /api/cron/nightly/runs",
     ]);
     expect(s.calls[0]!.body).toBe('{"ids":["a","b"],"data":{"n":1}}');
     expect(s.calls[4]!.body).toBe('{"identity":"a@b.c","password":"pw"}');
