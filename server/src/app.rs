@@ -36,7 +36,7 @@ pub struct Settings {
 /// State shared by every worker thread.
 pub struct AppState {
     pub dbs: Registry,
-    pub schemas: SchemaCache,
+    pub schemas: Arc<SchemaCache>,
     pub tokens: TokenKeys,
     pub settings: Settings,
     /// Replication state of this master: epoch, known replicas, cached checksums.
@@ -47,6 +47,8 @@ pub struct AppState {
     pub sign_in: crate::auth::limit::SignInLimiter,
     /// Realtime clients and the commits waiting to become their events.
     pub realtime: Arc<crate::realtime::Hub>,
+    /// Webhook delivery state (a master's; `None` on a replica, which never sends them).
+    pub webhooks: Option<Arc<crate::webhooks::Webhooks>>,
     /// The cron scheduler and the jobs it runs on this node.
     pub cron: crate::cron::Cron,
     /// The hub's queue, taken by the dispatcher when the server starts.
@@ -69,18 +71,29 @@ impl AppState {
         // Realtime events come from committed changes: the changelog's changeset where one is
         // recorded, otherwise a session attached while clients are connected. A replica's
         // replicated databases publish what the follower applies.
+        let schemas = Arc::new(SchemaCache::default());
+        let webhooks = (!config.is_replica())
+            .then(|| crate::webhooks::Webhooks::new(std::time::Duration::from_millis(config.webhook_retry_base_ms)));
         let recorders: crate::db::RecorderFactory = {
             let (feed, hub) = (feed.clone(), realtime.clone());
+            let (hooks, cache) = (webhooks.clone(), schemas.clone());
             let record = config.changelog == "on" && !config.is_replica();
             let follows = config.is_replica();
             let omitted = config.omitted_dbs();
             Arc::new(move |name: &str| {
+                let emitter = hooks.as_ref().map(|h| {
+                    Arc::new(crate::webhooks::Emitter {
+                        db: name.to_string(),
+                        schemas: cache.clone(),
+                        hooks: h.clone(),
+                    })
+                });
                 let r: Arc<dyn crate::db::writer::Recorder> = if record && is_replicated_db(name) {
-                    ChangeRecorder::publishing(name, feed.clone(), hub.clone())
+                    ChangeRecorder::publishing(name, feed.clone(), hub.clone(), emitter)
                 } else if follows && is_replicated_db(name) && !omitted.iter().any(|o| o == name) {
                     return None;
                 } else {
-                    crate::realtime::capture::Capture::new(name, hub.clone())
+                    crate::realtime::capture::Capture::new(name, hub.clone(), emitter)
                 };
                 Some(r)
             })
@@ -104,7 +117,8 @@ impl AppState {
             master,
             follower,
             dbs,
-            schemas: SchemaCache::default(),
+            schemas,
+            webhooks,
             tokens: TokenKeys::new(secret),
             sign_in: crate::auth::limit::SignInLimiter::new(config.auth_rate_limit),
             realtime,
@@ -254,6 +268,7 @@ pub fn configure(cfg: &mut web::ServiceConfig, replica: bool) {
     crate::collections::configure(cfg);
     crate::realtime::configure(cfg);
     crate::cron::configure(cfg);
+    crate::webhooks::configure(cfg);
     if replica {
         crate::replica::follower::configure(cfg);
     } else {
@@ -378,6 +393,9 @@ pub async fn run(config: ServeConfig, secret: String, listener: TcpListener) -> 
     }
     if let Some(queue) = state.realtime_queue.lock().ok().and_then(|mut q| q.take()) {
         actix_web::rt::spawn(crate::realtime::dispatch::run(state.clone(), queue));
+    }
+    if let Some(hooks) = state.webhooks.clone() {
+        actix_web::rt::spawn(crate::webhooks::deliver(state.clone(), hooks));
     }
     if let Err(e) = crate::cron::Cron::start(&state).await {
         log::error!("cron: cannot start the scheduler: {e}");

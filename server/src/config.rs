@@ -308,6 +308,11 @@ pub struct ServeConfig {
     #[arg(long, env = "REALTIME_MAX_CLIENTS", default_value_t = 10_000)]
     pub realtime_max_clients: usize,
 
+    /// The first webhook retry's delay in milliseconds; each further retry doubles it (with
+    /// jitter), up to an hour.
+    #[arg(long, env = "WEBHOOK_RETRY_BASE_MS", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..=3_600_000))]
+    pub webhook_retry_base_ms: u64,
+
     /// Password sign-in attempts allowed per minute for one client IP and identity; past it the
     /// endpoint answers 429 with Retry-After. 0 turns the limit off.
     #[arg(long, env = "AUTH_RATE_LIMIT", default_value_t = 20)]

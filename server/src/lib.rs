@@ -21,6 +21,7 @@ pub mod realtime;
 pub mod records;
 pub mod replica;
 pub mod util;
+pub mod webhooks;
 
 use std::io::Write;
 use std::net::TcpListener;

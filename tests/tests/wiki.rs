@@ -210,3 +210,15 @@ fn cron_examples_run() {
         assert!(out.contains(needle), "missing {needle:?} in {out}");
     }
 }
+
+#[test]
+fn webhooks_examples_run() {
+    let out = run_page("Webhooks.md", true);
+    for needle in [
+        r#"[{"action":"create","method":"POST","retryLimit":3,"enabled":true}]"#,
+        r#"{"event": "create", "total": 42, "attempts": 3, "same key": true}"#,
+        r#"["delivered","retrying","retrying"]"#,
+    ] {
+        assert!(out.contains(needle), "missing {needle:?} in {out}");
+    }
+}

@@ -134,8 +134,83 @@ pub struct Collection {
     pub create_rule: Option<String>,
     pub update_rule: Option<String>,
     pub delete_rule: Option<String>,
+    /// Webhooks: requests sent after a record of this collection is created, updated or deleted.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub triggers: Vec<Trigger>,
     pub created: String,
     pub updated: String,
+}
+
+/// A collection webhook (see `webhooks/`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Trigger {
+    /// `create`, `update` or `delete`.
+    pub action: String,
+    pub url: String,
+    #[serde(default = "Trigger::default_method")]
+    pub method: String,
+    #[serde(default, skip_serializing_if = "Map::is_empty")]
+    pub headers: Map<String, Value>,
+    /// Attempts after the first one before the delivery is given up.
+    #[serde(default = "Trigger::default_retry_limit")]
+    pub retry_limit: u32,
+    #[serde(default = "Trigger::yes")]
+    pub enabled: bool,
+    /// When set, every delivery carries `X-Vski-Signature: sha256=HMAC(secret, body)`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret: Option<String>,
+}
+
+/// Triggers one collection may have.
+pub const MAX_TRIGGERS: usize = 20;
+/// The most retries a trigger may ask for.
+pub const MAX_RETRY_LIMIT: u32 = 20;
+
+impl Trigger {
+    fn default_method() -> String {
+        "POST".into()
+    }
+
+    fn default_retry_limit() -> u32 {
+        5
+    }
+
+    fn yes() -> bool {
+        true
+    }
+
+    /// Parses and checks one trigger of a collection definition.
+    pub fn parse(v: &Value) -> Result<Trigger, String> {
+        let mut t: Trigger = serde_json::from_value(v.clone()).map_err(|e| format!("Invalid trigger: {e}."))?;
+        if !matches!(t.action.as_str(), "create" | "update" | "delete") {
+            return Err("action must be \"create\", \"update\" or \"delete\".".into());
+        }
+        let url_ok =
+            reqwest::Url::parse(&t.url).is_ok_and(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some());
+        if !url_ok {
+            return Err("url must be an http:// or https:// URL.".into());
+        }
+        t.method = t.method.to_ascii_uppercase();
+        if !matches!(t.method.as_str(), "POST" | "PUT" | "PATCH" | "GET" | "DELETE") {
+            return Err("method must be POST, PUT, PATCH, GET or DELETE.".into());
+        }
+        let headers_ok = t.headers.iter().all(|(k, v)| {
+            reqwest::header::HeaderName::from_bytes(k.as_bytes()).is_ok()
+                && v.as_str()
+                    .is_some_and(|v| reqwest::header::HeaderValue::from_str(v).is_ok())
+        });
+        if !headers_ok {
+            return Err("headers must map header names to string values.".into());
+        }
+        if t.retry_limit > MAX_RETRY_LIMIT {
+            return Err(format!("retryLimit is at most {MAX_RETRY_LIMIT}."));
+        }
+        if t.secret.as_ref().is_some_and(|s| s.is_empty() || s.len() > 256) {
+            return Err("secret is 1 to 256 characters.".into());
+        }
+        Ok(t)
+    }
 }
 
 /// Most fields a collection may have over its life, soft-deleted ones included (their columns
@@ -264,6 +339,7 @@ pub struct CollectionInput {
     pub indexes: Option<Vec<String>>,
     /// `Some(None)` = set to null (admins only); `None` = not given.
     pub rules: [Option<Option<String>>; 5],
+    pub triggers: Option<Vec<Trigger>>,
 }
 
 pub const RULE_KEYS: [&str; 5] = ["listRule", "viewRule", "createRule", "updateRule", "deleteRule"];
@@ -323,6 +399,26 @@ impl CollectionInput {
                 Some(v) => input.indexes = Some(v),
                 None => field_error(errors, "indexes", "validation_invalid", "Must be an array of strings."),
             }
+        }
+        match obj.get("triggers") {
+            None => {}
+            Some(Value::Null) => input.triggers = Some(Vec::new()),
+            Some(Value::Array(items)) if items.len() <= MAX_TRIGGERS => {
+                let mut triggers = Vec::new();
+                for (i, item) in items.iter().enumerate() {
+                    match Trigger::parse(item) {
+                        Ok(t) => triggers.push(t),
+                        Err(msg) => field_error(errors, &format!("triggers.{i}"), "validation_invalid", msg),
+                    }
+                }
+                input.triggers = Some(triggers);
+            }
+            Some(_) => field_error(
+                errors,
+                "triggers",
+                "validation_invalid",
+                format!("Must be an array of at most {MAX_TRIGGERS} triggers."),
+            ),
         }
         for (i, key) in RULE_KEYS.iter().enumerate() {
             match obj.get(*key) {

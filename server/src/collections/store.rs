@@ -38,6 +38,8 @@ const CREATE_COLLECTIONS_TABLE: &str = "CREATE TABLE IF NOT EXISTS _collections 
 pub struct Schema {
     by_name: HashMap<String, Arc<Collection>>,
     by_id: HashMap<String, Arc<Collection>>,
+    /// Whether any collection has an enabled webhook trigger.
+    triggered: bool,
 }
 
 impl Schema {
@@ -46,10 +48,16 @@ impl Schema {
         let mut s = Schema::default();
         for c in list {
             let c = Arc::new(c);
+            s.triggered |= c.triggers.iter().any(|t| t.enabled);
             s.by_id.insert(c.id.clone(), c.clone());
             s.by_name.insert(c.name.clone(), c);
         }
         s
+    }
+
+    /// Whether a commit of this database may have webhooks to send.
+    pub fn has_triggers(&self) -> bool {
+        self.triggered
     }
 
     pub fn get(&self, id_or_name: &str) -> Option<Arc<Collection>> {
@@ -99,6 +107,11 @@ impl SchemaCache {
         Ok(schema)
     }
 
+    /// The cached schema of database `name`, without loading it (for the writer thread).
+    pub fn peek(&self, name: &str) -> Option<Arc<Schema>> {
+        self.map.read().ok().and_then(|m| m.get(name).cloned())
+    }
+
     pub fn forget(&self, db_name: &str) {
         if let Ok(mut m) = self.map.write() {
             m.remove(db_name);
@@ -129,6 +142,7 @@ fn load(conn: &Connection) -> ApiResult<Schema> {
     for row in rows {
         let c: Collection = serde_json::from_str(&row?).map_err(|e| ApiError::internal("collection definition", e))?;
         let c = Arc::new(c);
+        schema.triggered |= c.triggers.iter().any(|t| t.enabled);
         schema.by_id.insert(c.id.clone(), c.clone());
         schema.by_name.insert(c.name.clone(), c);
     }
@@ -242,6 +256,7 @@ fn create_in(conn: &Connection, input: CollectionInput, system: bool) -> ApiResu
         system,
         fields: Vec::new(),
         indexes: Vec::new(),
+        triggers: Vec::new(),
         list_rule: None,
         view_rule: None,
         create_rule: None,
@@ -468,6 +483,9 @@ fn save(conn: &Connection, c: &Collection, insert: bool) -> ApiResult<()> {
 }
 
 fn apply_rules(c: &mut Collection, input: &CollectionInput) {
+    if let Some(t) = &input.triggers {
+        c.triggers = t.clone();
+    }
     let targets = [
         &mut c.list_rule,
         &mut c.view_rule,

@@ -3,6 +3,7 @@
 //! A session is attached only while the database has connected clients; otherwise a
 //! transaction pays one map lookup.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use rusqlite::Connection;
@@ -11,6 +12,7 @@ use rusqlite::session::Session;
 use super::Hub;
 use crate::db::writer::{Recorder, TxRecording};
 use crate::replica::is_local_table;
+use crate::webhooks::Emitter;
 
 /// A [`Recorder`] that only hands each committed changeset to the realtime hub.
 pub struct Capture {
@@ -18,14 +20,20 @@ pub struct Capture {
     hub: Arc<Hub>,
     /// The changeset of the transaction in flight, published when it commits.
     pending: Arc<Mutex<Option<Vec<u8>>>>,
+    /// Webhook deliveries, queued in the transaction of their change (master only), and
+    /// whether the transaction in flight queued some.
+    webhooks: Option<Arc<Emitter>>,
+    queued: Arc<AtomicBool>,
 }
 
 impl Capture {
-    pub fn new(db: &str, hub: Arc<Hub>) -> Arc<Self> {
+    pub fn new(db: &str, hub: Arc<Hub>, webhooks: Option<Arc<Emitter>>) -> Arc<Self> {
         Arc::new(Capture {
             db: db.to_string(),
             hub,
             pending: Arc::new(Mutex::new(None)),
+            webhooks,
+            queued: Arc::new(AtomicBool::new(false)),
         })
     }
 }
@@ -43,23 +51,36 @@ struct Capturing<'c> {
     db: String,
     hub: Arc<Hub>,
     pending: Arc<Mutex<Option<Vec<u8>>>>,
+    webhooks: Option<(Arc<Emitter>, Arc<AtomicBool>)>,
 }
 
 impl TxRecording for Capturing<'_> {
-    /// Never fails the transaction: events are a view of the data, not part of it. A changeset
-    /// that cannot be taken makes the clients resync instead.
-    fn before_commit(self: Box<Self>, _: &Connection) -> rusqlite::Result<()> {
+    /// Realtime never fails the transaction: events are a view of the data, not part of it,
+    /// and a changeset that cannot be taken makes the clients resync instead. Webhook
+    /// deliveries are part of the commit: failing to queue them fails it.
+    fn before_commit(self: Box<Self>, conn: &Connection) -> rusqlite::Result<()> {
         let Capturing {
             mut session,
             db,
             hub,
             pending,
+            webhooks,
         } = *self;
         let mut changeset = Vec::new();
-        match session.changeset_strm(&mut changeset) {
+        let taken = session.changeset_strm(&mut changeset);
+        drop(session);
+        if let Some((emitter, queued)) = webhooks.filter(|(e, _)| e.active()) {
+            taken.as_ref().map_err(|_| rusqlite::Error::InvalidQuery)?;
+            if emitter.enqueue(conn, &changeset)? > 0 {
+                queued.store(true, Ordering::Relaxed);
+            }
+        }
+        match taken {
             Ok(()) => {
-                if let Ok(mut p) = pending.lock() {
-                    *p = Some(changeset);
+                if hub.watching(&db) {
+                    if let Ok(mut p) = pending.lock() {
+                        *p = Some(changeset);
+                    }
                 }
             }
             Err(e) => {
@@ -80,7 +101,9 @@ impl Recorder for Capture {
         if let Ok(mut p) = self.pending.lock() {
             *p = None;
         }
-        if !self.hub.watching(&self.db) {
+        self.queued.store(false, Ordering::Relaxed);
+        let webhooks = self.webhooks.as_ref().filter(|w| w.active());
+        if !self.hub.watching(&self.db) && webhooks.is_none() {
             return Ok(Box::new(Idle));
         }
         let mut session = Session::new(conn)?;
@@ -91,10 +114,16 @@ impl Recorder for Capture {
             db: self.db.clone(),
             hub: self.hub.clone(),
             pending: self.pending.clone(),
+            webhooks: webhooks.map(|w| (w.clone(), self.queued.clone())),
         }))
     }
 
     fn finished(&self, committed: bool) {
+        if committed && self.queued.swap(false, Ordering::Relaxed) {
+            if let Some(w) = &self.webhooks {
+                w.hooks.queued(&w.db);
+            }
+        }
         let changes = self.pending.lock().ok().and_then(|mut p| p.take());
         if let (true, Some(cs)) = (committed, changes) {
             self.hub.publish(&self.db, cs);

@@ -48,6 +48,12 @@ const MAX_PER_PAGE: u64 = 1000;
 /// The JSON a caller sees: hidden fields only for admins; an auth record's email only for
 /// admins, the record itself, or when `emailVisibility` is on.
 pub fn public_record(c: &Collection, s: &Stored, who: &Identity) -> Value {
+    record_json(c, s, who.is_admin(), who.is_record(&c.id, s.id()))
+}
+
+/// A record's JSON as an admin (`admin`: hidden fields and email) or its owner (`owner`: email)
+/// sees it.
+pub fn record_json(c: &Collection, s: &Stored, admin: bool, owner: bool) -> Value {
     let mut m = Map::new();
     for k in ["id", "created", "updated"] {
         m.insert(k.into(), s.data.get(k).cloned().unwrap_or(Value::Null));
@@ -59,12 +65,12 @@ pub fn public_record(c: &Collection, s: &Stored, who: &Identity) -> Value {
         for k in ["emailVisibility", "verified"] {
             m.insert(k.into(), s.data.get(k).cloned().unwrap_or(json!(false)));
         }
-        if visible || who.is_admin() || who.is_record(&c.id, s.id()) {
+        if visible || admin || owner {
             m.insert("email".into(), s.data.get("email").cloned().unwrap_or(json!("")));
         }
     }
     for f in c.live_fields() {
-        if !f.hidden || who.is_admin() {
+        if !f.hidden || admin {
             m.insert(
                 f.name.clone(),
                 s.data.get(&f.name).cloned().unwrap_or_else(|| values::zero_value(f)),

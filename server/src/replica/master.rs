@@ -467,6 +467,13 @@ fn drop_history(conn: &rusqlite::Connection) -> ApiResult<()> {
              UPDATE _changelog SET changeset = x'', schema = NULL;",
         )?;
     }
+    // The master's pending webhook deliveries are its own: a replica never sends them.
+    let has_queue = conn
+        .prepare("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = '_webhook_queue'")?
+        .exists([])?;
+    if has_queue {
+        conn.execute_batch("DELETE FROM _webhook_queue")?;
+    }
     Ok(())
 }
 

@@ -16,9 +16,10 @@ pub use master::configure;
 
 use crate::db::{STATS_DB, WORKFLOWS_DB};
 
-/// Tables that stay on their node: the changelog, a replica's own sync state, SQLite's own.
+/// Tables that stay on their node: the changelog, a replica's own sync state, the master's
+/// webhook queue, SQLite's own.
 pub fn is_local_table(name: &str) -> bool {
-    name == "_changelog" || name.starts_with("_replica_") || name.starts_with("sqlite_")
+    name == "_changelog" || name.starts_with("_replica_") || name.starts_with("_webhook") || name.starts_with("sqlite_")
 }
 
 /// Whether database `name` is replicated (and so recorded on the master).

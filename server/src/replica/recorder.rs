@@ -16,6 +16,7 @@ use super::is_local_table;
 use super::schema::{self, SchemaObject};
 use crate::db::writer::{Recorder, TxRecording};
 use crate::realtime::Hub;
+use crate::webhooks::Emitter;
 
 const CHANGELOG_DDL: &str = "CREATE TABLE IF NOT EXISTS _changelog (
     version INTEGER PRIMARY KEY NOT NULL,
@@ -172,20 +173,27 @@ pub struct ChangeRecorder {
     /// the changeset of the transaction in flight.
     events: Option<(String, Arc<Hub>)>,
     pending_events: Arc<Mutex<Option<Vec<u8>>>>,
+    /// Webhook deliveries are queued in the transaction of their change (master only).
+    webhooks: Option<Arc<Emitter>>,
+    queued: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl ChangeRecorder {
     pub fn new() -> Arc<Self> {
-        Self::build(None, None)
+        Self::build(None, None, None)
     }
 
     /// A recorder that publishes every commit of database `db` to `feed`, and its changes to
     /// the realtime `hub`.
-    pub fn publishing(db: &str, feed: Arc<CommitFeed>, hub: Arc<Hub>) -> Arc<Self> {
-        Self::build(Some((db.to_string(), feed)), Some((db.to_string(), hub)))
+    pub fn publishing(db: &str, feed: Arc<CommitFeed>, hub: Arc<Hub>, webhooks: Option<Arc<Emitter>>) -> Arc<Self> {
+        Self::build(Some((db.to_string(), feed)), Some((db.to_string(), hub)), webhooks)
     }
 
-    fn build(feed: Option<(String, Arc<CommitFeed>)>, events: Option<(String, Arc<Hub>)>) -> Arc<Self> {
+    fn build(
+        feed: Option<(String, Arc<CommitFeed>)>,
+        events: Option<(String, Arc<Hub>)>,
+        webhooks: Option<Arc<Emitter>>,
+    ) -> Arc<Self> {
         Arc::new(ChangeRecorder {
             schema_hash: Arc::new(Mutex::new(String::new())),
             pending_hash: Arc::new(Mutex::new(None)),
@@ -195,6 +203,8 @@ impl ChangeRecorder {
             feed,
             events,
             pending_events: Arc::new(Mutex::new(None)),
+            webhooks,
+            queued: Arc::new(std::sync::atomic::AtomicBool::new(false)),
         })
     }
 }
@@ -253,7 +263,9 @@ impl Recorder for ChangeRecorder {
             .as_ref()
             .filter(|(db, hub)| hub.watching(db))
             .map(|_| self.pending_events.clone());
+        self.queued.store(false, std::sync::atomic::Ordering::Relaxed);
         Ok(Box::new(Recording {
+            webhooks: self.webhooks.clone().map(|w| (w, self.queued.clone())),
             events,
             session,
             schema_version: version,
@@ -278,6 +290,11 @@ impl Recorder for ChangeRecorder {
         if let (true, Some((db, feed))) = (committed && version > 0, &self.feed) {
             feed.committed(db);
         }
+        if committed && self.queued.swap(false, std::sync::atomic::Ordering::Relaxed) {
+            if let Some(w) = &self.webhooks {
+                w.hooks.queued(&w.db);
+            }
+        }
         let changes = self.pending_events.lock().ok().and_then(|mut p| p.take());
         if let (true, Some(cs), Some((db, hub))) = (committed, changes, &self.events) {
             hub.publish(db, cs);
@@ -289,6 +306,8 @@ struct Recording<'c> {
     session: Session<'c>,
     /// Where the changeset goes for realtime clients, when some are connected.
     events: Option<Arc<Mutex<Option<Vec<u8>>>>>,
+    /// The webhook queue of this database, and the flag that this transaction queued some.
+    webhooks: Option<(Arc<Emitter>, Arc<std::sync::atomic::AtomicBool>)>,
     schema_version: i64,
     schema_hash: Arc<Mutex<String>>,
     pending_hash: Arc<Mutex<Option<String>>>,
@@ -299,6 +318,7 @@ impl TxRecording for Recording<'_> {
     fn before_commit(self: Box<Self>, conn: &Connection) -> rusqlite::Result<()> {
         let Recording {
             mut session,
+            webhooks,
             events,
             schema_version: before,
             schema_hash,
@@ -319,6 +339,11 @@ impl TxRecording for Recording<'_> {
             ));
         }
         let schema_changed = schema_version(conn)? != before;
+        if let Some((emitter, queued)) = webhooks.filter(|(e, _)| !changeset.is_empty() && e.active()) {
+            if emitter.enqueue(conn, &changeset)? > 0 {
+                queued.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
         if changeset.is_empty() && !schema_changed {
             return Ok(());
         }
