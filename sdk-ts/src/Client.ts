@@ -7,6 +7,7 @@ import { AuthService } from "./services/AuthService";
 import { CronService } from "./services/CronService";
 import { RecordService } from "./services/RecordService";
 import { ReplicaService } from "./services/ReplicaService";
+import { RealtimeService } from "./services/RealtimeService";
 import { CollectionService, DatabaseService } from "./services/SettingsService";
 
 export interface ClientOptions {
@@ -32,6 +33,11 @@ export interface ClientOptions {
   authStore?: BaseAuthStore;
   /** The `fetch` to use (default `globalThis.fetch`). */
   fetch?: typeof fetch;
+  /**
+   * The node realtime subscriptions use: the client's URL (default, the master), or a replica
+   * started with `REPLICA_REALTIME=on`.
+   */
+  realtimeUrl?: string;
 }
 
 /** Options of one request. */
@@ -97,6 +103,10 @@ export class VskiClient {
   readonly settings: { databases: DatabaseService; collections: CollectionService };
   readonly cron: CronService;
   readonly replica: ReplicaService;
+  /** Realtime subscriptions (PocketBase's SSE protocol); see also `collection(x).subscribe`. */
+  readonly realtime: RealtimeService;
+  /** Where realtime subscriptions go (`realtimeUrl`, default the client's URL). */
+  readonly realtimeUrl: string;
 
   private readonly shared: Shared;
   private readonly fetchImpl: typeof fetch | undefined;
@@ -129,6 +139,13 @@ export class VskiClient {
     this.settings = { databases: new DatabaseService(this), collections: new CollectionService(this) };
     this.cron = new CronService(this);
     this.replica = new ReplicaService(this);
+    this.realtimeUrl = (options.realtimeUrl ?? this.baseURL).replace(/\/+$/, "");
+    this.realtime = new RealtimeService(this);
+  }
+
+  /** The `fetch` this client uses. */
+  get fetchFn(): typeof fetch {
+    return this.fetchImpl ?? globalThis.fetch.bind(globalThis);
   }
 
   private readonly options: ClientOptions;

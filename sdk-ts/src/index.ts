@@ -10,3 +10,6 @@ export type { AdminAuthResponse, AdminModel } from "./services/AdminService";
 export type { CollectionModel, DatabaseModel } from "./services/SettingsService";
 export type { CronJob } from "./services/CronService";
 export type { NodeStatus } from "./services/ReplicaService";
+export { RealtimeService, parseFrame, topicKey } from "./services/RealtimeService";
+export type { RecordSubscription, SubscribeOptions, UnsubscribeFunc } from "./services/RealtimeService";
+export type { CronRun } from "./services/CronService";

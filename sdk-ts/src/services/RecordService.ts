@@ -1,5 +1,6 @@
 import type { RecordModel, SendOptions, VskiClient } from "../Client";
 import { ClientResponseError } from "../ClientResponseError";
+import type { RecordSubscription, SubscribeOptions, UnsubscribeFunc } from "./RealtimeService";
 
 /** A page of a list. With `skipTotal`, `totalItems` and `totalPages` are -1. */
 export interface ListResult<T> {
@@ -154,5 +155,23 @@ export class RecordService<T = RecordModel> {
     });
     this.client.authStore.save(auth.token, auth.record as { [key: string]: any });
     return auth;
+  }
+
+  /**
+   * Calls `callback` with every create, update and delete event of this collection (`"*"`) or
+   * of one record (its id) that the caller may see (listRule, or viewRule for one record).
+   */
+  async subscribe(
+    topic: string,
+    callback: (data: RecordSubscription<T>) => void,
+    options?: SubscribeOptions,
+  ): Promise<UnsubscribeFunc> {
+    return this.client.realtime.subscribe(`${this.collectionIdOrName}/${topic}`, callback, options);
+  }
+
+  /** Stops the subscriptions of `topic` (`"*"` or a record id), or of the whole collection. */
+  async unsubscribe(topic?: string): Promise<void> {
+    if (topic === undefined) return this.client.realtime.unsubscribeByPrefix(`${this.collectionIdOrName}/`);
+    return this.client.realtime.unsubscribe(`${this.collectionIdOrName}/${topic}`);
   }
 }

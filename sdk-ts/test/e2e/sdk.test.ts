@@ -222,6 +222,50 @@ describe("replicas", () => {
   });
 });
 
+describe("realtime", () => {
+  it("collection(x).subscribe receives creates, updates and deletes; unsubscribe stops them", async () => {
+    const watcher = client(master.url);
+    const events: string[] = [];
+    const stop = await watcher.collection("posts").subscribe("*", (e) => events.push(`${e.action} ${e.record["title"]}`));
+    expect(watcher.realtime.isConnected).toBe(true);
+    const writer = client(master.url);
+    const p = await writer.collection("posts").create({ title: "live" });
+    await writer.collection("posts").update(p.id, { title: "live edited" });
+    await writer.collection("posts").delete(p.id);
+    await waitFor("three events", async () => events.length >= 3, 10_000);
+    expect(events).toEqual(["create live", "update live edited", "delete live edited"]);
+    // Options: a filter on the subscription.
+    const filtered: string[] = [];
+    await watcher.collection("posts").subscribe("*", (e) => filtered.push(e.record["title"]), { filter: 'title ~ "keep"' });
+    await writer.collection("posts").create({ title: "keep this" });
+    await writer.collection("posts").create({ title: "drop this" });
+    await waitFor("the filtered event", async () => filtered.length >= 1 && events.length >= 5, 10_000);
+    expect(filtered).toEqual(["keep this"]);
+    await stop();
+    await watcher.collection("posts").unsubscribe();
+    expect(watcher.realtime.isConnected).toBe(false);
+    await writer.collection("posts").create({ title: "unheard" });
+    await new Promise((r) => setTimeout(r, 300));
+    expect(events.length).toBe(5);
+  });
+
+  it("a db(name) client subscribes in its own database", async () => {
+    const admin = client(master.url);
+    await admin.admins.authWithPassword(ADMIN.email, ADMIN.password);
+    await admin.settings.databases.create("live");
+    const live = admin.db("live");
+    await live.settings.collections.create({ name: "posts", listRule: "", viewRule: "", createRule: "", fields: [{ name: "title", type: "text" }] });
+    const seen: string[] = [];
+    await live.collection("posts").subscribe("*", (e) => seen.push(e.record["title"]));
+    await client(master.url).collection("posts").create({ title: "in default" });
+    await live.collection("posts").create({ title: "in live" });
+    await waitFor("the event of live", async () => seen.length >= 1, 10_000);
+    await new Promise((r) => setTimeout(r, 300));
+    expect(seen).toEqual(["in live"]);
+    await live.realtime.unsubscribe();
+  });
+});
+
 describe("databases", () => {
   it("db(name) addresses another database and shares the auth store", async () => {
     const admin = client(master.url);

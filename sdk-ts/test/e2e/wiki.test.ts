@@ -52,6 +52,7 @@ it("wiki/SDK.md runs as written", async () => {
     "read your write: read me back from replica " + (await (await fetch(replica.url + "/health")).json()).replicaId,
     "read-only replica: true",
     "databases: true",
+    "realtime: create: live, delete: live",
     "error: 400 [ 'views' ]",
   ]);
 });

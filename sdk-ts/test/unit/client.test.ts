@@ -1,5 +1,5 @@
 import { describe, expect, it } from "vitest";
-import { BaseAuthStore, ClientResponseError, LocalAuthStore, VskiClient, filter } from "../../src/index";
+import { BaseAuthStore, ClientResponseError, LocalAuthStore, VskiClient, filter, parseFrame, topicKey } from "../../src/index";
 
 interface Call {
   url: string;
@@ -287,5 +287,19 @@ describe("auth store, hooks, filter", () => {
     );
     expect(filter("t >= {:t}", { t: new Date("2026-01-02T03:04:05.006Z") })).toBe("t >= '2026-01-02 03:04:05.006Z'");
     expect(filter("p = {:p}", { p: "back\\slash" })).toBe("p = 'back\\\\slash'");
+  });
+});
+
+describe("realtime helpers", () => {
+  it("topics carry their options as PocketBase's ?options=", () => {
+    expect(topicKey("posts/*")).toBe("posts/*");
+    const key = topicKey("posts/*", { filter: "n > 1", expand: "author" });
+    expect(key.startsWith("posts/*?options=")).toBe(true);
+    expect(JSON.parse(decodeURIComponent(key.split("?options=")[1]!))).toEqual({ query: { filter: "n > 1", expand: "author" } });
+  });
+
+  it("SSE frames give their event and data; comments give neither", () => {
+    expect(parseFrame('id:x\nevent:posts/*\ndata:{"a":1}')).toEqual({ event: "posts/*", data: '{"a":1}' });
+    expect(parseFrame(":ping")).toEqual({ event: "", data: "" });
   });
 });
