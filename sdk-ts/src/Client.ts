@@ -8,6 +8,7 @@ import { CronService } from "./services/CronService";
 import { RecordService } from "./services/RecordService";
 import { ReplicaService } from "./services/ReplicaService";
 import { RealtimeService } from "./services/RealtimeService";
+import { FileService } from "./services/FileService";
 import { CollectionService, DatabaseService } from "./services/SettingsService";
 
 export interface ClientOptions {
@@ -105,6 +106,8 @@ export class VskiClient {
   readonly replica: ReplicaService;
   /** Realtime subscriptions (PocketBase's SSE protocol); see also `collection(x).subscribe`. */
   readonly realtime: RealtimeService;
+  /** URLs of uploaded files. */
+  readonly files: FileService;
   /** Where realtime subscriptions go (`realtimeUrl`, default the client's URL). */
   readonly realtimeUrl: string;
 
@@ -141,6 +144,7 @@ export class VskiClient {
     this.replica = new ReplicaService(this);
     this.realtimeUrl = (options.realtimeUrl ?? this.baseURL).replace(/\/+$/, "");
     this.realtime = new RealtimeService(this);
+    this.files = new FileService(this);
   }
 
   /** The `fetch` this client uses. */

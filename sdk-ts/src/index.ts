@@ -13,3 +13,4 @@ export type { NodeStatus } from "./services/ReplicaService";
 export { RealtimeService, parseFrame, topicKey } from "./services/RealtimeService";
 export type { RecordSubscription, SubscribeOptions, UnsubscribeFunc } from "./services/RealtimeService";
 export type { CronRun } from "./services/CronService";
+export { FileService } from "./services/FileService";

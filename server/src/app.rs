@@ -49,6 +49,8 @@ pub struct AppState {
     pub realtime: Arc<crate::realtime::Hub>,
     /// Webhook delivery state (a master's; `None` on a replica, which never sends them).
     pub webhooks: Option<Arc<crate::webhooks::Webhooks>>,
+    /// Where uploaded files are stored.
+    pub storage: crate::files::Storage,
     /// The cron scheduler and the jobs it runs on this node.
     pub cron: crate::cron::Cron,
     /// The hub's queue, taken by the dispatcher when the server starts.
@@ -124,6 +126,12 @@ impl AppState {
             realtime,
             realtime_queue: std::sync::Mutex::new(Some(realtime_queue)),
             cron: crate::cron::Cron::default(),
+            storage: {
+                let storage = crate::files::Storage::new(&config.data_dir, config.file_upload_limit);
+                // Uploads a crash interrupted: no record names them.
+                let _ = std::fs::remove_dir_all(storage.tmp_dir());
+                storage
+            },
             settings: Settings {
                 auth_token_ttl: config.auth_token_ttl,
                 admin_token_ttl: config.admin_token_ttl,
@@ -269,6 +277,7 @@ pub fn configure(cfg: &mut web::ServiceConfig, replica: bool) {
     crate::realtime::configure(cfg);
     crate::cron::configure(cfg);
     crate::webhooks::configure(cfg);
+    crate::files::configure(cfg);
     if replica {
         crate::replica::follower::configure(cfg);
     } else {

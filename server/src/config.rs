@@ -308,6 +308,11 @@ pub struct ServeConfig {
     #[arg(long, env = "REALTIME_MAX_CLIENTS", default_value_t = 10_000)]
     pub realtime_max_clients: usize,
 
+    /// The largest total of files one request may upload, in bytes (each file is also held to
+    /// its field's `maxSize`).
+    #[arg(long, env = "FILE_UPLOAD_LIMIT", default_value_t = 100 * 1024 * 1024)]
+    pub file_upload_limit: u64,
+
     /// The first webhook retry's delay in milliseconds; each further retry doubles it (with
     /// jitter), up to an hour.
     #[arg(long, env = "WEBHOOK_RETRY_BASE_MS", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..=3_600_000))]

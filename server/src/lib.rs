@@ -15,6 +15,7 @@ pub mod databases;
 pub mod datadir;
 pub mod db;
 pub mod error;
+pub mod files;
 pub mod health;
 pub mod query;
 pub mod realtime;

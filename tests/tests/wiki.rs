@@ -222,3 +222,15 @@ fn webhooks_examples_run() {
         assert!(out.contains(needle), "missing {needle:?} in {out}");
     }
 }
+
+#[test]
+fn files_examples_run() {
+    let out = run_page("Files.md", true);
+    for needle in [
+        r#"{"title":"Holidays","photos":2,"cover":true}"#,
+        "first photo\nphoto\n404\n2\n",
+        r#"{"status":400,"data":["photos"]}"#,
+    ] {
+        assert!(out.contains(needle), "missing {needle:?} in {out}");
+    }
+}

@@ -266,6 +266,42 @@ describe("realtime", () => {
   });
 });
 
+describe("files", () => {
+  it("uploads with FormData, reads the file back through files.getURL, and appends with field+", async () => {
+    const admin = client(master.url);
+    await admin.admins.authWithPassword(ADMIN.email, ADMIN.password);
+    await admin.settings.collections.create({
+      name: "albums",
+      listRule: "",
+      viewRule: "",
+      createRule: "",
+      updateRule: "",
+      fields: [
+        { name: "title", type: "text" },
+        { name: "photos", type: "file", maxSelect: 3 },
+      ],
+    });
+    const c = client(master.url);
+    const form = new FormData();
+    form.append("title", "trip");
+    form.append("photos", new Blob(["first bytes"], { type: "text/plain" }), "first.txt");
+    const made = await c.collection("albums").create(form);
+    expect(made["title"]).toBe("trip");
+    expect(made["photos"]).toHaveLength(1);
+    const url = c.files.getURL(made, made["photos"][0]);
+    expect(await (await fetch(url)).text()).toBe("first bytes");
+    const more = new FormData();
+    more.append("photos+", new Blob(["second"], { type: "text/plain" }), "second.txt");
+    const updated = await c.collection("albums").update(made.id, more);
+    expect(updated["photos"]).toHaveLength(2);
+    expect((await fetch(c.files.getURL(updated, updated["photos"][1], { download: true }))).headers.get("content-disposition")).toMatch(/^attachment/);
+    const bad = new FormData();
+    bad.append("title", new Blob(["x"]), "x.txt");
+    const err = await c.collection("albums").create(bad).catch((e) => e);
+    expect([err.status, Object.keys(err.response.data)]).toEqual([400, ["title"]]);
+  });
+});
+
 describe("databases", () => {
   it("db(name) addresses another database and shares the auth store", async () => {
     const admin = client(master.url);

@@ -327,7 +327,7 @@ async fn register_alias(
 ) -> ApiResult<HttpResponse> {
     let db = state.db(&req)?;
     let c = auth_collection(&state, &db, USERS).await?;
-    let rec = create_record(&state, &db, c.clone(), &who, body.into_inner()).await?;
+    let rec = create_record(&state, &db, c.clone(), &who, body.into_inner(), Vec::new()).await?;
     let token = mint_for(&state, TokenType::Auth, &db.name, &c, &rec)?;
     let me = Identity::User {
         db: db.name.clone(),

@@ -18,6 +18,8 @@ use crate::collections::model::Collection;
 use crate::collections::store::Schema;
 use crate::db::Database;
 use crate::error::{ApiError, ApiResult, FieldErrors, field_error};
+use crate::files::fields::Pending;
+use crate::files::upload::Uploads;
 use crate::query::Condition;
 use crate::util::random_id;
 
@@ -376,10 +378,18 @@ pub async fn create_record(
     c: Arc<Collection>,
     who: &Identity,
     body: Value,
+    files: Vec<Pending>,
 ) -> ApiResult<Stored> {
     let access = authorize(&c, Action::Create, who)?;
-    let body = body_object(body)?;
+    let mut body = body_object(body)?;
     let mut errors = FieldErrors::new();
+    let plan = match crate::files::fields::plan(&c, &mut body, &files, None) {
+        Ok(p) => p,
+        Err(e) => {
+            errors.extend(e);
+            Default::default()
+        }
+    };
     let id = match body.get("id") {
         None | Some(Value::Null) => None,
         Some(Value::String(s)) if s.is_empty() => None,
@@ -410,6 +420,7 @@ pub async fn create_record(
         return Err(ApiError::validation(errors));
     }
     changes.extend(field_changes);
+    let id = merge_files(&c, &mut changes, &plan, id);
     if let Some(p) = plain {
         changes.push(("password".into(), Sql::Text(password::hash_async(p).await?)));
     }
@@ -417,35 +428,84 @@ pub async fn create_record(
     let auth = auth_record(who);
     let cond = condition(&access, &c, &schema, auth.as_ref(), Some(&body))?;
     let weight = changes_weight(&changes);
-    db.write_weighted(weight, move |conn| {
-        let mut errors = FieldErrors::new();
-        store::check_relations(conn, &schema, &relations, &mut errors)?;
-        if let Some(id) = id.as_deref().filter(|_| c.is_auth()) {
-            // `@request.auth.id` names a record without its collection: an auth record must
-            // not share its id with a record of another auth collection of this database.
-            if store::auth_id_taken(conn, &schema, &c, id)? {
-                field_error(
-                    &mut errors,
-                    "id",
-                    "validation_not_unique",
-                    "The id is already taken by another auth record.",
-                );
+    let (storage, db_name, c3, placed_id) = (state.storage.clone(), db.name.clone(), c.clone(), id.clone());
+    let names: Vec<String> = files.iter().map(|f| f.name.clone()).collect();
+    let result = db
+        .write_weighted(weight, move |conn| {
+            let mut errors = FieldErrors::new();
+            store::check_relations(conn, &schema, &relations, &mut errors)?;
+            if let Some(id) = id.as_deref().filter(|_| c.is_auth()) {
+                // `@request.auth.id` names a record without its collection: an auth record must
+                // not share its id with a record of another auth collection of this database.
+                if store::auth_id_taken(conn, &schema, &c, id)? {
+                    field_error(
+                        &mut errors,
+                        "id",
+                        "validation_not_unique",
+                        "The id is already taken by another auth record.",
+                    );
+                }
             }
+            if !errors.is_empty() {
+                return Err(ApiError::validation(errors));
+            }
+            // The files are in place before the record that names them commits.
+            if let Some(id) = &id {
+                place_files(&storage, &db_name, &c, id, &files, &plan)?;
+            }
+            let rec = store::insert(conn, &c, id, changes)?;
+            // The create rule is checked on the stored record; failing, the job's savepoint rolls
+            // the insert back.
+            if !matches(conn, &c, rec.id(), cond.as_ref())? {
+                return Err(ApiError::bad_request(
+                    "Failed to create record: the collection's createRule does not match.",
+                ));
+            }
+            Ok(rec)
+        })
+        .await;
+    if let (Err(_), Some(id)) = (&result, &placed_id) {
+        state.storage.remove(&db.name, &c3, id, &names);
+    }
+    result
+}
+
+/// Puts the file fields' new values into `changes` (in place of what `values::prepare` made of
+/// them); returns the record id to use, generated now when files must be placed under it.
+fn merge_files(
+    c: &Collection,
+    changes: &mut Changes,
+    plan: &crate::files::fields::Plan,
+    id: Option<String>,
+) -> Option<String> {
+    if plan.values.is_empty() {
+        return id;
+    }
+    changes.retain(|(k, _)| !plan.values.iter().any(|(f, _)| f == k));
+    for (name, v) in &plan.values {
+        if let Some(f) = c.field(name) {
+            changes.push((name.clone(), values::to_sql(f, v)));
         }
-        if !errors.is_empty() {
-            return Err(ApiError::validation(errors));
-        }
-        let rec = store::insert(conn, &c, id, changes)?;
-        // The create rule is checked on the stored record; failing, the job's savepoint rolls
-        // the insert back.
-        if !matches(conn, &c, rec.id(), cond.as_ref())? {
-            return Err(ApiError::bad_request(
-                "Failed to create record: the collection's createRule does not match.",
-            ));
-        }
-        Ok(rec)
-    })
-    .await
+    }
+    Some(id.unwrap_or_else(crate::util::new_record_id))
+}
+
+/// Moves the uploads a plan adds into the record's directory (on the writer, before COMMIT).
+fn place_files(
+    storage: &crate::files::Storage,
+    db: &str,
+    c: &Collection,
+    id: &str,
+    files: &[Pending],
+    plan: &crate::files::fields::Plan,
+) -> ApiResult<()> {
+    for &i in &plan.place {
+        let f = &files[i];
+        storage
+            .place(db, c, id, &f.tmp, &f.name)
+            .map_err(|e| ApiError::internal("store an uploaded file", e.to_string()))?;
+    }
+    Ok(())
 }
 
 /// About how many bytes `changes` write.
@@ -473,11 +533,12 @@ async fn create(
     req: HttpRequest,
     who: Identity,
     path: web::Path<String>,
-    body: web::Json<Value>,
-) -> ApiResult<HttpResponse> {
+    payload: web::Payload,
+) -> actix_web::Result<HttpResponse> {
     let db = state.db(&req)?;
     let c = state.collection(&db, &path).await?;
-    let rec = create_record(&state, &db, c.clone(), &who, body.into_inner()).await?;
+    let (body, _uploads, pending) = read_body(&state, &req, payload, &c).await?;
+    let rec = create_record(&state, &db, c.clone(), &who, body, pending).await?;
     Ok(HttpResponse::Ok().json(public_record(&c, &rec, &who)))
 }
 
@@ -486,10 +547,13 @@ async fn update(
     req: HttpRequest,
     who: Identity,
     path: web::Path<(String, String)>,
-    body: web::Json<Value>,
-) -> ApiResult<HttpResponse> {
+    payload: web::Payload,
+) -> actix_web::Result<HttpResponse> {
     let (coll, id) = path.into_inner();
-    let body = body_object(body.into_inner())?;
+    let db0 = state.db(&req)?;
+    let c0 = state.collection(&db0, &coll).await?;
+    let (body, _uploads, files) = read_body(&state, &req, payload, &c0).await?;
+    let body = body_object(body)?;
     let Target { db, c, schema, cond } = target(&state, &req, &coll, &who, Action::Update, Some(&body)).await?;
     let mut auth = Changes::new();
     if c.is_auth() {
@@ -526,7 +590,7 @@ async fn update(
             }
         }
         if !errors.is_empty() {
-            return Err(ApiError::validation(errors));
+            return Err(ApiError::validation(errors).into());
         }
         auth.extend(changes);
     }
@@ -539,22 +603,52 @@ async fn update(
         .and_then(|v| v.to_str().ok()?.parse::<usize>().ok())
         .unwrap_or(0);
     let weight = 2 * sent;
-    let rec = db
+    let (storage, db_name, record_id) = (state.storage.clone(), db.name.clone(), id.clone());
+    let names: Vec<String> = files.iter().map(|f| f.name.clone()).collect();
+    let result = db
         .write_weighted(weight, move |conn| {
             let current = store::get(conn, &c2, &id)?
                 .filter(|_| matches(conn, &c2, &id, cond.as_ref()).unwrap_or(false))
                 .ok_or_else(|| ApiError::not_found("Record not found."))?;
-            let (mut changes, relations) =
-                values::prepare(&c2, &body, Some(&current.data)).map_err(ApiError::validation)?;
+            let mut body = body;
+            let plan = crate::files::fields::plan(&c2, &mut body, &files, Some(&current.data));
+            let prepared = values::prepare(&c2, &body, Some(&current.data));
+            let (mut changes, relations, plan) = match (prepared, plan) {
+                (Ok((c, r)), Ok(p)) => (c, r, p),
+                (a, b) => {
+                    let mut errors = FieldErrors::new();
+                    if let Err(e) = a {
+                        errors.extend(e);
+                    }
+                    if let Err(e) = b {
+                        errors.extend(e);
+                    }
+                    return Err(ApiError::validation(errors));
+                }
+            };
             let mut errors = FieldErrors::new();
             store::check_relations(conn, &schema, &relations, &mut errors)?;
             if !errors.is_empty() {
                 return Err(ApiError::validation(errors));
             }
             changes.extend(auth);
-            store::update(conn, &c2, &id, changes)
+            merge_files(&c2, &mut changes, &plan, Some(id.clone()));
+            place_files(&storage, &db_name, &c2, &id, &files, &plan)?;
+            let rec = store::update(conn, &c2, &id, changes)?;
+            Ok((rec, plan.dropped))
         })
-        .await?;
+        .await;
+    let (rec, dropped) = match result {
+        Ok(v) => v,
+        Err(e) => {
+            state.storage.remove(&db.name, &c, &record_id, &names);
+            return Err(e.into());
+        }
+    };
+    if !dropped.is_empty() {
+        let (storage, db_name, c4) = (state.storage.clone(), db.name.clone(), c.clone());
+        actix_web::rt::task::spawn_blocking(move || storage.remove(&db_name, &c4, &record_id, &dropped));
+    }
     Ok(HttpResponse::Ok().json(public_record(&c, &rec, &who)))
 }
 
@@ -566,14 +660,62 @@ async fn delete(
 ) -> ApiResult<HttpResponse> {
     let (coll, id) = path.into_inner();
     let Target { db, c, schema, cond } = target(&state, &req, &coll, &who, Action::Delete, None).await?;
-    db.write(move |conn| {
-        if !matches(conn, &c, &id, cond.as_ref())? {
-            return Err(ApiError::not_found("Record not found."));
-        }
-        store::delete(conn, &schema, &c, &id)
-    })
-    .await?;
+    let gone = db
+        .write(move |conn| {
+            if !matches(conn, &c, &id, cond.as_ref())? {
+                return Err(ApiError::not_found("Record not found."));
+            }
+            store::delete(conn, &schema, &c, &id)
+        })
+        .await?;
+    remove_files_of(&state, &db.name, &gone);
     Ok(HttpResponse::NoContent().finish())
+}
+
+/// Deletes the files of deleted records (after their delete committed), off the worker thread.
+fn remove_files_of(state: &AppState, db: &str, gone: &[(String, String)]) {
+    if gone.is_empty() {
+        return;
+    }
+    let (storage, db, gone) = (state.storage.clone(), db.to_string(), gone.to_vec());
+    actix_web::rt::task::spawn_blocking(move || {
+        for (collection_id, record_id) in gone {
+            storage.remove_record(&db, &collection_id, &record_id);
+        }
+    });
+}
+
+/// The body of a create or update: JSON, or multipart/form-data with files (streamed to
+/// temporary files, removed when the returned guard drops unless placed).
+async fn read_body(
+    state: &AppState,
+    req: &HttpRequest,
+    payload: web::Payload,
+    c: &Collection,
+) -> actix_web::Result<(Value, Uploads, Vec<Pending>)> {
+    if !crate::files::upload::is_multipart(req) {
+        use actix_web::FromRequest;
+        let body = web::Json::<Value>::from_request(req, &mut payload.into_inner()).await?;
+        return Ok((body.into_inner(), Uploads::default(), Vec::new()));
+    }
+    let max_file = |field: &str| {
+        c.field(field)
+            .filter(|f| f.kind == crate::collections::model::FieldType::File)
+            .map(|f| f.options.max_size.unwrap_or(crate::files::DEFAULT_MAX_SIZE))
+    };
+    let (body, uploads) = crate::files::upload::read(req, payload, &state.storage, max_file).await?;
+    let pending = uploads
+        .0
+        .iter()
+        .map(|u| Pending {
+            key: u.key.clone(),
+            content_type: u.content_type.clone(),
+            size: u.size,
+            tmp: u.tmp.clone(),
+            name: crate::files::stored_name(&u.original),
+        })
+        .collect();
+    Ok((Value::Object(body), uploads, pending))
 }
 
 fn bulk_ids(body: &Value) -> ApiResult<Vec<String>> {
@@ -651,20 +793,22 @@ async fn bulk_delete(
 ) -> ApiResult<HttpResponse> {
     let Target { db, c, schema, cond } = target(&state, &req, &path, &who, Action::Delete, None).await?;
     let ids = bulk_ids(&body)?;
-    let deleted = db
+    let (deleted, gone) = db
         .write_alone(move |conn| {
             store::check_transaction_size(conn, &c, &ids)?;
+            let mut gone = Vec::new();
             for id in &ids {
                 if !matches(conn, &c, id, cond.as_ref())? {
                     return Err(ApiError::not_found(format!("Record '{id}' not found.")));
                 }
-                store::delete(conn, &schema, &c, id).map_err(|e| match e {
+                gone.extend(store::delete(conn, &schema, &c, id).map_err(|e| match e {
                     ApiError::NotFound(_) => ApiError::not_found(format!("Record '{id}' not found.")),
                     other => other,
-                })?;
+                })?);
             }
-            Ok(ids)
+            Ok((ids, gone))
         })
         .await?;
+    remove_files_of(&state, &db.name, &gone);
     Ok(HttpResponse::Ok().json(json!({"deleted": deleted})))
 }

@@ -319,10 +319,12 @@ pub fn update(conn: &Connection, c: &Collection, id: &str, changes: Changes) -> 
 
 /// Deletes record `id` and applies the relation rules of every collection that points at it:
 /// cascade-delete, or remove the reference (refused when the relation is required).
-pub fn delete(conn: &Connection, schema: &Schema, c: &Collection, id: &str) -> ApiResult<()> {
+/// Returns the `(collection id, record id)` of the record and of every record its relations
+/// cascaded to (some may not have existed), for deleting their files after COMMIT.
+pub fn delete(conn: &Connection, schema: &Schema, c: &Collection, id: &str) -> ApiResult<Vec<(String, String)>> {
     let mut visited = HashSet::new();
     delete_inner(conn, schema, c, id, 0, &mut visited)?;
-    Ok(())
+    Ok(visited.into_iter().collect())
 }
 
 const MAX_CASCADE_DEPTH: usize = 32;

@@ -1,0 +1,452 @@
+//! Files of `file` fields on local storage: multipart uploads, serving with ETag and Range
+//! under the viewRule, replace/append/remove, cleanup on delete, traversal attempts, limits,
+//! and a 200 MB upload that streams to disk. Real processes on loopback.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use reqwest::blocking::multipart::{Form, Part};
+use vski_tests::*;
+
+fn client() -> reqwest::blocking::Client {
+    reqwest::blocking::Client::builder()
+        .timeout(Duration::from_secs(120))
+        .build()
+        .unwrap()
+}
+
+fn docs(node: &Node, token: &str, extra: Value) -> Value {
+    let mut def = json!({"name": "docs", "listRule": "", "viewRule": "", "createRule": "", "updateRule": "", "deleteRule": "",
+    "fields": [
+        {"name": "title", "type": "text"},
+        {"name": "n", "type": "number"},
+        {"name": "files", "type": "file", "maxSelect": 3, "maxSize": 100000},
+        {"name": "avatar", "type": "file", "mimeTypes": ["image/png", "text/plain"]}
+    ]});
+    if let (Some(d), Some(e)) = (def.as_object_mut(), extra.as_object()) {
+        for (k, v) in e {
+            d.insert(k.clone(), v.clone());
+        }
+    }
+    let (s, b) = node.post("/api/collections", Some(token), &def);
+    assert_eq!(s, 200, "{b}");
+    b
+}
+
+fn part(bytes: &[u8], name: &str, mime: &str) -> Part {
+    Part::bytes(bytes.to_vec())
+        .file_name(name.to_string())
+        .mime_str(mime)
+        .unwrap()
+}
+
+fn send(node: &Node, method: &str, path: &str, token: Option<&str>, form: Form) -> (u16, Value) {
+    let mut rb = client()
+        .request(method.parse().unwrap(), format!("{}{path}", node.url))
+        .multipart(form);
+    if let Some(t) = token {
+        rb = rb.header("Authorization", t);
+    }
+    let r = rb.send().unwrap();
+    let status = r.status().as_u16();
+    (status, r.json().unwrap_or(Value::Null))
+}
+
+fn fetch(node: &Node, path: &str, headers: &[(&str, &str)]) -> reqwest::blocking::Response {
+    let mut rb = client().get(format!("{}{path}", node.url));
+    for (k, v) in headers {
+        rb = rb.header(*k, *v);
+    }
+    rb.send().unwrap()
+}
+
+/// Every file under `dir`, recursively.
+fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return out;
+    };
+    for e in entries.flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(files_under(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
+
+fn stored(node: &Node) -> Vec<String> {
+    let mut v: Vec<String> = files_under(&node.data_dir.join("storage"))
+        .iter()
+        .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+fn names(v: &Value) -> Vec<String> {
+    match v {
+        Value::Array(a) => a.iter().map(|x| x.as_str().unwrap().to_string()).collect(),
+        Value::String(s) if !s.is_empty() => vec![s.clone()],
+        _ => vec![],
+    }
+}
+
+#[test]
+fn upload_serve_replace_append_remove_and_delete() {
+    let n = spawn_master();
+    let admin = n.admin_token();
+    let c = docs(&n, &admin, json!({}));
+    let form = Form::new()
+        .text("title", "first")
+        .part("files", part(b"hello world", "Hello World.txt", "text/plain"))
+        .part(
+            "files",
+            part(&[7u8; 5000], "../../data.bin", "application/octet-stream"),
+        )
+        .part("avatar", part(b"\x89PNG fake", "me.png", "image/png"));
+    let (s, rec) = send(&n, "POST", "/api/collections/docs/records", None, form);
+    assert_eq!(s, 200, "{rec}");
+    let id = rec["id"].as_str().unwrap().to_string();
+    let files = names(&rec["files"]);
+    assert_eq!(files.len(), 2);
+    assert!(
+        files[0].starts_with("hello_world_") && files[0].ends_with(".txt"),
+        "{files:?}"
+    );
+    assert!(files[1].starts_with("data_") && files[1].ends_with(".bin"), "{files:?}");
+    let dir = n
+        .data_dir
+        .join("storage/default")
+        .join(c["id"].as_str().unwrap())
+        .join(&id);
+    assert!(dir.join(&files[0]).exists(), "{}", dir.display());
+
+    // Serving: bytes, type, ETag/304, Range/206, download.
+    let url = format!("/api/files/docs/{id}/{}", files[0]);
+    let r = fetch(&n, &url, &[]);
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["content-type"], "text/plain; charset=utf-8");
+    assert!(
+        r.headers()["content-disposition"]
+            .to_str()
+            .unwrap()
+            .starts_with("inline")
+    );
+    assert!(
+        r.headers()["content-security-policy"]
+            .to_str()
+            .unwrap()
+            .contains("sandbox")
+    );
+    let etag = r.headers()["etag"].to_str().unwrap().to_string();
+    assert_eq!(r.text().unwrap(), "hello world");
+    assert_eq!(fetch(&n, &url, &[("If-None-Match", &etag)]).status(), 304);
+    let r = fetch(&n, &url, &[("Range", "bytes=6-10")]);
+    assert_eq!(r.status(), 206);
+    assert_eq!(r.text().unwrap(), "world");
+    let r = fetch(&n, &format!("{url}?download=1"), &[]);
+    assert!(
+        r.headers()["content-disposition"]
+            .to_str()
+            .unwrap()
+            .starts_with("attachment")
+    );
+    let bin = fetch(&n, &format!("/api/files/docs/{id}/{}", files[1]), &[])
+        .bytes()
+        .unwrap();
+    assert_eq!(&bin[..], &[7u8; 5000][..]);
+
+    // Append with `files+`, remove with `files-`.
+    let form = Form::new()
+        .part("files+", part(b"third", "three.txt", "text/plain"))
+        .text("files-", files[1].clone());
+    let (s, up) = send(&n, "PATCH", &format!("/api/collections/docs/records/{id}"), None, form);
+    assert_eq!(s, 200, "{up}");
+    let now = names(&up["files"]);
+    assert_eq!(now.len(), 2);
+    assert_eq!(now[0], files[0]);
+    assert!(now[1].starts_with("three_"));
+    wait_for("the removed file to go", Duration::from_secs(5), || {
+        (!dir.join(&files[1]).exists()).then_some(())
+    });
+    // Too many files: 400, and nothing changes on disk or in the record.
+    let before = stored(&n);
+    let form = Form::new()
+        .part("files+", part(b"4", "4.txt", "text/plain"))
+        .part("files+", part(b"5", "5.txt", "text/plain"));
+    let (s, b) = send(&n, "PATCH", &format!("/api/collections/docs/records/{id}"), None, form);
+    assert_eq!(s, 400, "{b}");
+    assert!(b["data"]["files"].is_object(), "{b}");
+    assert_eq!(stored(&n), before);
+    assert_eq!(
+        names(&n.get(&format!("/api/collections/docs/records/{id}"), None).1["files"]),
+        now
+    );
+
+    // A new avatar replaces the old one, whose file goes.
+    let old_avatar = rec["avatar"].as_str().unwrap().to_string();
+    let form = Form::new().part("avatar", part(b"plain", "me.txt", "text/plain"));
+    let (s, up) = send(&n, "PATCH", &format!("/api/collections/docs/records/{id}"), None, form);
+    assert_eq!(s, 200, "{up}");
+    assert!(up["avatar"].as_str().unwrap().starts_with("me_"));
+    wait_for("the old avatar to go", Duration::from_secs(5), || {
+        (!dir.join(&old_avatar).exists()).then_some(())
+    });
+    // JSON: keep a subset (the others are deleted); a name the record does not hold is refused.
+    let (s, up) = n.patch(
+        &format!("/api/collections/docs/records/{id}"),
+        None,
+        &json!({"files": [now[1]]}),
+    );
+    assert_eq!(s, 200, "{up}");
+    assert_eq!(names(&up["files"]), vec![now[1].clone()]);
+    wait_for("the dropped file to go", Duration::from_secs(5), || {
+        (!dir.join(&now[0]).exists()).then_some(())
+    });
+    let (s, _) = n.patch(
+        &format!("/api/collections/docs/records/{id}"),
+        None,
+        &json!({"files": [now[1], "other_0123456789.txt"]}),
+    );
+    assert_eq!(s, 400);
+    assert_eq!(
+        fetch(&n, &format!("/api/files/docs/{id}/{}", now[0]), &[]).status(),
+        404
+    );
+
+    // Deleting the record deletes its files.
+    assert_eq!(n.delete(&format!("/api/collections/docs/records/{id}"), None).0, 204);
+    wait_for("the record's files to go", Duration::from_secs(5), || {
+        (!dir.exists()).then_some(())
+    });
+    assert!(files_under(&n.data_dir.join("storage")).is_empty(), "{:?}", stored(&n));
+}
+
+#[test]
+fn invalid_uploads_are_refused_and_store_nothing() {
+    let n = spawn_master();
+    let admin = n.admin_token();
+    docs(&n, &admin, json!({}));
+    for (form, field) in [
+        (
+            Form::new().part(
+                "files",
+                part(&vec![1u8; 100_001], "big.bin", "application/octet-stream"),
+            ),
+            "files",
+        ),
+        (
+            Form::new().part("avatar", part(b"<svg/>", "x.svg", "image/svg+xml")),
+            "avatar",
+        ),
+        (Form::new().part("title", part(b"x", "x.txt", "text/plain")), "title"),
+        (
+            Form::new()
+                .part("avatar", part(b"a", "a.txt", "text/plain"))
+                .part("avatar", part(b"b", "b.txt", "text/plain")),
+            "avatar",
+        ),
+        (Form::new().text("files", "made_up_0123456789.txt"), "files"),
+        (
+            Form::new()
+                .text("n", "many")
+                .part("files", part(b"ok", "ok.txt", "text/plain")),
+            "n",
+        ),
+    ] {
+        let (s, b) = send(&n, "POST", "/api/collections/docs/records", None, form);
+        assert_eq!(s, 400, "{field}: {b}");
+        assert!(b["data"][field].is_object(), "{field}: {b}");
+    }
+    assert!(files_under(&n.data_dir.join("storage")).is_empty(), "{:?}", stored(&n));
+    assert_eq!(n.get("/api/collections/docs/records", None).1["totalItems"], 0);
+    // @jsonPayload and text parts together.
+    let form = Form::new()
+        .text("@jsonPayload", json!({"title": "from json", "n": 5}).to_string())
+        .part("files", part(b"ok", "ok.txt", "text/plain"));
+    let (s, b) = send(&n, "POST", "/api/collections/docs/records", None, form);
+    assert_eq!(s, 200, "{b}");
+    assert_eq!((b["title"].as_str(), b["n"].as_f64()), (Some("from json"), Some(5.0)));
+}
+
+#[test]
+fn files_follow_the_view_rule() {
+    let n = spawn_master();
+    let admin = n.admin_token();
+    let (_, users) = n.get("/api/collections/users", Some(&admin));
+    docs(
+        &n,
+        &admin,
+        json!({"viewRule": "owner = @request.auth.id", "listRule": "owner = @request.auth.id",
+               "fields": [{"name": "owner", "type": "relation", "collectionId": users["id"]},
+                          {"name": "files", "type": "file", "maxSelect": 2}]}),
+    );
+    let mut tokens = Vec::new();
+    for email in ["owner@example.com", "other@example.com"] {
+        let (s, b) = n.post(
+            "/api/collections/users/records",
+            None,
+            &json!({"email": email, "password": "password123", "passwordConfirm": "password123"}),
+        );
+        assert_eq!(s, 200, "{b}");
+        let (_, b) = n.post(
+            "/api/collections/users/auth-with-password",
+            None,
+            &json!({"identity": email, "password": "password123"}),
+        );
+        tokens.push((
+            b["record"]["id"].as_str().unwrap().to_string(),
+            b["token"].as_str().unwrap().to_string(),
+        ));
+    }
+    let (owner, token) = &tokens[0];
+    let form = Form::new()
+        .text("owner", owner.clone())
+        .part("files", part(b"secret", "secret.txt", "text/plain"));
+    let (s, rec) = send(&n, "POST", "/api/collections/docs/records", Some(token), form);
+    assert_eq!(s, 200, "{rec}");
+    let url = format!(
+        "/api/files/docs/{}/{}",
+        rec["id"].as_str().unwrap(),
+        rec["files"][0].as_str().unwrap()
+    );
+    assert_eq!(fetch(&n, &url, &[]).status(), 404, "a guest");
+    assert_eq!(
+        fetch(&n, &url, &[("Authorization", &tokens[1].1)]).status(),
+        404,
+        "another user"
+    );
+    assert_eq!(fetch(&n, &url, &[("Authorization", token)]).text().unwrap(), "secret");
+    assert_eq!(
+        fetch(&n, &format!("{url}?token={token}"), &[]).status(),
+        200,
+        "a token in the URL"
+    );
+    assert_eq!(fetch(&n, &url, &[("Authorization", &admin)]).status(), 200, "an admin");
+}
+
+#[test]
+fn traversal_attempts_never_leave_storage() {
+    let n = spawn_master();
+    let admin = n.admin_token();
+    docs(&n, &admin, json!({}));
+    let form = Form::new().part("files", part(b"inside", "in.txt", "text/plain"));
+    let (_, rec) = send(&n, "POST", "/api/collections/docs/records", None, form);
+    let id = rec["id"].as_str().unwrap();
+    let good = rec["files"][0].as_str().unwrap();
+    std::fs::write(n.data_dir.join("canary.txt"), "CANARY-OUTSIDE").unwrap();
+    std::fs::write(n.data_dir.join("storage/canary.txt"), "CANARY-STORAGE").unwrap();
+    for path in [
+        format!("/api/files/docs/{id}/..%2F..%2F..%2Fcanary.txt"),
+        format!("/api/files/docs/{id}/../../../canary.txt"),
+        format!("/api/files/docs/{id}/%2e%2e%2f%2e%2e%2fcanary.txt"),
+        format!("/api/files/docs/{id}/....//....//canary.txt"),
+        format!("/api/files/docs/..%2F..%2F/{good}"),
+        format!("/api/files/docs/{id}%2F..%2F..%2F..%2F/canary.txt"),
+        format!("/api/files/..%2Fdocs/{id}/{good}"),
+        format!("/api/files/docs/{id}/%2Fetc%2Fpasswd"),
+        format!("/api/files/docs/{id}/canary.txt"),
+        format!("/api/files/docs/{id}/{good}%00.txt"),
+        "/api/files/docs/../../canary.txt".to_string(),
+        format!("/api/files/docs/{id}/default.db"),
+    ] {
+        let r = fetch(&n, &path, &[]);
+        let status = r.status().as_u16();
+        let body = r.text().unwrap_or_default();
+        assert!(matches!(status, 400 | 404), "{path}: {status}");
+        assert!(!body.contains("CANARY") && !body.contains("root:"), "{path}: {body}");
+    }
+    assert_eq!(
+        fetch(&n, &format!("/api/files/docs/{id}/{good}"), &[]).text().unwrap(),
+        "inside"
+    );
+}
+
+/// A reader of `left` bytes of a repeating pattern, made as it is read.
+struct Pattern {
+    left: u64,
+}
+
+impl Read for Pattern {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = (buf.len() as u64).min(self.left) as usize;
+        for (i, b) in buf[..n].iter_mut().enumerate() {
+            *b = (i % 251) as u8;
+        }
+        self.left -= n as u64;
+        Ok(n)
+    }
+}
+
+fn rss_kb(pid: u32, key: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find(|l| l.starts_with(key))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap()
+}
+
+#[test]
+fn a_200_mb_upload_streams_to_disk_with_flat_memory() {
+    let n = spawn_master_with(NodeOptions::default().env("FILE_UPLOAD_LIMIT", "300000000"));
+    let admin = n.admin_token();
+    docs(
+        &n,
+        &admin,
+        json!({"fields": [{"name": "files", "type": "file", "maxSelect": 1, "maxSize": 250000000}]}),
+    );
+    let before = rss_kb(n.pid(), "VmRSS:");
+    let size: u64 = 200 * 1024 * 1024;
+    let body = Part::reader_with_length(Pattern { left: size }, size)
+        .file_name("big.bin")
+        .mime_str("application/octet-stream")
+        .unwrap();
+    let (s, rec) = send(
+        &n,
+        "POST",
+        "/api/collections/docs/records",
+        None,
+        Form::new().part("files", body),
+    );
+    assert_eq!(s, 200, "{rec}");
+    let peak = rss_kb(n.pid(), "VmHWM:");
+    eprintln!(
+        "200 MiB upload: server RSS {} MiB before, peak {} MiB",
+        before / 1024,
+        peak / 1024
+    );
+    assert!(peak < before + 64 * 1024, "peak RSS {peak} kB (before {before} kB)");
+    let path = format!(
+        "/api/files/docs/{}/{}",
+        rec["id"].as_str().unwrap(),
+        rec["files"].as_str().unwrap()
+    );
+    let r = fetch(&n, &path, &[]);
+    assert_eq!(r.headers()["content-length"], size.to_string().as_str());
+    // Over the request limit: 413, nothing stored.
+    let n2 = spawn_master_with(NodeOptions::default().env("FILE_UPLOAD_LIMIT", "1000000"));
+    let admin2 = n2.admin_token();
+    docs(
+        &n2,
+        &admin2,
+        json!({"fields": [{"name": "files", "type": "file", "maxSize": 5000000}]}),
+    );
+    let (s, _) = send(
+        &n2,
+        "POST",
+        "/api/collections/docs/records",
+        None,
+        Form::new().part(
+            "files",
+            part(&vec![0u8; 2_000_000], "x.bin", "application/octet-stream"),
+        ),
+    );
+    assert_eq!(s, 413);
+    assert!(files_under(&n2.data_dir.join("storage")).is_empty());
+}
