@@ -398,6 +398,7 @@ pub async fn run(config: ServeConfig, secret: String, listener: TcpListener) -> 
         actix_web::rt::spawn(crate::replica::master::retention_loop(
             state.clone(),
             config.changelog_retention_hours,
+            config.file_sync_retention_days,
         ));
     }
     if let Some(queue) = state.realtime_queue.lock().ok().and_then(|mut q| q.take()) {

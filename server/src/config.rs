@@ -313,6 +313,11 @@ pub struct ServeConfig {
     #[arg(long, env = "FILE_UPLOAD_LIMIT", default_value_t = 100 * 1024 * 1024)]
     pub file_upload_limit: u64,
 
+    /// Days the master keeps its file journal for replicas; one further behind lists the
+    /// master's files instead. Fractions are allowed.
+    #[arg(long, env = "FILE_SYNC_RETENTION_DAYS", default_value_t = 7.0, value_parser = parse_retention)]
+    pub file_sync_retention_days: f64,
+
     /// The first webhook retry's delay in milliseconds; each further retry doubles it (with
     /// jitter), up to an hour.
     #[arg(long, env = "WEBHOOK_RETRY_BASE_MS", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..=3_600_000))]

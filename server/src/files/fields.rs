@@ -17,6 +17,7 @@ pub struct Pending {
     pub size: u64,
     pub tmp: PathBuf,
     pub name: String,
+    pub sha256: String,
 }
 
 /// The outcome for the file fields of one write.

@@ -56,10 +56,15 @@ async fn serve(
         return Err(not_found());
     }
     let file_path = state.storage.record_dir(&db.name, &c, &record_id).join(&name);
-    let file = web::block(move || actix_files::NamedFile::open(file_path))
-        .await
-        .map_err(|_| not_found())?
-        .map_err(|_| not_found())?;
+    let file = match web::block(move || actix_files::NamedFile::open(file_path)).await {
+        Ok(Ok(f)) => f,
+        // A replica that has the record but not yet its file: with forwarding on, the master
+        // answers; otherwise 404 until the file has arrived.
+        _ => match state.follower.as_ref().filter(|f| f.forward_writes) {
+            Some(f) => return proxy(&f.master_url, &req).await,
+            None => return Err(not_found()),
+        },
+    };
     let download = matches!(q.download.as_deref(), Some("1" | "true"));
     let file = file.set_content_disposition(ContentDisposition {
         disposition: if download {
@@ -83,4 +88,44 @@ async fn serve(
         actix_web::http::header::HeaderValue::from_static("nosniff"),
     );
     Ok(resp)
+}
+
+/// Streams the same GET from the master (a replica's file that has not arrived yet).
+async fn proxy(master: &str, req: &HttpRequest) -> ApiResult<HttpResponse> {
+    let url = format!(
+        "{master}{}",
+        req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/")
+    );
+    let mut rb = reqwest::Client::new().get(url);
+    for h in ["authorization", "range", "if-none-match", "x-dbname"] {
+        if let Some(v) = req.headers().get(h).and_then(|v| v.to_str().ok()) {
+            rb = rb.header(h, v);
+        }
+    }
+    let resp = rb
+        .send()
+        .await
+        .map_err(|e| ApiError::internal("proxy a file from the master", e.to_string()))?;
+    let status = actix_web::http::StatusCode::from_u16(resp.status().as_u16())
+        .unwrap_or(actix_web::http::StatusCode::BAD_GATEWAY);
+    let mut out = HttpResponse::build(status);
+    for (k, v) in resp.headers() {
+        let keep = matches!(
+            k.as_str(),
+            "content-type"
+                | "content-range"
+                | "content-disposition"
+                | "etag"
+                | "last-modified"
+                | "accept-ranges"
+                | "content-security-policy"
+                | "x-content-type-options"
+        );
+        if keep {
+            if let Ok(v) = actix_web::http::header::HeaderValue::from_bytes(v.as_bytes()) {
+                out.insert_header((k.as_str(), v));
+            }
+        }
+    }
+    Ok(out.streaming(resp.bytes_stream()))
 }

@@ -13,6 +13,7 @@
 
 pub mod fields;
 pub mod handlers;
+pub mod replica;
 pub mod upload;
 
 use std::path::{Path, PathBuf};

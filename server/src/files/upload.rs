@@ -20,6 +20,8 @@ pub struct Upload {
     pub content_type: String,
     pub size: u64,
     pub tmp: PathBuf,
+    /// Hex sha256 of the content (replicas verify their copy against it).
+    pub sha256: String,
 }
 
 /// Temporary files of a request, deleted when dropped unless placed (renamed away).
@@ -94,8 +96,10 @@ pub async fn read(
                     content_type,
                     size: 0,
                     tmp: tmp.clone(),
+                    sha256: String::new(),
                 });
                 let mut size: u64 = 0;
+                let mut hasher = <sha2::Sha256 as sha2::Digest>::new();
                 while let Some(chunk) = part.next().await {
                     let chunk = chunk.map_err(|e| ApiError::bad_request(format!("Invalid multipart body: {e}")))?;
                     size += chunk.len() as u64;
@@ -110,12 +114,14 @@ pub async fn read(
                     if total > storage.upload_limit {
                         return Err(ApiError::PayloadTooLarge(storage.upload_limit as usize));
                     }
+                    sha2::Digest::update(&mut hasher, &chunk);
                     file.write_all(&chunk).await?;
                 }
                 file.flush().await?;
                 file.sync_all().await?;
                 if let Some(u) = uploads.0.last_mut() {
                     u.size = size;
+                    u.sha256 = crate::util::hex(&sha2::Digest::finalize(hasher));
                 }
             }
             None => {

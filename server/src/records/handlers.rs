@@ -429,6 +429,7 @@ pub async fn create_record(
     let cond = condition(&access, &c, &schema, auth.as_ref(), Some(&body))?;
     let weight = changes_weight(&changes);
     let (storage, db_name, c3, placed_id) = (state.storage.clone(), db.name.clone(), c.clone(), id.clone());
+    let journaled = journals_files(state, &db.name);
     let names: Vec<String> = files.iter().map(|f| f.name.clone()).collect();
     let result = db
         .write_weighted(weight, move |conn| {
@@ -452,6 +453,9 @@ pub async fn create_record(
             // The files are in place before the record that names them commits.
             if let Some(id) = &id {
                 place_files(&storage, &db_name, &c, id, &files, &plan)?;
+                if journaled {
+                    journal_files(conn, &c, id, &files, &plan)?;
+                }
             }
             let rec = store::insert(conn, &c, id, changes)?;
             // The create rule is checked on the stored record; failing, the job's savepoint rolls
@@ -488,6 +492,45 @@ fn merge_files(
         }
     }
     Some(id.unwrap_or_else(crate::util::new_record_id))
+}
+
+/// Whether writes to database `db` on this node journal their files for replicas.
+fn journals_files(state: &AppState, db: &str) -> bool {
+    state.follower.is_none() && crate::replica::is_replicated_db(db)
+}
+
+/// Journals what a plan does to a record's files, in the transaction of the record change.
+fn journal_files(
+    conn: &rusqlite::Connection,
+    c: &Collection,
+    id: &str,
+    files: &[Pending],
+    plan: &crate::files::fields::Plan,
+) -> ApiResult<()> {
+    use crate::files::replica::Entry;
+    let mut entries: Vec<Entry> = plan
+        .place
+        .iter()
+        .map(|&i| Entry::add(&c.id, id, &files[i].name, files[i].size, &files[i].sha256))
+        .collect();
+    entries.extend(plan.dropped.iter().map(|d| Entry::delete(&c.id, id, Some(d))));
+    Ok(crate::files::replica::journal(conn, &entries)?)
+}
+
+/// Journals the directories of deleted records of collections with file fields.
+fn journal_deleted(conn: &rusqlite::Connection, schema: &Schema, gone: &[(String, String)]) -> ApiResult<()> {
+    use crate::files::replica::Entry;
+    let entries: Vec<Entry> = gone
+        .iter()
+        .filter(|(cid, _)| {
+            schema.by_id(cid).is_some_and(|c| {
+                c.live_fields()
+                    .any(|f| f.kind == crate::collections::model::FieldType::File)
+            })
+        })
+        .map(|(cid, rid)| Entry::delete(cid, rid, None))
+        .collect();
+    Ok(crate::files::replica::journal(conn, &entries)?)
 }
 
 /// Moves the uploads a plan adds into the record's directory (on the writer, before COMMIT).
@@ -604,6 +647,7 @@ async fn update(
         .unwrap_or(0);
     let weight = 2 * sent;
     let (storage, db_name, record_id) = (state.storage.clone(), db.name.clone(), id.clone());
+    let journaled = journals_files(&state, &db.name);
     let names: Vec<String> = files.iter().map(|f| f.name.clone()).collect();
     let result = db
         .write_weighted(weight, move |conn| {
@@ -634,6 +678,9 @@ async fn update(
             changes.extend(auth);
             merge_files(&c2, &mut changes, &plan, Some(id.clone()));
             place_files(&storage, &db_name, &c2, &id, &files, &plan)?;
+            if journaled {
+                journal_files(conn, &c2, &id, &files, &plan)?;
+            }
             let rec = store::update(conn, &c2, &id, changes)?;
             Ok((rec, plan.dropped))
         })
@@ -660,12 +707,17 @@ async fn delete(
 ) -> ApiResult<HttpResponse> {
     let (coll, id) = path.into_inner();
     let Target { db, c, schema, cond } = target(&state, &req, &coll, &who, Action::Delete, None).await?;
+    let journaled = journals_files(&state, &db.name);
     let gone = db
         .write(move |conn| {
             if !matches(conn, &c, &id, cond.as_ref())? {
                 return Err(ApiError::not_found("Record not found."));
             }
-            store::delete(conn, &schema, &c, &id)
+            let gone = store::delete(conn, &schema, &c, &id)?;
+            if journaled {
+                journal_deleted(conn, &schema, &gone)?;
+            }
+            Ok(gone)
         })
         .await?;
     remove_files_of(&state, &db.name, &gone);
@@ -713,6 +765,7 @@ async fn read_body(
             size: u.size,
             tmp: u.tmp.clone(),
             name: crate::files::stored_name(&u.original),
+            sha256: u.sha256.clone(),
         })
         .collect();
     Ok((Value::Object(body), uploads, pending))
@@ -793,6 +846,7 @@ async fn bulk_delete(
 ) -> ApiResult<HttpResponse> {
     let Target { db, c, schema, cond } = target(&state, &req, &path, &who, Action::Delete, None).await?;
     let ids = bulk_ids(&body)?;
+    let journaled = journals_files(&state, &db.name);
     let (deleted, gone) = db
         .write_alone(move |conn| {
             store::check_transaction_size(conn, &c, &ids)?;
@@ -805,6 +859,9 @@ async fn bulk_delete(
                     ApiError::NotFound(_) => ApiError::not_found(format!("Record '{id}' not found.")),
                     other => other,
                 })?);
+            }
+            if journaled {
+                journal_deleted(conn, &schema, &gone)?;
             }
             Ok((ids, gone))
         })

@@ -27,6 +27,8 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .service(resource("/api/replica/stream").route(web::get().to(stream)))
         .service(resource("/api/replica/download").route(web::get().to(download)))
         .service(resource("/api/replica/ack").route(web::post().to(ack)))
+        .service(resource("/api/replica/files").route(web::get().to(crate::files::replica::entries)))
+        .service(resource("/api/replica/files/{path:.*}").route(web::get().to(crate::files::replica::bytes)))
         .service(resource("/api/replica/replicas").route(web::get().to(replicas)));
 }
 
@@ -116,7 +118,7 @@ impl MasterState {
 }
 
 /// Replica endpoints take replica tokens; `admin_ok` also lets admins in (status, replicas).
-fn authorize(who: &Identity, admin_ok: bool) -> ApiResult<()> {
+pub(crate) fn authorize(who: &Identity, admin_ok: bool) -> ApiResult<()> {
     match who {
         Identity::Replica(_) => Ok(()),
         Identity::Admin(_) if admin_ok => Ok(()),
@@ -163,7 +165,7 @@ fn touch(state: &AppState, req: &HttpRequest, who: &Identity, position: Option<(
 }
 
 /// A replicated database named by `?db=`.
-fn replicated_db(state: &AppState, name: Option<&str>) -> ApiResult<Arc<Database>> {
+pub(crate) fn replicated_db(state: &AppState, name: Option<&str>) -> ApiResult<Arc<Database>> {
     let name = name
         .filter(|n| !n.is_empty())
         .ok_or_else(|| ApiError::invalid_field("db", "validation_required", "Missing db."))?;
@@ -474,6 +476,13 @@ fn drop_history(conn: &rusqlite::Connection) -> ApiResult<()> {
     if has_queue {
         conn.execute_batch("DELETE FROM _webhook_queue")?;
     }
+    // A replica bootstrapping from this snapshot lists the master's files instead.
+    let has_journal = conn
+        .prepare("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = '_replica_file_journal'")?
+        .exists([])?;
+    if has_journal {
+        conn.execute_batch("DELETE FROM _replica_file_journal")?;
+    }
     Ok(())
 }
 
@@ -681,7 +690,8 @@ async fn replicas(state: web::Data<AppState>, who: Identity) -> ApiResult<HttpRe
 
 /// Deletes changelog entries older than `retention_hours` on every replicated database, every
 /// `interval`, until the process ends.
-pub async fn retention_loop(state: web::Data<AppState>, retention_hours: f64) {
+pub async fn retention_loop(state: web::Data<AppState>, retention_hours: f64, file_retention_days: f64) {
+    let file_retention_ms = (file_retention_days * 86_400_000.0) as i64;
     let retention_ms = (retention_hours * 3_600_000.0) as i64;
     let interval = std::time::Duration::from_millis((retention_ms / 4).clamp(500, 300_000) as u64);
     let mut tick = tokio::time::interval(interval);
@@ -697,6 +707,15 @@ pub async fn retention_loop(state: web::Data<AppState>, retention_hours: f64) {
                 Ok(0) => {}
                 Ok(n) => log::info!("pruned {n} changelog entries of '{}'", db.name),
                 Err(e) => log::warn!("pruning the changelog of '{}': {e}", db.name),
+            }
+            let file_cutoff = cutoff + retention_ms - file_retention_ms;
+            match db
+                .write(move |conn| Ok(crate::files::replica::prune(conn, file_cutoff)?))
+                .await
+            {
+                Ok(0) => {}
+                Ok(n) => log::info!("pruned {n} file journal entries of '{}'", db.name),
+                Err(e) => log::warn!("pruning the file journal of '{}': {e}", db.name),
             }
         }
     }
