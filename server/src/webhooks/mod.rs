@@ -292,14 +292,33 @@ async fn pass(state: &crate::app::AppState, hooks: &Arc<Webhooks>, name: &str) -
     if due.is_empty() {
         return Ok(left);
     }
-    let sends = due.into_iter().map(|q| {
+    // Deliveries of one record go one after another, in commit order; records in parallel.
+    let mut groups: Vec<Vec<Queued>> = Vec::new();
+    for q in due {
+        match groups
+            .iter_mut()
+            .find(|g| g[0].collection == q.collection && g[0].record_id == q.record_id)
+        {
+            Some(g) => g.push(q),
+            None => groups.push(vec![q]),
+        }
+    }
+    let sends = groups.into_iter().map(|group| {
         let hooks = hooks.clone();
         async move {
-            let result = send(&hooks, &q).await;
-            (q, result)
+            let mut out = Vec::with_capacity(group.len());
+            for q in group {
+                let result = send(&hooks, &q).await;
+                out.push((q, result));
+            }
+            out
         }
     });
-    let results = futures_util::future::join_all(sends).await;
+    let results: Vec<_> = futures_util::future::join_all(sends)
+        .await
+        .into_iter()
+        .flatten()
+        .collect();
     let base = hooks.base;
     let db_name = name.to_string();
     let mut logs = Vec::new();
