@@ -127,7 +127,8 @@ impl AppState {
             realtime_queue: std::sync::Mutex::new(Some(realtime_queue)),
             cron: crate::cron::Cron::default(),
             storage: {
-                let storage = crate::files::Storage::new(&config.data_dir, config.file_upload_limit);
+                let mut storage = crate::files::Storage::new(&config.data_dir, config.file_upload_limit);
+                storage.s3 = config.s3_store().map_err(|e| ApiError::internal("storage", e))?;
                 // Uploads a crash interrupted: no record names them.
                 let _ = std::fs::remove_dir_all(storage.tmp_dir());
                 storage

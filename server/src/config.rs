@@ -123,6 +123,31 @@ pub fn unknown_env_warnings(vars: impl Iterator<Item = String>) -> Vec<String> {
 }
 
 impl ServeConfig {
+    /// The bucket of `STORAGE=s3` (object_store's S3 client; credentials from the S3_* settings).
+    pub fn s3_store(&self) -> Result<Option<std::sync::Arc<dyn object_store::ObjectStore>>, String> {
+        if self.storage != "s3" {
+            return Ok(None);
+        }
+        let mut b = object_store::aws::AmazonS3Builder::new()
+            .with_bucket_name(self.s3_bucket.clone().unwrap_or_default())
+            .with_region(self.s3_region.clone())
+            .with_access_key_id(self.s3_access_key.clone().unwrap_or_default())
+            .with_secret_access_key(self.s3_secret_key.clone().unwrap_or_default())
+            .with_virtual_hosted_style_request(!self.s3_force_path_style)
+            // A request that cannot succeed fails within half a minute instead of retrying for
+            // minutes behind a waiting client.
+            .with_retry(object_store::RetryConfig {
+                backoff: Default::default(),
+                max_retries: 3,
+                retry_timeout: std::time::Duration::from_secs(30),
+            });
+        if let Some(e) = &self.s3_endpoint {
+            b = b.with_endpoint(e.clone()).with_allow_http(e.starts_with("http://"));
+        }
+        let store = b.build().map_err(|e| format!("STORAGE=s3: {e}"))?;
+        Ok(Some(std::sync::Arc::new(store)))
+    }
+
     pub fn is_replica(&self) -> bool {
         self.replica_mode == "replica"
     }
@@ -141,6 +166,22 @@ impl ServeConfig {
             }
             if self.jwt_secret.as_deref().unwrap_or("").is_empty() {
                 return Err("REPLICA_MODE=replica needs JWT_SECRET, the same value as on the master".into());
+            }
+        }
+        if self.storage == "s3" {
+            for (name, v) in [
+                ("S3_BUCKET", &self.s3_bucket),
+                ("S3_ACCESS_KEY", &self.s3_access_key),
+                ("S3_SECRET_KEY", &self.s3_secret_key),
+            ] {
+                if v.as_deref().unwrap_or("").trim().is_empty() {
+                    return Err(format!("STORAGE=s3 needs {name}"));
+                }
+            }
+            if let Some(e) = &self.s3_endpoint {
+                if !(e.starts_with("http://") || e.starts_with("https://")) {
+                    return Err(format!("S3_ENDPOINT must start with http:// or https://, got '{e}'"));
+                }
             }
         }
         for origin in self.cors_origin_list() {
@@ -312,6 +353,35 @@ pub struct ServeConfig {
     /// its field's `maxSize`).
     #[arg(long, env = "FILE_UPLOAD_LIMIT", default_value_t = 100 * 1024 * 1024)]
     pub file_upload_limit: u64,
+
+    /// Where uploaded files live: `local` (DATA_DIR/storage, copied to replicas) or `s3` (an
+    /// S3-compatible bucket every node shares; replicas read it directly).
+    #[arg(long, env = "STORAGE", default_value = "local", value_parser = ["local", "s3"])]
+    pub storage: String,
+
+    /// The S3 endpoint URL (for AWS itself, leave it unset).
+    #[arg(long, env = "S3_ENDPOINT")]
+    pub s3_endpoint: Option<String>,
+
+    /// The bucket (STORAGE=s3).
+    #[arg(long, env = "S3_BUCKET")]
+    pub s3_bucket: Option<String>,
+
+    /// The bucket's region.
+    #[arg(long, env = "S3_REGION", default_value = "us-east-1")]
+    pub s3_region: String,
+
+    /// The access key id (STORAGE=s3).
+    #[arg(long, env = "S3_ACCESS_KEY", hide_env_values = true)]
+    pub s3_access_key: Option<String>,
+
+    /// The secret access key (STORAGE=s3).
+    #[arg(long, env = "S3_SECRET_KEY", hide_env_values = true)]
+    pub s3_secret_key: Option<String>,
+
+    /// Address the bucket as ENDPOINT/BUCKET (MinIO, SeaweedFS) instead of BUCKET.ENDPOINT.
+    #[arg(long, env = "S3_FORCE_PATH_STYLE", default_value_t = false, action = clap::ArgAction::Set)]
+    pub s3_force_path_style: bool,
 
     /// Days the master keeps its file journal for replicas; one further behind lists the
     /// master's files instead. Fractions are allowed.

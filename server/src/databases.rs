@@ -44,14 +44,11 @@ async fn delete(state: web::Data<AppState>, who: Identity, path: web::Path<Strin
     let name = path.into_inner();
     let st = state.clone();
     let n = name.clone();
-    tokio::task::spawn_blocking(move || {
-        st.dbs.delete(&n)?;
-        st.storage.remove_db(&n);
-        Ok::<_, ApiError>(())
-    })
-    .await
-    .map_err(|e| ApiError::internal("delete database", e.to_string()))??;
+    tokio::task::spawn_blocking(move || st.dbs.delete(&n))
+        .await
+        .map_err(|e| ApiError::internal("delete database", e.to_string()))??;
     state.schemas.forget(&name);
+    state.storage.remove_db(&name).await;
     if let Ok(mut c) = state.master.checksums.lock() {
         c.remove(&name);
     }

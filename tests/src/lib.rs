@@ -65,6 +65,17 @@ pub fn die_with_parent(cmd: &mut Command) {
     }
 }
 
+/// A `kB` line of `/proc/PID/status` (`VmRSS:`, `VmHWM:`), in kB.
+pub fn proc_status_kb(pid: u32, key: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find(|l| l.starts_with(key))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
 /// Server CPU time (user + system) of process `pid` so far, in seconds.
 pub fn cpu_seconds(pid: u32) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();

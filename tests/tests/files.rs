@@ -382,16 +382,6 @@ impl Read for Pattern {
     }
 }
 
-fn rss_kb(pid: u32, key: &str) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find(|l| l.starts_with(key))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap()
-}
-
 #[test]
 fn a_200_mb_upload_streams_to_disk_with_flat_memory() {
     let n = spawn_master_with(NodeOptions::default().env("FILE_UPLOAD_LIMIT", "300000000"));
@@ -401,7 +391,7 @@ fn a_200_mb_upload_streams_to_disk_with_flat_memory() {
         &admin,
         json!({"fields": [{"name": "files", "type": "file", "maxSelect": 1, "maxSize": 250000000}]}),
     );
-    let before = rss_kb(n.pid(), "VmRSS:");
+    let before = proc_status_kb(n.pid(), "VmRSS:");
     let size: u64 = 200 * 1024 * 1024;
     let body = Part::reader_with_length(Pattern { left: size }, size)
         .file_name("big.bin")
@@ -415,7 +405,7 @@ fn a_200_mb_upload_streams_to_disk_with_flat_memory() {
         Form::new().part("files", body),
     );
     assert_eq!(s, 200, "{rec}");
-    let peak = rss_kb(n.pid(), "VmHWM:");
+    let peak = proc_status_kb(n.pid(), "VmHWM:");
     eprintln!(
         "200 MiB upload: server RSS {} MiB before, peak {} MiB",
         before / 1024,

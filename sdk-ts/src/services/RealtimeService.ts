@@ -30,6 +30,18 @@ export function topicKey(topic: string, options?: SubscribeOptions): string {
   return topic + "?options=" + encodeURIComponent(JSON.stringify({ query }));
 }
 
+/** The error of a failed answer, with the server's JSON error (or its text) as `response`. */
+async function answerError(url: string, resp: Response): Promise<ClientResponseError> {
+  const text = await resp.text();
+  let data: any = {};
+  try {
+    data = JSON.parse(text);
+  } catch {
+    data = { message: text };
+  }
+  return new ClientResponseError({ url, status: resp.status, response: data });
+}
+
 /** One Server-Sent Events message: its `event` and `data` lines (comments give neither). */
 export function parseFrame(frame: string): { event: string; data: string } {
   let event = "";
@@ -129,14 +141,7 @@ export class RealtimeService {
       body: JSON.stringify({ clientId: this.clientId, subscriptions: [...this.listeners.keys()] }),
     });
     if (!resp.ok) {
-      const text = await resp.text();
-      let data: any = {};
-      try {
-        data = JSON.parse(text);
-      } catch {
-        data = { message: text };
-      }
-      throw new ClientResponseError({ url: this.url, status: resp.status, response: data });
+      throw await answerError(this.url, resp);
     }
   }
 
@@ -163,14 +168,7 @@ export class RealtimeService {
         signal: controller.signal,
       });
       if (!resp.ok || !resp.body) {
-        const text = await resp.text();
-        let data: any = {};
-        try {
-          data = JSON.parse(text);
-        } catch {
-          data = { message: text };
-        }
-        throw new ClientResponseError({ url: this.url, status: resp.status, response: data });
+        throw await answerError(this.url, resp);
       }
       const reader = resp.body.getReader();
       const decoder = new TextDecoder();

@@ -55,6 +55,11 @@ async fn serve(
     if !super::fields::stored_names(&c, &rec.data).contains(&name) {
         return Err(not_found());
     }
+    let download = matches!(q.download.as_deref(), Some("1" | "true"));
+    if let Some(store) = &state.storage.s3 {
+        let key = super::Storage::key(&db.name, &c.id, &record_id, &name);
+        return serve_object(store.as_ref(), &key, &name, &req, download).await;
+    }
     let file_path = state.storage.record_dir(&db.name, &c, &record_id).join(&name);
     let file = match web::block(move || actix_files::NamedFile::open(file_path)).await {
         Ok(Ok(f)) => f,
@@ -65,7 +70,6 @@ async fn serve(
             None => return Err(not_found()),
         },
     };
-    let download = matches!(q.download.as_deref(), Some("1" | "true"));
     let file = file.set_content_disposition(ContentDisposition {
         disposition: if download {
             DispositionType::Attachment
@@ -75,8 +79,13 @@ async fn serve(
         parameters: vec![DispositionParam::Filename(name.clone())],
     });
     let mut resp = file.into_response(&req);
+    harden(&mut resp);
+    Ok(resp)
+}
+
+/// Uploaded content is never a page of this origin: no scripts, no sniffing.
+fn harden(resp: &mut HttpResponse) {
     let h = resp.headers_mut();
-    // Uploaded content is never a page of this origin: no scripts, no sniffing.
     h.insert(
         actix_web::http::header::CONTENT_SECURITY_POLICY,
         actix_web::http::header::HeaderValue::from_static(
@@ -87,6 +96,107 @@ async fn serve(
         actix_web::http::header::X_CONTENT_TYPE_OPTIONS,
         actix_web::http::header::HeaderValue::from_static("nosniff"),
     );
+}
+
+/// A single `bytes=` range of an object of `size` bytes: `Some(Ok(start..end))`, `Some(Err)`
+/// when unsatisfiable, `None` without a (usable) Range header (the whole object is sent).
+fn byte_range(header: Option<&str>, size: u64) -> Option<Result<std::ops::Range<u64>, ()>> {
+    let spec = header?.trim().strip_prefix("bytes=")?;
+    if spec.contains(',') {
+        return None;
+    }
+    let (a, b) = spec.split_once('-')?;
+    let range = match (a.trim(), b.trim()) {
+        ("", n) => {
+            let n: u64 = n.parse().ok()?;
+            size.saturating_sub(n)..size
+        }
+        (a, "") => a.parse().ok()?..size,
+        (a, b) => a.parse().ok()?..b.parse::<u64>().ok()?.saturating_add(1).min(size),
+    };
+    Some(if range.start < range.end && range.start < size {
+        Ok(range)
+    } else {
+        Err(())
+    })
+}
+
+/// Serves an object of the bucket: ETag and If-None-Match, a single Range, streamed.
+async fn serve_object(
+    store: &dyn object_store::ObjectStore,
+    key: &object_store::path::Path,
+    name: &str,
+    req: &HttpRequest,
+    download: bool,
+) -> ApiResult<HttpResponse> {
+    use actix_web::http::header;
+    use object_store::ObjectStoreExt;
+    let meta = match store.head(key).await {
+        Ok(m) => m,
+        Err(object_store::Error::NotFound { .. }) => return Err(ApiError::not_found("File not found.")),
+        Err(e) => return Err(ApiError::internal("read a file from S3", e.to_string())),
+    };
+    let etag = meta
+        .e_tag
+        .clone()
+        .map(|t| if t.starts_with('"') { t } else { format!("\"{t}\"") });
+    let disposition = ContentDisposition {
+        disposition: if download {
+            DispositionType::Attachment
+        } else {
+            DispositionType::Inline
+        },
+        parameters: vec![DispositionParam::Filename(name.to_string())],
+    };
+    let mime = mime_guess::from_path(name).first_or_octet_stream();
+    let mut out = HttpResponse::Ok();
+    out.insert_header((header::CONTENT_TYPE, mime.essence_str().to_string()))
+        .insert_header((header::CONTENT_DISPOSITION, disposition))
+        .insert_header((header::ACCEPT_RANGES, "bytes"))
+        .insert_header((
+            header::LAST_MODIFIED,
+            meta.last_modified.format("%a, %d %b %Y %H:%M:%S GMT").to_string(),
+        ));
+    if let Some(t) = &etag {
+        out.insert_header((header::ETAG, t.clone()));
+        let none_match = req.headers().get(header::IF_NONE_MATCH).and_then(|v| v.to_str().ok());
+        if none_match.is_some_and(|v| v.split(',').any(|x| x.trim() == t || x.trim() == "*")) {
+            let mut resp = out.status(actix_web::http::StatusCode::NOT_MODIFIED).finish();
+            harden(&mut resp);
+            return Ok(resp);
+        }
+    }
+    let range = byte_range(
+        req.headers().get(header::RANGE).and_then(|v| v.to_str().ok()),
+        meta.size,
+    );
+    let options = match &range {
+        Some(Ok(r)) => object_store::GetOptions {
+            range: Some(object_store::GetRange::Bounded(r.clone())),
+            ..Default::default()
+        },
+        Some(Err(())) => {
+            let mut resp = HttpResponse::RangeNotSatisfiable()
+                .insert_header((header::CONTENT_RANGE, format!("bytes */{}", meta.size)))
+                .finish();
+            harden(&mut resp);
+            return Ok(resp);
+        }
+        None => object_store::GetOptions::default(),
+    };
+    let got = store
+        .get_opts(key, options)
+        .await
+        .map_err(|e| ApiError::internal("read a file from S3", e.to_string()))?;
+    if let Some(Ok(r)) = &range {
+        out.status(actix_web::http::StatusCode::PARTIAL_CONTENT).insert_header((
+            header::CONTENT_RANGE,
+            format!("bytes {}-{}/{}", r.start, r.end - 1, meta.size),
+        ));
+    }
+    let length = got.range.end - got.range.start;
+    let mut resp = out.no_chunking(length).streaming(got.into_stream());
+    harden(&mut resp);
     Ok(resp)
 }
 

@@ -17,6 +17,9 @@ pub mod replica;
 pub mod upload;
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use object_store::{ObjectStore, ObjectStoreExt};
 
 use crate::collections::model::Collection;
 
@@ -25,12 +28,23 @@ pub use handlers::configure;
 /// A file field's largest file when it sets no `maxSize` (PocketBase's default).
 pub const DEFAULT_MAX_SIZE: u64 = 5 * 1024 * 1024;
 
-/// Where files live: `DATA_DIR/storage`.
+/// Where files live: `DATA_DIR/storage` (local), or an S3-compatible bucket shared by every
+/// node (`STORAGE=s3`), under the same keys `<db>/<collectionId>/<recordId>/<name>`.
 #[derive(Debug, Clone)]
 pub struct Storage {
     pub root: PathBuf,
     /// The largest total of files one request may upload.
     pub upload_limit: u64,
+    /// The bucket, with `STORAGE=s3`.
+    pub s3: Option<Arc<dyn ObjectStore>>,
+}
+
+/// Files at most this large go to S3 in one PUT; larger ones in parts of this size, read from
+/// disk one part at a time.
+const S3_PART: usize = 8 * 1024 * 1024;
+
+fn s3_err(e: object_store::Error) -> std::io::Error {
+    std::io::Error::other(e.to_string())
 }
 
 impl Storage {
@@ -38,6 +52,7 @@ impl Storage {
         Storage {
             root: data_dir.join("storage"),
             upload_limit,
+            s3: None,
         }
     }
 
@@ -46,52 +61,169 @@ impl Storage {
         self.root.join(".tmp")
     }
 
-    /// The directory of one record's files.
+    /// The directory of one record's files (local storage).
     pub fn record_dir(&self, db: &str, c: &Collection, record_id: &str) -> PathBuf {
         self.root.join(db).join(&c.id).join(record_id)
     }
 
-    /// Moves an uploaded file to its place; on error the caller removes what was placed.
-    pub fn place(&self, db: &str, c: &Collection, record_id: &str, tmp: &Path, name: &str) -> std::io::Result<PathBuf> {
-        let dir = self.record_dir(db, c, record_id);
-        std::fs::create_dir_all(&dir)?;
-        let to = dir.join(name);
-        std::fs::rename(tmp, &to)?;
-        Ok(to)
+    /// The object key of a file (S3).
+    pub fn key(db: &str, collection_id: &str, record_id: &str, name: &str) -> object_store::path::Path {
+        object_store::path::Path::from(format!("{db}/{collection_id}/{record_id}/{name}"))
+    }
+
+    /// Puts the uploads of a write in their place before the write runs; on error the caller
+    /// removes what was placed.
+    pub async fn place_all(
+        &self,
+        db: &str,
+        c: &Collection,
+        record_id: &str,
+        files: &[fields::Pending],
+    ) -> std::io::Result<()> {
+        match &self.s3 {
+            None => {
+                let dir = self.record_dir(db, c, record_id);
+                let moves: Vec<(PathBuf, PathBuf)> = files.iter().map(|f| (f.tmp.clone(), dir.join(&f.name))).collect();
+                if moves.is_empty() {
+                    return Ok(());
+                }
+                tokio::task::spawn_blocking(move || {
+                    std::fs::create_dir_all(&dir)?;
+                    for (from, to) in moves {
+                        std::fs::rename(from, to)?;
+                    }
+                    Ok(())
+                })
+                .await
+                .map_err(std::io::Error::other)?
+            }
+            Some(store) => {
+                for f in files {
+                    upload_s3(
+                        store.as_ref(),
+                        &Self::key(db, &c.id, record_id, &f.name),
+                        &f.tmp,
+                        f.size,
+                    )
+                    .await?;
+                }
+                Ok(())
+            }
+        }
     }
 
     /// Deletes stored files of one record (missing ones are fine).
-    pub fn remove(&self, db: &str, c: &Collection, record_id: &str, names: &[String]) {
-        let dir = self.record_dir(db, c, record_id);
-        for n in names.iter().filter(|n| is_stored_name(n)) {
-            match std::fs::remove_file(dir.join(n)) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => log::warn!("files: cannot delete {}: {e}", dir.join(n).display()),
+    pub async fn remove(&self, db: &str, c: &Collection, record_id: &str, names: &[String]) {
+        let names: Vec<String> = names.iter().filter(|n| is_stored_name(n)).cloned().collect();
+        match &self.s3 {
+            None => {
+                let dir = self.record_dir(db, c, record_id);
+                let _ = tokio::task::spawn_blocking(move || {
+                    for n in names {
+                        match std::fs::remove_file(dir.join(&n)) {
+                            Ok(()) => {}
+                            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                            Err(e) => log::warn!("files: cannot delete {}: {e}", dir.join(n).display()),
+                        }
+                    }
+                    let _ = std::fs::remove_dir(&dir);
+                })
+                .await;
+            }
+            Some(store) => {
+                for n in names {
+                    if let Err(e) = store.delete(&Self::key(db, &c.id, record_id, &n)).await {
+                        if !matches!(e, object_store::Error::NotFound { .. }) {
+                            log::warn!("files: cannot delete {db}/{}/{record_id}/{n}: {e}", c.id);
+                        }
+                    }
+                }
             }
         }
-        let _ = std::fs::remove_dir(&dir);
     }
 
     /// Deletes every file of a deleted record.
-    pub fn remove_record(&self, db: &str, collection_id: &str, record_id: &str) {
+    pub async fn remove_record(&self, db: &str, collection_id: &str, record_id: &str) {
         if !crate::records::store::is_valid_record_id(record_id) || !is_id(collection_id) {
             return;
         }
-        let dir = self.root.join(db).join(collection_id).join(record_id);
-        match std::fs::remove_dir_all(&dir) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => log::warn!("files: cannot delete {}: {e}", dir.display()),
+        match &self.s3 {
+            None => {
+                let dir = self.root.join(db).join(collection_id).join(record_id);
+                let _ = tokio::task::spawn_blocking(move || match std::fs::remove_dir_all(&dir) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => log::warn!("files: cannot delete {}: {e}", dir.display()),
+                })
+                .await;
+            }
+            Some(store) => {
+                let prefix = object_store::path::Path::from(format!("{db}/{collection_id}/{record_id}"));
+                delete_prefix(store.as_ref(), &prefix).await;
+            }
         }
     }
 
     /// Deletes a database's files.
-    pub fn remove_db(&self, db: &str) {
-        if crate::db::is_valid_db_name(db) {
-            let _ = std::fs::remove_dir_all(self.root.join(db));
+    pub async fn remove_db(&self, db: &str) {
+        if !crate::db::is_valid_db_name(db) {
+            return;
+        }
+        match &self.s3 {
+            None => {
+                let _ = std::fs::remove_dir_all(self.root.join(db));
+            }
+            Some(store) => delete_prefix(store.as_ref(), &object_store::path::Path::from(db)).await,
         }
     }
+}
+
+async fn delete_prefix(store: &dyn ObjectStore, prefix: &object_store::path::Path) {
+    use futures_util::StreamExt;
+    let mut listed = store.list(Some(prefix));
+    while let Some(meta) = listed.next().await {
+        match meta {
+            Ok(m) => {
+                if let Err(e) = store.delete(&m.location).await {
+                    log::warn!("files: cannot delete {}: {e}", m.location);
+                }
+            }
+            Err(e) => {
+                log::warn!("files: cannot list {prefix}: {e}");
+                return;
+            }
+        }
+    }
+}
+
+/// Uploads a file from disk: one PUT when small, parts read one at a time when large, so
+/// memory stays within a couple of parts.
+async fn upload_s3(
+    store: &dyn ObjectStore,
+    key: &object_store::path::Path,
+    from: &Path,
+    size: u64,
+) -> std::io::Result<()> {
+    use tokio::io::AsyncReadExt;
+    if size as usize <= S3_PART {
+        let bytes = tokio::fs::read(from).await?;
+        store.put(key, bytes.into()).await.map_err(s3_err)?;
+        return Ok(());
+    }
+    let upload = store.put_multipart(key).await.map_err(s3_err)?;
+    let mut writer = object_store::WriteMultipart::new_with_chunk_size(upload, S3_PART);
+    let mut file = tokio::fs::File::open(from).await?;
+    let mut buf = vec![0u8; 1024 * 1024];
+    loop {
+        let n = file.read(&mut buf).await?;
+        if n == 0 {
+            break;
+        }
+        writer.wait_for_capacity(2).await.map_err(s3_err)?;
+        writer.write(&buf[..n]);
+    }
+    writer.finish().await.map_err(s3_err)?;
+    Ok(())
 }
 
 fn is_id(s: &str) -> bool {

@@ -428,9 +428,16 @@ pub async fn create_record(
     let auth = auth_record(who);
     let cond = condition(&access, &c, &schema, auth.as_ref(), Some(&body))?;
     let weight = changes_weight(&changes);
-    let (storage, db_name, c3, placed_id) = (state.storage.clone(), db.name.clone(), c.clone(), id.clone());
+    let (c3, placed_id) = (c.clone(), id.clone());
     let journaled = journals_files(state, &db.name);
     let names: Vec<String> = files.iter().map(|f| f.name.clone()).collect();
+    if let Some(id) = &id {
+        // The files are in place before the record that names them commits.
+        if let Err(e) = place_files(state, &db.name, &c, id, &files).await {
+            state.storage.remove(&db.name, &c, id, &names).await;
+            return Err(e);
+        }
+    }
     let result = db
         .write_weighted(weight, move |conn| {
             let mut errors = FieldErrors::new();
@@ -450,12 +457,8 @@ pub async fn create_record(
             if !errors.is_empty() {
                 return Err(ApiError::validation(errors));
             }
-            // The files are in place before the record that names them commits.
-            if let Some(id) = &id {
-                place_files(&storage, &db_name, &c, id, &files, &plan)?;
-                if journaled {
-                    journal_files(conn, &c, id, &files, &plan)?;
-                }
+            if let (Some(id), true) = (&id, journaled) {
+                journal_files(conn, &c, id, &files, &plan)?;
             }
             let rec = store::insert(conn, &c, id, changes)?;
             // The create rule is checked on the stored record; failing, the job's savepoint rolls
@@ -469,7 +472,7 @@ pub async fn create_record(
         })
         .await;
     if let (Err(_), Some(id)) = (&result, &placed_id) {
-        state.storage.remove(&db.name, &c3, id, &names);
+        state.storage.remove(&db.name, &c3, id, &names).await;
     }
     result
 }
@@ -496,7 +499,8 @@ fn merge_files(
 
 /// Whether writes to database `db` on this node journal their files for replicas.
 fn journals_files(state: &AppState, db: &str) -> bool {
-    state.follower.is_none() && crate::replica::is_replicated_db(db)
+    // With S3, every node reads the same bucket: there is nothing to copy.
+    state.follower.is_none() && state.storage.s3.is_none() && crate::replica::is_replicated_db(db)
 }
 
 /// Journals what a plan does to a record's files, in the transaction of the record change.
@@ -533,22 +537,17 @@ fn journal_deleted(conn: &rusqlite::Connection, schema: &Schema, gone: &[(String
     Ok(crate::files::replica::journal(conn, &entries)?)
 }
 
-/// Moves the uploads a plan adds into the record's directory (on the writer, before COMMIT).
-fn place_files(
-    storage: &crate::files::Storage,
-    db: &str,
-    c: &Collection,
-    id: &str,
-    files: &[Pending],
-    plan: &crate::files::fields::Plan,
-) -> ApiResult<()> {
-    for &i in &plan.place {
-        let f = &files[i];
-        storage
-            .place(db, c, id, &f.tmp, &f.name)
-            .map_err(|e| ApiError::internal("store an uploaded file", e.to_string()))?;
+/// Puts a write's uploads in place before the write runs: a record is never committed naming a
+/// file that is not there yet. The caller removes them if the write fails.
+async fn place_files(state: &AppState, db: &str, c: &Collection, id: &str, files: &[Pending]) -> ApiResult<()> {
+    if files.is_empty() {
+        return Ok(());
     }
-    Ok(())
+    state
+        .storage
+        .place_all(db, c, id, files)
+        .await
+        .map_err(|e| ApiError::internal("store an uploaded file", e.to_string()))
 }
 
 /// About how many bytes `changes` write.
@@ -646,9 +645,13 @@ async fn update(
         .and_then(|v| v.to_str().ok()?.parse::<usize>().ok())
         .unwrap_or(0);
     let weight = 2 * sent;
-    let (storage, db_name, record_id) = (state.storage.clone(), db.name.clone(), id.clone());
+    let record_id = id.clone();
     let journaled = journals_files(&state, &db.name);
     let names: Vec<String> = files.iter().map(|f| f.name.clone()).collect();
+    if let Err(e) = place_files(&state, &db.name, &c, &id, &files).await {
+        state.storage.remove(&db.name, &c, &id, &names).await;
+        return Err(e.into());
+    }
     let result = db
         .write_weighted(weight, move |conn| {
             let current = store::get(conn, &c2, &id)?
@@ -677,7 +680,6 @@ async fn update(
             }
             changes.extend(auth);
             merge_files(&c2, &mut changes, &plan, Some(id.clone()));
-            place_files(&storage, &db_name, &c2, &id, &files, &plan)?;
             if journaled {
                 journal_files(conn, &c2, &id, &files, &plan)?;
             }
@@ -688,13 +690,13 @@ async fn update(
     let (rec, dropped) = match result {
         Ok(v) => v,
         Err(e) => {
-            state.storage.remove(&db.name, &c, &record_id, &names);
+            state.storage.remove(&db.name, &c, &record_id, &names).await;
             return Err(e.into());
         }
     };
     if !dropped.is_empty() {
         let (storage, db_name, c4) = (state.storage.clone(), db.name.clone(), c.clone());
-        actix_web::rt::task::spawn_blocking(move || storage.remove(&db_name, &c4, &record_id, &dropped));
+        actix_web::rt::spawn(async move { storage.remove(&db_name, &c4, &record_id, &dropped).await });
     }
     Ok(HttpResponse::Ok().json(public_record(&c, &rec, &who)))
 }
@@ -730,9 +732,9 @@ fn remove_files_of(state: &AppState, db: &str, gone: &[(String, String)]) {
         return;
     }
     let (storage, db, gone) = (state.storage.clone(), db.to_string(), gone.to_vec());
-    actix_web::rt::task::spawn_blocking(move || {
+    actix_web::rt::spawn(async move {
         for (collection_id, record_id) in gone {
-            storage.remove_record(&db, &collection_id, &record_id);
+            storage.remove_record(&db, &collection_id, &record_id).await;
         }
     });
 }

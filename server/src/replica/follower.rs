@@ -685,6 +685,10 @@ impl Follower {
     /// databases whose collections have file fields.
     async fn sync_files(&self, state: &web::Data<AppState>, name: &str) -> Result<(), String> {
         use crate::collections::model::FieldType;
+        if state.storage.s3.is_some() {
+            // Every node reads the same bucket.
+            return Ok(());
+        }
         let Some(db) = state.dbs.get(name) else { return Ok(()) };
         let schema = state.schemas.get(&db).await.map_err(|e| e.to_string())?;
         let has_files = schema
