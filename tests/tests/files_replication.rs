@@ -192,3 +192,42 @@ fn a_forwarding_replica_proxies_a_file_it_does_not_have_yet() {
     assert_eq!(get_bytes(&plain, &path).0, 404);
     assert_eq!(get_bytes(&forwarding, &path), get_bytes(&m, &path));
 }
+
+#[test]
+fn the_master_prunes_file_journal_entries_every_replica_acknowledged() {
+    let m = spawn_master_with(
+        NodeOptions::default()
+            .env("JWT_SECRET", SECRET)
+            // The retention task then runs about every second.
+            .env("CHANGELOG_RETENTION_HOURS", "0.001"),
+    );
+    let admin = m.admin_token();
+    let (s, b) = m.post(
+        "/api/collections",
+        Some(&admin),
+        &json!({"name": "docs", "listRule": "", "viewRule": "", "createRule": "",
+                "fields": [{"name": "files", "type": "file", "maxSelect": 5}]}),
+    );
+    assert_eq!(s, 200, "{b}");
+    for i in 0..3 {
+        upload(&m, 1, 1000, i);
+    }
+    let journal = |since: i64| m.get(&format!("/api/replica/files?db=default&since={since}"), Some(&admin));
+    // No replica has acknowledged anything: the entries stay.
+    std::thread::sleep(Duration::from_millis(2500));
+    let (s, b) = journal(0);
+    assert_eq!(s, 200, "{b}");
+    assert_eq!(b["entries"].as_array().unwrap().len(), 3);
+    let r = spawn_replica(&m, SECRET, NodeOptions::default().env("SYNC_INTERVAL", "1"));
+    same_files(&m, &r);
+    wait_for("the acknowledged entries to be pruned", WAIT, || {
+        (journal(0).0 == 410).then_some(())
+    });
+    let (_, replicas) = m.get("/api/replica/replicas", Some(&admin));
+    assert_eq!(replicas[0]["filePositions"]["default"], 3, "{replicas}");
+    // Replicas keep up from where they are, and a new one lists the files.
+    upload(&m, 1, 2000, 7);
+    same_files(&m, &r);
+    let late = spawn_replica(&m, SECRET, NodeOptions::default().env("SYNC_INTERVAL", "1"));
+    same_files(&m, &late);
+}

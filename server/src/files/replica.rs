@@ -113,6 +113,14 @@ pub fn prune(conn: &Connection, cutoff_ms: i64) -> rusqlite::Result<usize> {
     conn.execute("DELETE FROM _replica_file_journal WHERE created < ?1", [cutoff_ms])
 }
 
+/// Deletes journal entries up to `id`, which every replica that syncs files acknowledged.
+pub fn prune_acked(conn: &Connection, id: i64) -> rusqlite::Result<usize> {
+    if !has_journal(conn)? {
+        return Ok(0);
+    }
+    conn.execute("DELETE FROM _replica_file_journal WHERE id <= ?1", [id])
+}
+
 /// Whether `path` is `<collectionId>/<recordId>/<name>` (or `<collectionId>/<recordId>/`) of
 /// names vski generates: nothing else is read or written by file replication.
 pub fn valid_path(path: &str) -> bool {

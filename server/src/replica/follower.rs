@@ -1053,11 +1053,15 @@ impl Follower {
             s.last_sync = Some(now);
             s.last_error = None;
         });
+        let files: Option<i64> = db
+            .read(|conn| Ok(state_value(conn, "files")?.and_then(|v| v.parse().ok())))
+            .await
+            .unwrap_or(None);
         let ack = self
             .request(state, reqwest::Method::POST, "/api/replica/ack")
             .map_err(|e| e.to_string())?
             .timeout(Duration::from_secs(30))
-            .json(&json!({"db": name, "version": version}))
+            .json(&json!({"db": name, "version": version, "files": files}))
             .send()
             .await;
         if let Err(e) = ack {

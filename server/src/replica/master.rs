@@ -44,6 +44,10 @@ pub struct ReplicaInfo {
     /// How the replica follows: `stream`, `poll` or `manual` (header `X-Replica-Sync-Mode`).
     #[serde(default)]
     pub sync_mode: String,
+    /// Last acknowledged file journal position per database (kept in memory: after a master
+    /// restart, journal entries are pruned by age until replicas ack again).
+    #[serde(default)]
+    pub file_positions: BTreeMap<String, i64>,
 }
 
 /// Replication state of a master.
@@ -102,6 +106,7 @@ impl MasterState {
                         positions: serde_json::from_str(&positions).unwrap_or_default(),
                         last_seen: r.get(3)?,
                         sync_mode: String::new(),
+                        file_positions: BTreeMap::new(),
                     })
                 })?;
                 Ok(rows.collect::<Result<Vec<_>, _>>()?)
@@ -150,6 +155,7 @@ fn touch(state: &AppState, req: &HttpRequest, who: &Identity, position: Option<(
         positions: BTreeMap::new(),
         last_seen: String::new(),
         sync_mode: String::new(),
+        file_positions: BTreeMap::new(),
     });
     if let Some(mode) = header("x-replica-sync-mode").filter(|m| matches!(m.as_str(), "stream" | "poll" | "manual")) {
         entry.sync_mode = mode;
@@ -582,6 +588,9 @@ async fn download(
 struct AckBody {
     db: String,
     version: i64,
+    /// The replica's file journal position for `db`, when it syncs files.
+    #[serde(default)]
+    files: Option<i64>,
 }
 
 async fn ack(
@@ -599,8 +608,16 @@ async fn ack(
         ));
     }
     replicated_db(&state, Some(&body.db))?;
-    let info = touch(&state, &req, &who, Some((&body.db, body.version)))
+    let mut info = touch(&state, &req, &who, Some((&body.db, body.version)))
         .ok_or_else(|| ApiError::internal("ack", "no replica identity"))?;
+    if let Some(files) = body.files.filter(|f| *f >= 0) {
+        if let Ok(mut map) = state.master.replicas.lock() {
+            if let Some(entry) = map.get_mut(&info.id) {
+                entry.file_positions.insert(body.db.clone(), files);
+                info = entry.clone();
+            }
+        }
+    }
     let stats = state
         .dbs
         .get(STATS_DB)
@@ -709,8 +726,21 @@ pub async fn retention_loop(state: web::Data<AppState>, retention_hours: f64, fi
                 Err(e) => log::warn!("pruning the changelog of '{}': {e}", db.name),
             }
             let file_cutoff = cutoff + retention_ms - file_retention_ms;
+            // Entries every replica that syncs this database's files has acknowledged.
+            let acked = state
+                .master
+                .replicas
+                .lock()
+                .ok()
+                .and_then(|m| m.values().filter_map(|r| r.file_positions.get(&db.name).copied()).min());
             match db
-                .write(move |conn| Ok(crate::files::replica::prune(conn, file_cutoff)?))
+                .write(move |conn| {
+                    let mut n = crate::files::replica::prune(conn, file_cutoff)?;
+                    if let Some(upto) = acked {
+                        n += crate::files::replica::prune_acked(conn, upto)?;
+                    }
+                    Ok(n)
+                })
                 .await
             {
                 Ok(0) => {}
