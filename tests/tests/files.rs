@@ -440,3 +440,37 @@ fn a_200_mb_upload_streams_to_disk_with_flat_memory() {
     assert_eq!(s, 413);
     assert!(files_under(&n2.data_dir.join("storage")).is_empty());
 }
+
+#[test]
+fn a_caller_the_rules_refuse_cannot_upload_first() {
+    let n = spawn_master();
+    let admin = n.admin_token();
+    docs(&n, &admin, json!({"createRule": null, "updateRule": null}));
+    // Larger than the field's maxSize: read first, it would be a 400 about the size.
+    let big = vec![0u8; 200_000];
+    let (s, b) = send(
+        &n,
+        "POST",
+        "/api/collections/docs/records",
+        None,
+        Form::new().part("files", part(&big, "big.bin", "application/octet-stream")),
+    );
+    assert_eq!(s, 403, "{b}");
+    let (s, rec) = send(
+        &n,
+        "POST",
+        "/api/collections/docs/records",
+        Some(&admin),
+        Form::new().part("files", part(b"ok", "ok.txt", "text/plain")),
+    );
+    assert_eq!(s, 200, "{rec}");
+    let (s, b) = send(
+        &n,
+        "PATCH",
+        &format!("/api/collections/docs/records/{}", rec["id"].as_str().unwrap()),
+        None,
+        Form::new().part("files+", part(&big, "big.bin", "application/octet-stream")),
+    );
+    assert_eq!(s, 403, "{b}");
+    assert_eq!(stored(&n).len(), 1);
+}

@@ -579,6 +579,8 @@ async fn create(
 ) -> actix_web::Result<HttpResponse> {
     let db = state.db(&req)?;
     let c = state.collection(&db, &path).await?;
+    // A caller the rule refuses outright does not get to upload first.
+    authorize(&c, Action::Create, &who)?;
     let (body, _uploads, pending) = read_body(&state, &req, payload, &c).await?;
     let rec = create_record(&state, &db, c.clone(), &who, body, pending).await?;
     Ok(HttpResponse::Ok().json(public_record(&c, &rec, &who)))
@@ -594,6 +596,7 @@ async fn update(
     let (coll, id) = path.into_inner();
     let db0 = state.db(&req)?;
     let c0 = state.collection(&db0, &coll).await?;
+    authorize(&c0, Action::Update, &who)?;
     let (body, _uploads, files) = read_body(&state, &req, payload, &c0).await?;
     let body = body_object(body)?;
     let Target { db, c, schema, cond } = target(&state, &req, &coll, &who, Action::Update, Some(&body)).await?;
