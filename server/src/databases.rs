@@ -3,9 +3,10 @@
 use actix_web::{HttpResponse, web};
 use serde_json::{Value, json};
 
-use crate::app::{AppState, resource};
 use crate::auth::Identity;
 use crate::error::{ApiError, ApiResult};
+use crate::http::resource;
+use crate::state::AppState;
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.service(

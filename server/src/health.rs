@@ -3,7 +3,8 @@
 use actix_web::{HttpResponse, web};
 use serde_json::json;
 
-use crate::app::{AppState, resource};
+use crate::http::resource;
+use crate::state::AppState;
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.service(resource("/health").route(web::get().to(health)))

@@ -17,10 +17,12 @@ pub mod db;
 pub mod error;
 pub mod files;
 pub mod health;
+pub mod http;
 pub mod query;
 pub mod realtime;
 pub mod records;
 pub mod replica;
+pub mod state;
 pub mod util;
 pub mod webhooks;
 

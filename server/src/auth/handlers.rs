@@ -9,14 +9,15 @@ use serde_json::{Map, Value, json};
 use super::Identity;
 use super::password;
 use super::token::{TokenKeys, TokenType, token_key_fingerprint};
-use crate::app::{AppState, resource};
 use crate::collections::model::Collection;
 use crate::collections::store::{SUPERUSERS, USERS};
 use crate::db::{DEFAULT_DB, Database};
 use crate::error::{ApiError, ApiResult, FieldErrors, field_error};
+use crate::http::resource;
 use crate::records::handlers::{create_record, public_record};
 use crate::records::store::{self as record_store, Stored};
 use crate::records::values::Changes;
+use crate::state::AppState;
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.service(resource("/api/admins/has-admins").route(web::get().to(has_admins)))

@@ -12,12 +12,13 @@ use std::sync::Arc;
 
 use actix_web::{FromRequest, HttpRequest, dev::Payload, web};
 
-use crate::app::{AppState, requested_db_name};
 use crate::collections::model::Collection;
 use crate::collections::store::SUPERUSERS;
 use crate::db::DEFAULT_DB;
 use crate::error::{ApiError, ApiResult};
+use crate::http::requested_db_name;
 use crate::records::store::{self as record_store, Stored};
+use crate::state::AppState;
 use token::{TokenType, token_key_fingerprint};
 
 pub use handlers::configure;

@@ -6,9 +6,10 @@ use serde_json::{Value, json};
 
 use super::model::CollectionInput;
 use super::store;
-use crate::app::{AppState, resource};
 use crate::auth::Identity;
 use crate::error::{ApiError, ApiResult, FieldErrors};
+use crate::http::resource;
+use crate::state::AppState;
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.service(

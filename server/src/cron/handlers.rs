@@ -4,9 +4,9 @@ use actix_web::{HttpResponse, web};
 use serde_json::json;
 
 use super::store::{self, JobDef};
-use crate::app::AppState;
 use crate::auth::Identity;
 use crate::error::{ApiError, ApiResult};
+use crate::state::AppState;
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.service(

@@ -21,8 +21,8 @@ use std::time::{Duration, Instant};
 use tokio_cron_scheduler::{Job, JobScheduler};
 use uuid::Uuid;
 
-use crate::app::AppState;
 use crate::error::{ApiError, ApiResult};
+use crate::state::AppState;
 use store::{JobDef, Run};
 
 pub use handlers::configure;

@@ -5,11 +5,11 @@ use actix_web::http::header::{ContentDisposition, DispositionParam, DispositionT
 use actix_web::{HttpRequest, HttpResponse, web};
 use serde::Deserialize;
 
-use crate::app::AppState;
 use crate::auth::identify_token;
 use crate::error::{ApiError, ApiResult};
 use crate::records::rules::{Action, auth_record, authorize, condition, matches};
 use crate::records::store;
+use crate::state::AppState;
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.service(web::resource("/api/files/{collection}/{record}/{name}").route(web::get().to(serve)));

@@ -10,9 +10,9 @@ use rusqlite::{Connection, params};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use crate::app::AppState;
 use crate::auth::Identity;
 use crate::error::{ApiError, ApiResult};
+use crate::state::AppState;
 
 pub const JOURNAL_DDL: &str = "CREATE TABLE IF NOT EXISTS _replica_file_journal (
     id INTEGER PRIMARY KEY AUTOINCREMENT,

@@ -13,7 +13,6 @@ use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
 use super::{Client, Committed, Protocol, Subscription};
-use crate::app::AppState;
 use crate::auth::Identity;
 use crate::collections::model::Collection;
 use crate::collections::store::Schema;
@@ -23,6 +22,7 @@ use crate::records::expand::{PathTree, expand, pick};
 use crate::records::handlers::public_record;
 use crate::records::rules::{Action, auth_record, authorize, condition};
 use crate::records::store;
+use crate::state::AppState;
 
 /// What happened to a row.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

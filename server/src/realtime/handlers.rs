@@ -15,9 +15,9 @@ use serde_json::{Value, json};
 
 use super::dispatch::{access, shape, sse_frame};
 use super::{Client, Hub, MAX_SUBSCRIPTIONS, Protocol, Subscription, parse_topic};
-use crate::app::AppState;
 use crate::auth::{Identity, bearer_token, identify_token};
 use crate::error::{ApiError, ApiResult, error_body};
+use crate::state::AppState;
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.service(

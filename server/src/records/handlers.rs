@@ -12,7 +12,6 @@ use super::expand::PathTree;
 use super::rules::{Action, auth_record, authorize, condition, matches};
 use super::store::{self, Stored};
 use super::values::{self, Changes};
-use crate::app::{AppState, resource};
 use crate::auth::{Identity, password};
 use crate::collections::model::Collection;
 use crate::collections::store::Schema;
@@ -20,7 +19,9 @@ use crate::db::Database;
 use crate::error::{ApiError, ApiResult, FieldErrors, field_error};
 use crate::files::fields::Pending;
 use crate::files::upload::Uploads;
+use crate::http::resource;
 use crate::query::Condition;
+use crate::state::AppState;
 use crate::util::random_id;
 
 pub fn configure(cfg: &mut web::ServiceConfig) {

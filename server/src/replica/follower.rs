@@ -25,12 +25,13 @@ use serde_json::{Value, json};
 use super::apply::{Conflicts, apply_entries};
 use super::recorder::Entry;
 use super::{is_replicated_db, schema};
-use crate::app::{AppState, resource};
 use crate::auth::Identity;
 use crate::auth::token::{TokenKeys, TokenType};
 use crate::config::ServeConfig;
 use crate::db::Database;
 use crate::error::{ApiError, ApiResult, error_body};
+use crate::http::resource;
+use crate::state::AppState;
 use crate::util::{now_string, random_id};
 
 const STATE_DDL: &str =
@@ -1603,7 +1604,7 @@ pub async fn read_only_guard(
             );
             return Ok(req.into_response(resp));
         }
-        let name = crate::app::requested_db_name(req.request());
+        let name = crate::http::requested_db_name(req.request());
         let state = req.app_data::<web::Data<AppState>>().cloned();
         if let Some(st) = state.filter(|_| crate::replica::is_replicated_db(&name)) {
             let reached = match st.follower.as_ref() {

@@ -12,8 +12,9 @@ use actix_web::{HttpMessage, HttpResponse, web};
 use futures_util::StreamExt;
 use serde_json::json;
 
-use crate::app::{AppState, requested_db_name};
 use crate::error::error_body;
+use crate::http::requested_db_name;
+use crate::state::AppState;
 
 /// Headers that belong to one connection and never cross a proxy, and the ones the proxy
 /// sets itself.

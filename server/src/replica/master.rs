@@ -14,10 +14,11 @@ use super::checksum::logical_checksum;
 use super::feed::{Changes, CommitFeed};
 use super::recorder::{self, bounds, can_resume, entries_since};
 use super::{is_replicated_db, schema};
-use crate::app::{AppState, resource};
 use crate::auth::Identity;
 use crate::db::{Database, STATS_DB};
 use crate::error::{ApiError, ApiResult};
+use crate::http::resource;
+use crate::state::AppState;
 use crate::util::{now_string, random_id};
 
 pub fn configure(cfg: &mut web::ServiceConfig) {

@@ -211,7 +211,7 @@ struct Queued {
 
 /// The worker: runs until the process stops. Wakes when a commit queued deliveries, and at
 /// least every second for retries that came due.
-pub async fn deliver(state: actix_web::web::Data<crate::app::AppState>, hooks: Arc<Webhooks>) {
+pub async fn deliver(state: actix_web::web::Data<crate::state::AppState>, hooks: Arc<Webhooks>) {
     // Queues left by an earlier run of the process.
     for db in state.dbs.list() {
         let has = db
@@ -252,7 +252,7 @@ pub async fn deliver(state: actix_web::web::Data<crate::app::AppState>, hooks: A
 }
 
 /// Sends the due deliveries of one database; whether its queue still holds any.
-async fn pass(state: &crate::app::AppState, hooks: &Arc<Webhooks>, name: &str) -> crate::error::ApiResult<bool> {
+async fn pass(state: &crate::state::AppState, hooks: &Arc<Webhooks>, name: &str) -> crate::error::ApiResult<bool> {
     let Some(db) = state.dbs.get(name) else {
         return Ok(false);
     };
