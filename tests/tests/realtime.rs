@@ -574,3 +574,28 @@ fn urlencode(s: &str) -> String {
         })
         .collect()
 }
+
+#[test]
+fn events_carry_expand_and_fields_as_lists_do() {
+    let f = fixture(NodeOptions::default());
+    let n = &f.node;
+    let mut ws = websocket(n, &format!("auth={}", f.admin));
+    ws_send(
+        &mut ws,
+        json!({"type": "SUBSCRIBE", "collection": "notes", "expand": "owner", "fields": "id,expand.owner.email"}),
+    );
+    assert_eq!(ws_next(&mut ws, WAIT).unwrap()["type"], "SUBSCRIBED");
+    let id = note(n, &f.alice.1, &f.alice.0, "expanded");
+    let m = ws_next(&mut ws, WAIT).expect("event");
+    assert_eq!(
+        m["events"][0]["data"]["record"],
+        json!({"id": id, "expand": {"owner": {"email": "alice@example.com"}}}),
+        "{m}"
+    );
+    // The same list request gives the same shape.
+    let (_, list) = n.get(
+        "/api/collections/notes/records?expand=owner&fields=id,expand.owner.email",
+        Some(&f.admin),
+    );
+    assert_eq!(list["items"][0], m["events"][0]["data"]["record"]);
+}
