@@ -218,8 +218,24 @@ pub fn shape(c: &Collection, schema: &Schema, sub: &Subscription) -> ApiResult<(
     Ok((tree, PathTree::parse(sub.fields.as_deref().unwrap_or(""))))
 }
 
-/// The record of a row image (`columns` and their `values`) as `who` may see it through `sub`,
-/// or `None`.
+/// What a subscription needs to check and shape events of one collection for one subscriber:
+/// compiled once per batch of changes, used for every row.
+struct Prepared {
+    cond: Option<Condition>,
+    tree: PathTree,
+    fields: PathTree,
+}
+
+/// `Ok(None)` when the rule lets the subscriber see nothing of `c`.
+fn prepare(c: &Collection, schema: &Schema, who: &Identity, sub: &Subscription) -> ApiResult<Option<Prepared>> {
+    let Some(cond) = access(c, schema, who, sub)? else {
+        return Ok(None);
+    };
+    let (tree, fields) = shape(c, schema, sub)?;
+    Ok(Some(Prepared { cond, tree, fields }))
+}
+
+/// The record of a row image (`columns` and their `values`) as `who` may see it, or `None`.
 fn visible(
     conn: &Connection,
     schema: &Schema,
@@ -227,21 +243,17 @@ fn visible(
     columns: &[String],
     values: &[Sql],
     who: &Identity,
-    sub: &Subscription,
+    p: &Prepared,
 ) -> ApiResult<Option<Value>> {
-    let Some(cond) = access(c, schema, who, sub)? else {
+    let Some(stored) = store::get_image(conn, c, columns, values, p.cond.as_ref())? else {
         return Ok(None);
     };
-    let Some(stored) = store::get_image(conn, c, columns, values, cond.as_ref())? else {
-        return Ok(None);
-    };
-    let (tree, fields) = shape(c, schema, sub)?;
     let mut items = vec![public_record(c, &stored, who)];
-    if !tree.0.is_empty() {
+    if !p.tree.0.is_empty() {
         let auth = auth_record(who);
-        expand(conn, schema, c, &mut items, &tree, who, auth.as_ref())?;
+        expand(conn, schema, c, &mut items, &p.tree, who, auth.as_ref())?;
     }
-    Ok(items.pop().map(|v| pick(v, &fields)))
+    Ok(items.pop().map(|v| pick(v, &p.fields)))
 }
 
 /// The row of `table` whose column `pk` is `id`, all columns in order.
@@ -279,6 +291,8 @@ fn render(
     let mut out = Vec::new();
     let mut columns: HashMap<String, Vec<String>> = HashMap::new();
     let mut images: HashMap<(String, String), Vec<Sql>> = HashMap::new();
+    // Rules, filters and shapes compiled once per (subscriber, subscription, collection).
+    let mut prepared: HashMap<(usize, usize, String), Option<Prepared>> = HashMap::new();
     let subs: Vec<(Identity, Vec<Subscription>)> = clients.iter().map(|c| (c.identity(), c.subscriptions())).collect();
     // WebSocket events gathered per (client, collection), in first-seen order.
     let mut ws: Vec<((usize, String), Vec<Value>)> = Vec::new();
@@ -310,11 +324,18 @@ fn render(
         }
         for (i, client) in clients.iter().enumerate() {
             let (who, subs) = &subs[i];
-            let wanted = subs.iter().filter(|s| {
+            let wanted = subs.iter().enumerate().filter(|(_, s)| {
                 (s.collection == c.name || s.collection == c.id) && s.record.as_ref().is_none_or(|r| *r == change.id)
             });
-            for sub in wanted {
-                let record = match visible(conn, schema, &c, cols, &image, who, sub) {
+            for (j, sub) in wanted {
+                let p = prepared.entry((i, j, c.id.clone())).or_insert_with(|| {
+                    prepare(&c, schema, who, sub).unwrap_or_else(|e| {
+                        log::debug!("realtime: subscription of client {} skipped: {e}", client.id);
+                        None
+                    })
+                });
+                let Some(p) = p.as_ref() else { continue };
+                let record = match visible(conn, schema, &c, cols, &image, who, p) {
                     Ok(Some(r)) => r,
                     Ok(None) => continue,
                     Err(e) => {
