@@ -474,3 +474,19 @@ fn a_caller_the_rules_refuse_cannot_upload_first() {
     assert_eq!(s, 403, "{b}");
     assert_eq!(stored(&n).len(), 1);
 }
+
+#[test]
+fn text_parts_are_bounded_in_total_not_only_each() {
+    let n = spawn_master();
+    let admin = n.admin_token();
+    docs(&n, &admin, json!({}));
+    // Twelve parts of 1 MiB: each is small, together they are more than a record's 10 MiB of
+    // text; the server must refuse instead of holding them all in memory.
+    let mut form = Form::new();
+    for i in 0..12 {
+        form = form.text(format!("junk{i}"), "x".repeat(1024 * 1024));
+    }
+    let (s, b) = send(&n, "POST", "/api/collections/docs/records", None, form);
+    assert_eq!(s, 413, "{b}");
+    assert_eq!(n.get("/api/collections/docs/records", None).1["totalItems"], 0);
+}

@@ -36,8 +36,9 @@ impl Drop for Uploads {
     }
 }
 
-/// The largest text part (a field value or `@jsonPayload`).
-const MAX_TEXT_PART: usize = 10 * 1024 * 1024;
+/// The most text (field values and `@jsonPayload`) one request may carry, all parts together:
+/// text is held in memory, files are not.
+const MAX_TEXT: usize = 10 * 1024 * 1024;
 
 pub fn is_multipart(req: &HttpRequest) -> bool {
     req.headers()
@@ -59,6 +60,7 @@ pub async fn read(
     let mut body = Map::new();
     let mut uploads = Uploads::default();
     let mut total: u64 = 0;
+    let mut text_total: usize = 0;
     let tmp_dir = storage.tmp_dir();
     tokio::fs::create_dir_all(&tmp_dir).await?;
     while let Some(part) = parts.next().await {
@@ -128,8 +130,9 @@ pub async fn read(
                 let mut text = Vec::new();
                 while let Some(chunk) = part.next().await {
                     let chunk = chunk.map_err(|e| ApiError::bad_request(format!("Invalid multipart body: {e}")))?;
-                    if text.len() + chunk.len() > MAX_TEXT_PART {
-                        return Err(ApiError::PayloadTooLarge(MAX_TEXT_PART));
+                    text_total += chunk.len();
+                    if text_total > MAX_TEXT {
+                        return Err(ApiError::PayloadTooLarge(MAX_TEXT));
                     }
                     text.extend_from_slice(&chunk);
                 }
