@@ -66,7 +66,7 @@ async fn serve(
         // A replica that has the record but not yet its file: with forwarding on, the master
         // answers; otherwise 404 until the file has arrived.
         _ => match state.follower.as_ref().filter(|f| f.forward_writes) {
-            Some(f) => return proxy(&f.master_url, &req).await,
+            Some(f) => return proxy(f, &req).await,
             None => return Err(not_found()),
         },
     };
@@ -201,12 +201,10 @@ async fn serve_object(
 }
 
 /// Streams the same GET from the master (a replica's file that has not arrived yet).
-async fn proxy(master: &str, req: &HttpRequest) -> ApiResult<HttpResponse> {
-    let url = format!(
-        "{master}{}",
-        req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/")
-    );
-    let mut rb = reqwest::Client::new().get(url);
+async fn proxy(follower: &crate::replica::follower::Follower, req: &HttpRequest) -> ApiResult<HttpResponse> {
+    let path = req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/");
+    // The follower's pooled client, as write forwarding uses.
+    let mut rb = follower.http().get(format!("{}{path}", follower.master_url));
     for h in ["authorization", "range", "if-none-match", "x-dbname"] {
         if let Some(v) = req.headers().get(h).and_then(|v| v.to_str().ok()) {
             rb = rb.header(h, v);

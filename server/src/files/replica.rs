@@ -65,7 +65,7 @@ pub fn journal(conn: &Connection, entries: &[Entry]) -> rusqlite::Result<()> {
         return Ok(());
     }
     conn.execute_batch(JOURNAL_DDL)?;
-    let now = unix_ms();
+    let now = crate::util::unix_millis();
     let mut stmt = conn.prepare_cached(
         "INSERT INTO _replica_file_journal (op, path, size, sha256, created) VALUES (?1, ?2, ?3, ?4, ?5)",
     )?;
@@ -73,13 +73,6 @@ pub fn journal(conn: &Connection, entries: &[Entry]) -> rusqlite::Result<()> {
         stmt.execute(params![e.op, e.path, e.size, e.sha256, now])?;
     }
     Ok(())
-}
-
-fn unix_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
 }
 
 fn has_journal(conn: &Connection) -> rusqlite::Result<bool> {
@@ -131,56 +124,45 @@ pub fn valid_path(path: &str) -> bool {
     parts.len() == 3 && id(parts[0]) && id(parts[1]) && (parts[2].is_empty() || super::is_stored_name(parts[2]))
 }
 
-/// Every file under `root` (a database's storage), as relative paths with size and sha256.
-pub fn list(root: &Path) -> std::io::Result<Vec<Entry>> {
+/// Every stored file under `root` (a database's storage): its path relative to `root`
+/// (`<collectionId>/<recordId>/<name>`) and where it is.
+pub fn walk(root: &Path) -> Vec<(String, PathBuf)> {
     let mut out = Vec::new();
-    let Ok(collections) = std::fs::read_dir(root) else {
-        return Ok(out);
-    };
-    for c in collections.flatten() {
-        for r in std::fs::read_dir(c.path())?.flatten() {
-            for f in std::fs::read_dir(r.path())?.flatten() {
+    let dirs = |p: &Path| std::fs::read_dir(p).into_iter().flatten().flatten();
+    for c in dirs(root) {
+        for r in dirs(&c.path()) {
+            for f in dirs(&r.path()) {
                 let path = format!(
                     "{}/{}/{}",
                     c.file_name().to_string_lossy(),
                     r.file_name().to_string_lossy(),
                     f.file_name().to_string_lossy()
                 );
-                if !valid_path(&path) || path.ends_with('/') {
-                    continue;
+                if valid_path(&path) && !path.ends_with('/') {
+                    out.push((path, f.path()));
                 }
-                let (size, h) = hash_file(&f.path())?;
-                out.push(Entry {
-                    id: 0,
-                    op: "add".into(),
-                    path,
-                    size: size as i64,
-                    sha256: h,
-                });
             }
         }
     }
-    out.sort_by(|a, b| a.path.cmp(&b.path));
-    Ok(out)
+    out.sort();
+    out
 }
 
-/// The size and hex sha256 of a file.
-pub fn hash_file(path: &Path) -> std::io::Result<(u64, String)> {
-    use sha2::Digest;
-    use std::io::Read;
-    let mut file = std::fs::File::open(path)?;
-    let mut h = sha2::Sha256::new();
-    let mut buf = vec![0u8; 64 * 1024];
-    let mut size = 0u64;
-    loop {
-        let n = file.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-        size += n as u64;
-    }
-    Ok((size, crate::util::hex(&h.finalize())))
+/// Every file under `root` with its size and sha256 (the master's answer to `list=1`).
+pub fn list(root: &Path) -> std::io::Result<Vec<Entry>> {
+    walk(root)
+        .into_iter()
+        .map(|(path, full)| {
+            let (size, sha256) = crate::util::sha256_file(&full)?;
+            Ok(Entry {
+                id: 0,
+                op: "add".into(),
+                path,
+                size: size as i64,
+                sha256,
+            })
+        })
+        .collect()
 }
 
 /// The storage directory of one database.

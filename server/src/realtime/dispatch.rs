@@ -301,7 +301,7 @@ fn render(
             continue;
         };
         if !columns.contains_key(&c.name) {
-            columns.insert(c.name.clone(), table_columns(conn, &c.name).unwrap_or_default());
+            columns.insert(c.name.clone(), store::table_columns(conn, &c.name).unwrap_or_default());
         }
         let cols = columns.get(&c.name).map(Vec::as_slice).unwrap_or(&[]);
         let key = (c.name.clone(), change.id.clone());
@@ -371,13 +371,6 @@ fn render(
         ));
     }
     out
-}
-
-/// The column names of `table`, in order.
-fn table_columns(conn: &Connection, table: &str) -> rusqlite::Result<Vec<String>> {
-    conn.prepare("SELECT name FROM pragma_table_info(?1)")?
-        .query_map([table], |r| r.get(0))?
-        .collect()
 }
 
 #[cfg(test)]

@@ -111,6 +111,13 @@ pub fn get_many(conn: &Connection, c: &Collection, ids: &[&str], cond: Option<&C
     Ok(rows.collect::<rusqlite::Result<_>>()?)
 }
 
+/// The column names of `table`, in order (the layout of a changeset's row values).
+pub fn table_columns(conn: &Connection, table: &str) -> rusqlite::Result<Vec<String>> {
+    conn.prepare_cached("SELECT name FROM pragma_table_info(?1)")?
+        .query_map([table], |r| r.get(0))?
+        .collect()
+}
+
 /// The record of `c` that a row image holds (`values` of the table's `columns`, in order), if
 /// it matches `cond`: a row as a change left it, which may no longer be in the table. The row
 /// stands in for the table within the query, so a rule compiled for the table applies to it

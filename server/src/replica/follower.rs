@@ -100,32 +100,10 @@ async fn save_files_position(db: &Arc<Database>, pos: i64) -> Result<(), String>
 
 /// The files under a database's storage directory: relative path → size.
 fn local_files(root: &Path) -> HashMap<String, u64> {
-    let mut out = HashMap::new();
-    let Ok(collections) = std::fs::read_dir(root) else {
-        return out;
-    };
-    for c in collections.flatten() {
-        let Ok(records) = std::fs::read_dir(c.path()) else {
-            continue;
-        };
-        for r in records.flatten() {
-            let Ok(files) = std::fs::read_dir(r.path()) else {
-                continue;
-            };
-            for f in files.flatten() {
-                let path = format!(
-                    "{}/{}/{}",
-                    c.file_name().to_string_lossy(),
-                    r.file_name().to_string_lossy(),
-                    f.file_name().to_string_lossy()
-                );
-                if let Ok(m) = f.metadata() {
-                    out.insert(path, m.len());
-                }
-            }
-        }
-    }
-    out
+    crate::files::replica::walk(root)
+        .into_iter()
+        .filter_map(|(path, full)| Some((path, std::fs::metadata(full).ok()?.len())))
+        .collect()
 }
 
 fn set_state(conn: &Connection, key: &str, value: &str) -> rusqlite::Result<()> {
@@ -141,6 +119,9 @@ fn set_state(conn: &Connection, key: &str, value: &str) -> rusqlite::Result<()> 
 #[serde(rename_all = "camelCase")]
 pub struct DbSync {
     pub local_version: i64,
+    /// The last file sync of this database failed: the next sync retries it.
+    #[serde(skip)]
+    files_behind: bool,
     pub master_version: i64,
     /// Time of the last round that brought this database up to the master's version.
     pub last_sync: Option<String>,
@@ -653,10 +634,17 @@ impl Follower {
         let lock = self.db_lock(name);
         let _one_at_a_time = lock.lock().await;
         let _slot = self.slots.acquire().await.map_err(|e| e.to_string())?;
+        let before = self.position(name).map(|p| p.2);
         let mut result = self.sync_db(state, epoch, name, master, quick).await;
-        // Files follow the records: after the database, the files its records name.
-        if result.is_ok() {
-            if let Err(e) = self.sync_files(state, name).await {
+        // Files follow the records: after the database, the files its records name. Every
+        // journal entry is written with a record change, so a stream wake-up that applied
+        // nothing has no file to fetch (unless the last file sync failed).
+        let files_behind = self.dbs.lock().ok().and_then(|m| m.get(name).map(|s| s.files_behind));
+        let unchanged = quick && before.is_some() && before == self.position(name).map(|p| p.2);
+        if result.is_ok() && !(unchanged && files_behind == Some(false)) {
+            let synced = self.sync_files(state, name).await;
+            self.note(name, |s| s.files_behind = synced.is_err());
+            if let Err(e) = synced {
                 result = Err(format!("file sync: {e}"));
             }
         }

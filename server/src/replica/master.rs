@@ -536,32 +536,13 @@ pub fn snapshot(db: &Database, dir: &Path) -> ApiResult<(std::fs::File, u64, i64
         let uid = recorder::database_uid(&dst)?;
         drop(dst);
         drop(src);
-        let (len, sha) = sha256_file(&path)?;
+        let (len, sha) = crate::util::sha256_file(&path)?;
         let file = std::fs::File::open(&path)?;
         Ok((file, len, version, sha, uid))
     })();
     // The open file handle keeps the data readable; the name is not needed any more.
     let _ = std::fs::remove_file(&path);
     result
-}
-
-/// Size and hex sha256 of a file, read in 1 MiB chunks.
-fn sha256_file(path: &Path) -> std::io::Result<(u64, String)> {
-    use sha2::Digest;
-    use std::io::Read;
-    let mut f = std::fs::File::open(path)?;
-    let mut h = sha2::Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    let mut len = 0u64;
-    loop {
-        let n = f.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-        len += n as u64;
-    }
-    Ok((len, crate::util::hex(&h.finalize())))
 }
 
 async fn download(

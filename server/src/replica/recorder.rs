@@ -214,13 +214,6 @@ fn schema_version(conn: &Connection) -> rusqlite::Result<i64> {
         .query_row([], |r| r.get(0))
 }
 
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
-
 impl Recorder for ChangeRecorder {
     fn init(&self, conn: &Connection) -> rusqlite::Result<()> {
         conn.execute_batch(CHANGELOG_DDL)?;
@@ -369,7 +362,15 @@ impl TxRecording for Recording<'_> {
             "INSERT INTO _changelog (version, schema_hash, schema, changeset, created, hash, prev_hash)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
         )?
-        .execute(params![version, hash, schema_json, changeset, now_ms(), entry, prev])?;
+        .execute(params![
+            version,
+            hash,
+            schema_json,
+            changeset,
+            crate::util::unix_millis(),
+            entry,
+            prev
+        ])?;
         pending_head.store(version, std::sync::atomic::Ordering::Relaxed);
         if let Some(slot) = events {
             if let Ok(mut p) = slot.lock() {

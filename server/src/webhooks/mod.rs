@@ -119,7 +119,7 @@ impl Emitter {
             return Ok(0);
         }
         let now = crate::util::now_string();
-        let due = unix_ms();
+        let due = crate::util::unix_millis();
         let mut queued = 0;
         for change in decode(changeset)? {
             let Some(c) = schema.get(&change.table).filter(|c| c.name == change.table) else {
@@ -131,10 +131,7 @@ impl Emitter {
                 continue;
             }
             let stored = if change.kind == Kind::Delete {
-                let columns: Vec<String> = conn
-                    .prepare_cached("SELECT name FROM pragma_table_info(?1)")?
-                    .query_map([&c.name], |r| r.get(0))?
-                    .collect::<rusqlite::Result<_>>()?;
+                let columns = store::table_columns(conn, &c.name)?;
                 let values: Vec<_> = change
                     .values
                     .iter()
@@ -146,7 +143,9 @@ impl Emitter {
             };
             let Some(stored) = stored else { continue };
             let record = record_json(&c, &stored, true, false);
-            conn.execute_batch(QUEUE_DDL)?;
+            if queued == 0 {
+                conn.execute_batch(QUEUE_DDL)?;
+            }
             for trigger in triggers {
                 let key = crate::util::random_id(24);
                 let payload = json!({
@@ -177,13 +176,6 @@ impl Emitter {
         }
         Ok(queued)
     }
-}
-
-fn unix_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
 }
 
 /// The delay before retry `attempt` (1 = the first retry): `base · 2^(attempt-1)`, at most an
@@ -256,7 +248,7 @@ async fn pass(state: &crate::state::AppState, hooks: &Arc<Webhooks>, name: &str)
     let Some(db) = state.dbs.get(name) else {
         return Ok(false);
     };
-    let now = unix_ms();
+    let now = crate::util::unix_millis();
     let (due, left): (Vec<Queued>, bool) = db
         .read(move |conn| {
             if !conn
@@ -347,7 +339,7 @@ async fn pass(state: &crate::state::AppState, hooks: &Arc<Webhooks>, name: &str)
                 q.trigger.url
             );
         }
-        let next = (!ok && !last).then(|| unix_ms() + backoff(base, attempt).as_millis() as i64);
+        let next = (!ok && !last).then(|| crate::util::unix_millis() + backoff(base, attempt).as_millis() as i64);
         updates.push((q.id, next, attempt));
         logs.push((q, attempt, status, outcome.to_string(), error));
     }
