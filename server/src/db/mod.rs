@@ -104,7 +104,7 @@ impl Database {
         read_pool_size: u32,
         recorder: Option<Arc<dyn Recorder>>,
     ) -> ApiResult<Arc<Self>> {
-        let conn = open_connection(&path, false)?;
+        let mut conn = open_connection(&path, false)?;
         let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))?;
         if !mode.eq_ignore_ascii_case("wal") {
             return Err(ApiError::internal(
@@ -113,7 +113,7 @@ impl Database {
             ));
         }
         if let Some(r) = &recorder {
-            r.init(&conn)?;
+            r.init(&mut conn)?;
         }
         let (tx, rx) = mpsc::channel(4096);
         let for_writer = recorder.clone();

@@ -53,8 +53,9 @@ pub struct Job {
 /// Observes every write transaction on the writer connection. The replication recorder
 /// implements it to attach a SQLite session and append a changelog entry before COMMIT.
 pub trait Recorder: Send + Sync + 'static {
-    /// Called once on the writer connection when the database opens (create tables, warm caches).
-    fn init(&self, conn: &Connection) -> rusqlite::Result<()>;
+    /// Called once on the writer connection when the database opens (create tables, warm
+    /// caches, set hooks).
+    fn init(&self, conn: &mut Connection) -> rusqlite::Result<()>;
     /// Called right after BEGIN, before the first job of the transaction.
     fn begin<'c>(&self, conn: &'c Connection) -> rusqlite::Result<Box<dyn TxRecording + 'c>>;
     /// Called once the transaction ended: `committed` after a successful COMMIT, otherwise
@@ -360,7 +361,7 @@ mod tests {
         }
     }
     impl Recorder for Panicky {
-        fn init(&self, _: &Connection) -> rusqlite::Result<()> {
+        fn init(&self, _: &mut Connection) -> rusqlite::Result<()> {
             Ok(())
         }
         fn begin<'c>(&self, _: &'c Connection) -> rusqlite::Result<Box<dyn TxRecording + 'c>> {

@@ -93,7 +93,7 @@ impl TxRecording for Capturing<'_> {
 }
 
 impl Recorder for Capture {
-    fn init(&self, _: &Connection) -> rusqlite::Result<()> {
+    fn init(&self, _: &mut Connection) -> rusqlite::Result<()> {
         Ok(())
     }
 

@@ -140,10 +140,10 @@ mod tests {
 
     /// Records `sql` as one transaction on a master that starts at [`START`]; returns its entry.
     fn recorded(sql: &str) -> Entry {
-        let master = Connection::open_in_memory().unwrap();
+        let mut master = Connection::open_in_memory().unwrap();
         master.execute_batch(START).unwrap();
         let recorder = ChangeRecorder::new();
-        recorder.init(&master).unwrap();
+        recorder.init(&mut master).unwrap();
         master.execute_batch("BEGIN IMMEDIATE").unwrap();
         let tx = recorder.begin(&master).unwrap();
         master.execute_batch(sql).unwrap();
@@ -169,10 +169,10 @@ mod tests {
     #[test]
     fn a_merged_page_ends_where_entries_applied_one_by_one_end() {
         // One master, many small transactions over the same rows, and a schema change between.
-        let master = Connection::open_in_memory().unwrap();
+        let mut master = Connection::open_in_memory().unwrap();
         master.execute_batch(START).unwrap();
         let recorder = ChangeRecorder::new();
-        recorder.init(&master).unwrap();
+        recorder.init(&mut master).unwrap();
         let steps = [
             "INSERT INTO u VALUES ('c', 'x')",
             "UPDATE u SET handle = 'y' WHERE id = 'c'",

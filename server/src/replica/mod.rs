@@ -10,6 +10,7 @@ pub mod follower;
 pub mod forward;
 pub mod master;
 pub mod recorder;
+pub mod rowlog;
 pub mod schema;
 
 pub use master::configure;

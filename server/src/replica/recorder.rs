@@ -1,5 +1,5 @@
-//! Master-side recording: a SQLite session on every write transaction of a replicated
-//! database, and the `_changelog` its changesets are appended to before COMMIT.
+//! Master-side recording: the changeset of every write transaction of a replicated database
+//! (captured by [`RowLog`]), and the `_changelog` it is appended to before COMMIT.
 //!
 //! Architecture invariant: a change and its changelog entry commit together or not at all.
 //! Versions are assigned inside the write transaction as `MAX(version) + 1`, on the database's
@@ -8,11 +8,10 @@
 
 use std::sync::{Arc, Mutex};
 
-use rusqlite::session::Session;
 use rusqlite::{Connection, OptionalExtension, params};
 
 use super::feed::CommitFeed;
-use super::is_local_table;
+use super::rowlog::RowLog;
 use super::schema::{self, SchemaObject};
 use crate::db::writer::{Recorder, TxRecording};
 use crate::realtime::Hub;
@@ -176,6 +175,8 @@ pub struct ChangeRecorder {
     /// Webhook deliveries are queued in the transaction of their change (master only).
     webhooks: Option<Arc<Emitter>>,
     queued: Arc<std::sync::atomic::AtomicBool>,
+    /// The preupdate-hook capture set on the writer connection in `init`.
+    rows: Arc<RowLog>,
 }
 
 impl ChangeRecorder {
@@ -205,6 +206,7 @@ impl ChangeRecorder {
             pending_events: Arc::new(Mutex::new(None)),
             webhooks,
             queued: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+            rows: Arc::new(RowLog::default()),
         })
     }
 }
@@ -215,7 +217,8 @@ fn schema_version(conn: &Connection) -> rusqlite::Result<i64> {
 }
 
 impl Recorder for ChangeRecorder {
-    fn init(&self, conn: &Connection) -> rusqlite::Result<()> {
+    fn init(&self, conn: &mut Connection) -> rusqlite::Result<()> {
+        self.rows.install(conn)?;
         conn.execute_batch(CHANGELOG_DDL)?;
         chain_old_entries(conn)?;
         conn.execute(
@@ -240,9 +243,6 @@ impl Recorder for ChangeRecorder {
 
     fn begin<'c>(&self, conn: &'c Connection) -> rusqlite::Result<Box<dyn TxRecording + 'c>> {
         let version = schema_version(conn)?;
-        let mut session = Session::new(conn)?;
-        session.table_filter(Some(|t: &str| !is_local_table(t)));
-        session.attach(None::<&str>)?;
         if let Ok(mut p) = self.pending_hash.lock() {
             *p = None;
         }
@@ -257,10 +257,11 @@ impl Recorder for ChangeRecorder {
             .filter(|(db, hub)| hub.watching(db))
             .map(|_| self.pending_events.clone());
         self.queued.store(false, std::sync::atomic::Ordering::Relaxed);
+        self.rows.start();
         Ok(Box::new(Recording {
             webhooks: self.webhooks.clone().map(|w| (w, self.queued.clone())),
             events,
-            session,
+            rows: self.rows.clone(),
             schema_version: version,
             schema_hash: self.schema_hash.clone(),
             pending_hash: self.pending_hash.clone(),
@@ -269,6 +270,7 @@ impl Recorder for ChangeRecorder {
     }
 
     fn finished(&self, committed: bool) {
+        self.rows.stop();
         let version = self.pending_head.swap(0, std::sync::atomic::Ordering::Relaxed);
         if committed && version > 0 {
             self.head.store(version, std::sync::atomic::Ordering::Release);
@@ -295,8 +297,8 @@ impl Recorder for ChangeRecorder {
     }
 }
 
-struct Recording<'c> {
-    session: Session<'c>,
+struct Recording {
+    rows: Arc<RowLog>,
     /// Where the changeset goes for realtime clients, when some are connected.
     events: Option<Arc<Mutex<Option<Vec<u8>>>>>,
     /// The webhook queue of this database, and the flag that this transaction queued some.
@@ -307,10 +309,10 @@ struct Recording<'c> {
     pending_head: Arc<std::sync::atomic::AtomicI64>,
 }
 
-impl TxRecording for Recording<'_> {
+impl TxRecording for Recording {
     fn before_commit(self: Box<Self>, conn: &Connection) -> rusqlite::Result<()> {
         let Recording {
-            mut session,
+            rows,
             webhooks,
             events,
             schema_version: before,
@@ -318,9 +320,7 @@ impl TxRecording for Recording<'_> {
             pending_hash,
             pending_head,
         } = *self;
-        let mut changeset = Vec::new();
-        session.changeset_strm(&mut changeset)?;
-        drop(session);
+        let changeset = rows.changeset(conn)?;
         if changeset.len() > MAX_ENTRY_BYTES {
             log::warn!(
                 "refused a transaction of {} MiB of changes",
@@ -455,11 +455,11 @@ mod tests {
 
     #[test]
     fn a_rolled_back_schema_change_leaves_the_cached_hash_alone() {
-        let conn = Connection::open_in_memory().unwrap();
+        let mut conn = Connection::open_in_memory().unwrap();
         conn.execute_batch("CREATE TABLE a (id TEXT PRIMARY KEY NOT NULL)")
             .unwrap();
         let r = ChangeRecorder::new();
-        r.init(&conn).unwrap();
+        r.init(&mut conn).unwrap();
         let committed = schema::hash(&schema::objects(&conn).unwrap());
         // A schema change whose COMMIT fails after before_commit ran.
         conn.execute_batch("BEGIN IMMEDIATE").unwrap();
@@ -483,7 +483,7 @@ mod tests {
 
     #[test]
     fn entries_chain_and_old_logs_get_their_hashes() {
-        let conn = Connection::open_in_memory().unwrap();
+        let mut conn = Connection::open_in_memory().unwrap();
         conn.execute_batch("CREATE TABLE a (id TEXT PRIMARY KEY NOT NULL)")
             .unwrap();
         // A log from before the chain: no hash columns, two entries.
@@ -494,7 +494,7 @@ mod tests {
         )
         .unwrap();
         let r = ChangeRecorder::new();
-        r.init(&conn).unwrap();
+        r.init(&mut conn).unwrap();
         conn.execute_batch("BEGIN IMMEDIATE").unwrap();
         let tx = r.begin(&conn).unwrap();
         conn.execute_batch("INSERT INTO a VALUES ('x')").unwrap();
