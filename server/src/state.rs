@@ -123,6 +123,10 @@ impl AppState {
                 storage.s3 = config.s3_store().map_err(|e| ApiError::internal("storage", e))?;
                 // Uploads a crash interrupted: no record names them.
                 let _ = std::fs::remove_dir_all(storage.tmp_dir());
+                // Snapshots a crash interrupted, on a master (being written) or a replica
+                // (being downloaded): nothing uses them any more, and each can be as large as
+                // its database.
+                let _ = std::fs::remove_dir_all(config.data_dir.join(".snapshots"));
                 storage
             },
             settings: Settings {

@@ -263,6 +263,12 @@ impl Node {
         Node::start(self.data_dir.clone(), self.opts.clone(), tmp)
     }
 
+    /// [`Node::restart`] with options changed by `change` (a later `env` of a name wins).
+    pub fn restart_with(mut self, change: impl FnOnce(NodeOptions) -> NodeOptions) -> Node {
+        self.opts = change(self.opts.clone());
+        self.restart()
+    }
+
     /// Sends a request; returns the status and the JSON body (`Null` when empty or not JSON).
     pub fn request(
         &self,

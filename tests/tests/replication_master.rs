@@ -98,6 +98,33 @@ fn status_lists_replicated_databases_only() {
         "snapshots carry the uid"
     );
     assert_eq!(checksum_of(&snap), again["sha256"].as_str().unwrap());
+    // With `digest=trailer` the sha256 follows the bytes instead of preceding them.
+    let resp = n
+        .http
+        .get(format!("{}/api/replica/download?db=tenant&digest=trailer", n.url))
+        .header("Authorization", format!("Bearer {rt}"))
+        .send()
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    assert_eq!(resp.headers()["x-replica-sha256"], "trailer");
+    let declared = resp.content_length().unwrap();
+    let bytes = resp.bytes().unwrap();
+    assert_eq!(bytes.len() as u64, declared);
+    let (body, digest) = bytes.split_at(bytes.len() - 32);
+    assert_eq!(
+        vski::util::sha256_hex(body),
+        vski::util::hex(digest),
+        "the trailer is the body's sha256"
+    );
+    let trailed = dir.path().join("trailed.db");
+    std::fs::write(&trailed, body).unwrap();
+    assert_eq!(
+        checksum_of(&trailed),
+        again["sha256"].as_str().unwrap(),
+        "the same content"
+    );
+    let (s, b) = n.get("/api/replica/download?db=tenant&digest=md5", Some(&rt));
+    assert_eq!(s, 400, "{b}");
     for db in ["stats", "workflows", "nope"] {
         assert_eq!(
             n.get(&format!("/api/replica/changesets?db={db}&since=0"), Some(&rt)).0,

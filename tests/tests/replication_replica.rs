@@ -1604,3 +1604,92 @@ fn a_forwarding_replica_relays_writes_and_reads_them_back_at_once() {
     );
     assert_eq!(s, 200);
 }
+
+/// A TCP proxy to `upstream` that passes everything through, except that in every response
+/// carrying a snapshot (`application/vnd.sqlite3`) it flips one byte, `skip` bytes after the
+/// content type. Returns its port.
+fn corrupting_proxy(upstream: std::net::SocketAddr, skip: usize) -> u16 {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for client in listener.incoming() {
+            let Ok(mut client) = client else { return };
+            let Ok(mut server) = std::net::TcpStream::connect(upstream) else {
+                return;
+            };
+            let (mut c2, mut s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut c2, &mut s2);
+                let _ = s2.shutdown(std::net::Shutdown::Write);
+            });
+            std::thread::spawn(move || {
+                let marker = b"application/vnd.sqlite3";
+                let mut window: Vec<u8> = Vec::new();
+                let mut countdown: Option<usize> = None;
+                let mut buf = vec![0u8; 16 * 1024];
+                loop {
+                    let n = match server.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => n,
+                    };
+                    let chunk = &mut buf[..n];
+                    for b in chunk.iter_mut() {
+                        if let Some(left) = countdown {
+                            if left == 0 {
+                                *b ^= 0x5a;
+                                countdown = None;
+                            } else {
+                                countdown = Some(left - 1);
+                            }
+                        }
+                        window.push(*b);
+                        if window.len() > marker.len() {
+                            window.remove(0);
+                        }
+                        if window == marker {
+                            countdown = Some(skip);
+                        }
+                    }
+                    if client.write_all(chunk).is_err() {
+                        break;
+                    }
+                }
+                let _ = client.shutdown(std::net::Shutdown::Both);
+            });
+        }
+    });
+    port
+}
+
+#[test]
+fn a_snapshot_damaged_on_the_way_is_refused() {
+    let m = master();
+    seed(&m);
+    let upstream: std::net::SocketAddr = m.url.trim_start_matches("http://").parse().unwrap();
+    let port = corrupting_proxy(upstream, 20_000);
+    let r = spawn_replica(
+        &m,
+        SECRET,
+        NodeOptions::default()
+            .env("MASTER_URL", &format!("http://127.0.0.1:{port}"))
+            .env("SYNC_INTERVAL", "1")
+            .unready(),
+    );
+    // Every download through the proxy is damaged: the replica refuses each one and never
+    // serves the damaged copy.
+    let h = wait_error(&r, "sha256 does not match");
+    assert_eq!(r.get("/health", None).0, 503, "{h}");
+    assert_eq!(r.get("/api/collections/posts/records", None).0, 503);
+    // A download a crash interrupted stays behind in `.snapshots`, as large as the database
+    // can be; the next start clears it.
+    let mut r = r;
+    r.kill();
+    let leftover = r.data_dir.join(".snapshots").join("download-default-interrupted.db");
+    std::fs::create_dir_all(leftover.parent().unwrap()).unwrap();
+    std::fs::write(&leftover, vec![7u8; 1 << 20]).unwrap();
+    // Restarted without the proxy: the copy is whole, and the leftover is gone.
+    let r = r.restart_with(|o| o.env("MASTER_URL", &m.url));
+    assert_replica_equals_master(&m, &r, SECRET, "default", TIMEOUT);
+    assert!(!leftover.exists(), "the interrupted download was removed at start");
+}

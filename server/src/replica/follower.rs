@@ -1148,7 +1148,7 @@ impl Follower {
     ) -> Result<(i64, String), String> {
         use sha2::Digest;
         use tokio::io::AsyncWriteExt;
-        let path = format!("/api/replica/download?db={}", db.name);
+        let path = format!("/api/replica/download?db={}&digest=trailer", db.name);
         let mut resp = self
             .request(state, reqwest::Method::GET, &path)
             .map_err(|e| e.to_string())?
@@ -1176,18 +1176,44 @@ impl Follower {
             .map_err(|_| "snapshot without a version header".to_string())?;
         let mut file = tokio::fs::File::create(tmp).await.map_err(|e| e.to_string())?;
         let mut hasher = sha2::Sha256::new();
+        // With `digest=trailer` the body ends with the raw sha256 of what came before it
+        // (a master that predates it sends the hex digest in the header instead): the last
+        // bytes seen are held back until more arrive.
+        let trailer = sha == "trailer";
+        let hold = if trailer {
+            super::master::TRAILER_LEN as usize
+        } else {
+            0
+        };
+        let mut tail: Vec<u8> = Vec::with_capacity(hold);
         while let Some(chunk) = resp
             .chunk()
             .await
             .map_err(|e| format!("downloading the snapshot: {e}"))?
         {
-            hasher.update(&chunk);
-            file.write_all(&chunk).await.map_err(|e| e.to_string())?;
+            let (body, keep) = if chunk.len() >= hold {
+                chunk.split_at(chunk.len() - hold)
+            } else {
+                tail.extend_from_slice(&chunk);
+                let cut = tail.len().saturating_sub(hold);
+                let held: Vec<u8> = tail.drain(..cut).collect();
+                hasher.update(&held);
+                file.write_all(&held).await.map_err(|e| e.to_string())?;
+                continue;
+            };
+            hasher.update(&tail);
+            file.write_all(&tail).await.map_err(|e| e.to_string())?;
+            hasher.update(body);
+            file.write_all(body).await.map_err(|e| e.to_string())?;
+            tail.clear();
+            tail.extend_from_slice(keep);
         }
         file.sync_all().await.map_err(|e| e.to_string())?;
         drop(file);
-        if crate::util::hex(&hasher.finalize()) != sha {
-            return Err("the snapshot's sha256 does not match its header".into());
+        let got = crate::util::hex(&hasher.finalize());
+        let want = if trailer { crate::util::hex(&tail) } else { sha };
+        if tail.len() != hold || got != want {
+            return Err("the snapshot's sha256 does not match the one the master sent".into());
         }
         let prepared: PathBuf = tmp.to_path_buf();
         let (e2, u2) = (epoch.clone(), uid.clone());

@@ -507,11 +507,15 @@ pub fn backup_all(src: &rusqlite::Connection, dst: &mut rusqlite::Connection) ->
     }
 }
 
-/// A consistent copy of `db` made with SQLite's backup API from a read-only connection, in a
-/// single step (one read transaction: writers go on, the copy is one committed state). Never
-/// the live file. Returns the open copy, its size, its version (read from its own changelog)
-/// and the sha256 of its bytes.
-pub fn snapshot(db: &Database, dir: &Path) -> ApiResult<(std::fs::File, u64, i64, String, String)> {
+/// A snapshot ready to send: the open copy, its size, its version (read from its own
+/// changelog), the sha256 of its bytes when asked for, and the database's uid.
+type Snapshot = (std::fs::File, u64, i64, Option<String>, String);
+
+/// A consistent copy of `db`, made with `VACUUM INTO` from a read-only connection in one read
+/// transaction (writers go on, the copy is one committed state, without free pages), with the
+/// history dropped. Never the live file. `hash`: also read the copy once more for its sha256
+/// (a replica that takes the digest after the bytes does not need that pass).
+pub fn snapshot(db: &Database, dir: &Path, hash: bool) -> ApiResult<Snapshot> {
     use rusqlite::{Connection, OpenFlags};
     std::fs::create_dir_all(dir)?;
     let path = dir.join(format!("{}-{}.db", db.name, random_id(12)));
@@ -536,7 +540,12 @@ pub fn snapshot(db: &Database, dir: &Path) -> ApiResult<(std::fs::File, u64, i64
         let uid = recorder::database_uid(&dst)?;
         drop(dst);
         drop(src);
-        let (len, sha) = crate::util::sha256_file(&path)?;
+        let (len, sha) = if hash {
+            let (len, sha) = crate::util::sha256_file(&path)?;
+            (len, Some(sha))
+        } else {
+            (std::fs::metadata(&path)?.len(), None)
+        };
         let file = std::fs::File::open(&path)?;
         Ok((file, len, version, sha, uid))
     })();
@@ -545,25 +554,70 @@ pub fn snapshot(db: &Database, dir: &Path) -> ApiResult<(std::fs::File, u64, i64
     result
 }
 
+#[derive(Debug, Deserialize)]
+struct DownloadQuery {
+    db: Option<String>,
+    /// `trailer`: send the sha256 as the last 32 bytes of the body, computed while the bytes
+    /// go out, instead of in a header that needs a whole pass over the copy first.
+    digest: Option<String>,
+}
+
+/// The length of the raw sha256 digest a `digest=trailer` download ends with.
+pub const TRAILER_LEN: u64 = 32;
+
 async fn download(
     state: web::Data<AppState>,
     req: HttpRequest,
     who: Identity,
-    q: web::Query<DbQuery>,
+    q: web::Query<DownloadQuery>,
 ) -> ApiResult<HttpResponse> {
     let db = pull_request(&state, &req, &who, q.db.as_deref())?;
+    let trailer = match q.digest.as_deref() {
+        None => false,
+        Some("trailer") => true,
+        Some(_) => return Err(ApiError::bad_request("digest must be 'trailer' or absent")),
+    };
     let dir = state.dbs.data_dir().join(".snapshots");
-    let (file, len, version, sha, uid) = tokio::task::spawn_blocking(move || snapshot(&db, &dir))
+    let (file, len, version, sha, uid) = tokio::task::spawn_blocking(move || snapshot(&db, &dir, !trailer))
         .await
         .map_err(|e| ApiError::internal("snapshot task", e.to_string()))??;
     let stream = tokio_util::io::ReaderStream::with_capacity(tokio::fs::File::from_std(file), 256 * 1024);
-    Ok(HttpResponse::Ok()
-        .content_type("application/vnd.sqlite3")
+    let mut resp = HttpResponse::Ok();
+    resp.content_type("application/vnd.sqlite3")
         .insert_header(("X-Replica-Version", version.to_string()))
-        .insert_header(("X-Replica-Sha256", sha))
         .insert_header(("X-Replica-Epoch", state.master.epoch.clone()))
-        .insert_header(("X-Replica-Db-Uid", uid))
-        .body(actix_web::body::SizedStream::new(len, stream)))
+        .insert_header(("X-Replica-Db-Uid", uid));
+    Ok(match sha {
+        Some(sha) => resp
+            .insert_header(("X-Replica-Sha256", sha))
+            .body(actix_web::body::SizedStream::new(len, stream)),
+        None => resp
+            .insert_header(("X-Replica-Sha256", "trailer"))
+            .body(actix_web::body::SizedStream::new(
+                len + TRAILER_LEN,
+                with_digest(stream),
+            )),
+    })
+}
+
+/// `stream`, hashed on the way, followed by the raw sha256 of everything it carried.
+fn with_digest<S>(stream: S) -> impl futures_util::Stream<Item = std::io::Result<actix_web::web::Bytes>>
+where
+    S: futures_util::Stream<Item = std::io::Result<actix_web::web::Bytes>> + Unpin,
+{
+    use futures_util::StreamExt;
+    use sha2::Digest;
+    futures_util::stream::unfold(Some((stream, sha2::Sha256::new())), |state| async move {
+        let (mut stream, mut hasher) = state?;
+        match stream.next().await {
+            Some(Ok(chunk)) => {
+                hasher.update(&chunk);
+                Some((Ok(chunk), Some((stream, hasher))))
+            }
+            Some(Err(e)) => Some((Err(e), None)),
+            None => Some((Ok(actix_web::web::Bytes::copy_from_slice(&hasher.finalize())), None)),
+        }
+    })
 }
 
 #[derive(Debug, Deserialize)]
