@@ -41,7 +41,9 @@ struct Scheduled {
 /// The node's scheduler and the jobs it has scheduled.
 pub struct Cron {
     inner: tokio::sync::Mutex<Inner>,
-    http: reqwest::Client,
+    /// Built on the first HTTP job: a TLS client costs a few MB of memory a node without
+    /// HTTP jobs never needs.
+    http: std::sync::OnceLock<reqwest::Client>,
 }
 
 #[derive(Default)]
@@ -54,12 +56,20 @@ impl Default for Cron {
     fn default() -> Self {
         Cron {
             inner: tokio::sync::Mutex::new(Inner::default()),
-            http: reqwest::Client::builder()
+            http: std::sync::OnceLock::new(),
+        }
+    }
+}
+
+impl Cron {
+    fn http(&self) -> &reqwest::Client {
+        self.http.get_or_init(|| {
+            reqwest::Client::builder()
                 .timeout(HTTP_TIMEOUT)
                 .redirect(reqwest::redirect::Policy::none())
                 .build()
-                .unwrap_or_default(),
-        }
+                .unwrap_or_default()
+        })
     }
 }
 
@@ -73,17 +83,9 @@ pub fn runs_here(state: &AppState, def: &JobDef) -> bool {
 }
 
 impl Cron {
-    /// Starts the scheduler and schedules the stored jobs; on a replica, keeps following the
-    /// master's definitions.
+    /// Schedules the stored jobs; on a replica, keeps following the master's definitions. The
+    /// scheduler itself starts with the first job this node runs.
     pub async fn start(state: &actix_web::web::Data<AppState>) -> ApiResult<()> {
-        let sched = JobScheduler::new()
-            .await
-            .map_err(|e| ApiError::internal("cron", e.to_string()))?;
-        sched
-            .start()
-            .await
-            .map_err(|e| ApiError::internal("cron", e.to_string()))?;
-        state.cron.inner.lock().await.scheduler = Some(sched);
         reload(state).await?;
         if state.follower.is_some() {
             let st = state.clone();
@@ -114,6 +116,16 @@ pub async fn reload(state: &actix_web::web::Data<AppState>) -> ApiResult<()> {
         .collect();
     let mut inner = state.cron.inner.lock().await;
     let Inner { scheduler, jobs } = &mut *inner;
+    if scheduler.is_none() && !wanted.is_empty() {
+        let sched = JobScheduler::new()
+            .await
+            .map_err(|e| ApiError::internal("cron", e.to_string()))?;
+        sched
+            .start()
+            .await
+            .map_err(|e| ApiError::internal("cron", e.to_string()))?;
+        *scheduler = Some(sched);
+    }
     let Some(sched) = scheduler.as_ref() else {
         return Ok(());
     };
@@ -221,7 +233,10 @@ async fn run_sql(state: &AppState, def: &JobDef) -> Result<String, String> {
 async fn run_http(state: &AppState, def: &JobDef) -> Result<String, String> {
     let method =
         reqwest::Method::from_bytes(def.method.as_deref().unwrap_or("GET").as_bytes()).map_err(|e| e.to_string())?;
-    let mut rb = state.cron.http.request(method, def.url.as_deref().unwrap_or_default());
+    let mut rb = state
+        .cron
+        .http()
+        .request(method, def.url.as_deref().unwrap_or_default());
     for (k, v) in def.headers.iter().flatten() {
         if let Some(v) = v.as_str() {
             rb = rb.header(k.as_str(), v);

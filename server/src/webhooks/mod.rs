@@ -70,7 +70,9 @@ pub struct Webhooks {
     wake: Notify,
     /// The first retry's delay; each further one doubles it (`WEBHOOK_RETRY_BASE_MS`).
     pub base: Duration,
-    http: reqwest::Client,
+    /// Built on the first delivery: a TLS client costs a few MB of memory a master without
+    /// webhooks never needs.
+    http: std::sync::OnceLock<reqwest::Client>,
 }
 
 impl Webhooks {
@@ -79,11 +81,17 @@ impl Webhooks {
             pending: Mutex::new(HashSet::new()),
             wake: Notify::new(),
             base,
-            http: reqwest::Client::builder()
+            http: std::sync::OnceLock::new(),
+        })
+    }
+
+    fn http(&self) -> &reqwest::Client {
+        self.http.get_or_init(|| {
+            reqwest::Client::builder()
                 .timeout(Duration::from_secs(10))
                 .redirect(reqwest::redirect::Policy::none())
                 .build()
-                .unwrap_or_default(),
+                .unwrap_or_default()
         })
     }
 
@@ -383,7 +391,7 @@ async fn pass(state: &crate::state::AppState, hooks: &Arc<Webhooks>, name: &str)
 async fn send(hooks: &Webhooks, q: &Queued) -> Result<u16, (u16, String)> {
     let method = reqwest::Method::from_bytes(q.trigger.method.as_bytes()).map_err(|e| (0, e.to_string()))?;
     let mut rb = hooks
-        .http
+        .http()
         .request(method, &q.trigger.url)
         .header("Content-Type", "application/json")
         .header("Idempotency-Key", &q.key)

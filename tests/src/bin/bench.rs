@@ -299,7 +299,7 @@ fn replication_suite(args: &Args) {
         }
         let (on, off, on_cpu, off_cpu) = (median(on), median(off), median(on_cpu), median(off_cpu));
         println!(
-            "{:<44} {:>12.0} {:>12.0} {:>9.1}%   target: <= 15%",
+            "{:<44} {:>12.0} {:>12.0} {:>9.1}%   target: <= 10%",
             format!("  {c} connection(s), req/s (median of 5)"),
             on,
             off,
