@@ -308,28 +308,17 @@ impl RowLog {
                     }
                 }
             };
-            match (old_key, new_key) {
-                // An insert: the row did not exist before the transaction (unless noted).
-                (None, Some(k)) if old.is_none() => {
-                    let kv = key_values(info, new.as_deref().unwrap_or_default());
-                    note(k, Some(kv), None);
-                }
-                (Some(k), None) if new.is_none() => {
-                    let kv = key_values(info, old.as_deref().unwrap_or_default());
-                    note(k, Some(kv), old);
-                }
-                (Some(ok), Some(nk)) => {
-                    // An update; one that moves the key deletes the old row and inserts a new.
-                    let kv = key_values(info, old.as_deref().unwrap_or_default());
-                    let moved = ok != nk;
-                    let nkv = key_values(info, new.as_deref().unwrap_or_default());
-                    note(ok, Some(kv), old);
-                    if moved {
-                        note(nk, Some(nkv), None);
-                    }
-                }
-                // A NULL in the key: a session records nothing for such rows.
-                _ => {}
+            // The row as it was (an update or a delete), unless its key holds a NULL.
+            if let Some(k) = &old_key {
+                let kv = key_values(info, old.as_deref().unwrap_or_default());
+                note(k.clone(), Some(kv), old.clone());
+            }
+            // The row as it is now under another key (an insert, or an update that moved the
+            // key): it did not exist before, unless it was noted already. A key with a NULL
+            // is not recorded, as in a session.
+            if let Some(k) = new_key.filter(|k| Some(k) != old_key.as_ref()) {
+                let kv = key_values(info, new.as_deref().unwrap_or_default());
+                note(k, Some(kv), None);
             }
         }
 
@@ -538,7 +527,7 @@ mod tests {
     /// One statement (or savepoint step) of a generated transaction.
     fn step(kind: u8, k: u8, k2: u8, v: u8, depth: &mut usize) -> Option<String> {
         let (k, k2, x) = (k % 5, k2 % 5, val(v));
-        Some(match kind % 19 {
+        Some(match kind % 21 {
             0 => format!("INSERT OR REPLACE INTO a VALUES ('k{k}', {x}, {x}, {x}, {x})"),
             1 => format!("UPDATE a SET n = {x}, t = 't{k2}' WHERE id = 'k{k}'"),
             2 => format!("UPDATE a SET id = 'k{k2}' WHERE id = 'k{k}'"),
@@ -559,6 +548,8 @@ mod tests {
             13 => "UPDATE a SET n = n, r = r".into(),
             14 => format!("INSERT OR REPLACE INTO w VALUES ('w{k}', {x})"),
             15 => format!("UPDATE w SET v = {x} WHERE k = 'w{k2}'"),
+            19 => format!("UPDATE c SET k1 = NULL WHERE k2 = {}", k2 % 3),
+            20 => format!("UPDATE c SET k1 = 'x{k}' WHERE k1 IS NULL AND k2 = {}", k2 % 3),
             16 => {
                 *depth += 1;
                 format!("SAVEPOINT sp{}", *depth - 1)
@@ -704,7 +695,7 @@ mod tests {
             .iter()
             .flat_map(|&k| (0..5).map(move |i| (k, i, i, 8)))
             .collect();
-        for kind in 0..16 {
+        for kind in (0..16).chain(19..21) {
             for v in 0..14 {
                 compare(&[setup.clone(), vec![(kind, 1, 2, v)]]);
             }
