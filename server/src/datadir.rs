@@ -107,14 +107,8 @@ pub fn is_replica_dir(dir: &Path) -> bool {
         return false;
     }
     rusqlite::Connection::open_with_flags(&db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
-        .and_then(|c| {
-            c.query_row(
-                "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name = '_replica_state'",
-                [],
-                |r| r.get::<_, i64>(0),
-            )
-        })
-        .is_ok_and(|n| n > 0)
+        .and_then(|c| crate::db::table_exists(&c, "_replica_state"))
+        .unwrap_or(false)
 }
 
 #[cfg(test)]

@@ -92,6 +92,9 @@ impl AppState {
                 Some(r)
             })
         };
+        // Snapshots a crash interrupted, on a master (being written) or a replica (being
+        // downloaded): nothing uses them any more, and each can be as large as its database.
+        let _ = std::fs::remove_dir_all(crate::replica::snapshot_dir(&config.data_dir));
         let dbs = Registry::open(
             &config.data_dir,
             config.read_pool_size,
@@ -123,10 +126,6 @@ impl AppState {
                 storage.s3 = config.s3_store().map_err(|e| ApiError::internal("storage", e))?;
                 // Uploads a crash interrupted: no record names them.
                 let _ = std::fs::remove_dir_all(storage.tmp_dir());
-                // Snapshots a crash interrupted, on a master (being written) or a replica
-                // (being downloaded): nothing uses them any more, and each can be as large as
-                // its database.
-                let _ = std::fs::remove_dir_all(config.data_dir.join(".snapshots"));
                 storage
             },
             settings: Settings {

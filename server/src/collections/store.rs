@@ -126,15 +126,7 @@ pub fn load_schema(conn: &Connection) -> ApiResult<Schema> {
 
 fn load(conn: &Connection) -> ApiResult<Schema> {
     let mut schema = Schema::default();
-    let has_table: bool = conn
-        .query_row(
-            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = '_collections'",
-            [],
-            |_| Ok(true),
-        )
-        .optional()?
-        .unwrap_or(false);
-    if !has_table {
+    if !crate::db::table_exists(conn, "_collections")? {
         return Ok(schema);
     }
     let mut stmt = conn.prepare("SELECT definition FROM _collections WHERE deleted = 0")?;

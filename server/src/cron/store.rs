@@ -220,10 +220,7 @@ pub fn check_sql(path: &Path, sql: &str) -> ApiResult<()> {
 }
 
 pub fn list(conn: &Connection) -> rusqlite::Result<Vec<JobDef>> {
-    let exists = conn
-        .prepare("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = '_cron_jobs'")?
-        .exists([])?;
-    if !exists {
+    if !crate::db::table_exists(conn, "_cron_jobs")? {
         return Ok(Vec::new());
     }
     let mut stmt = conn.prepare("SELECT definition FROM _cron_jobs ORDER BY name")?;
@@ -281,10 +278,7 @@ pub fn log_run(conn: &Connection, name: &str, run: &Run) -> rusqlite::Result<()>
 
 /// The newest runs of job `name` first.
 pub fn runs(conn: &Connection, name: &str) -> rusqlite::Result<Vec<Run>> {
-    let exists = conn
-        .prepare("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'cron_runs'")?
-        .exists([])?;
-    if !exists {
+    if !crate::db::table_exists(conn, "cron_runs")? {
         return Ok(Vec::new());
     }
     let mut stmt = conn.prepare(

@@ -76,8 +76,7 @@ pub fn journal(conn: &Connection, entries: &[Entry]) -> rusqlite::Result<()> {
 }
 
 fn has_journal(conn: &Connection) -> rusqlite::Result<bool> {
-    conn.prepare("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = '_replica_file_journal'")?
-        .exists([])
+    crate::db::table_exists(conn, "_replica_file_journal")
 }
 
 /// `(oldest kept id, newest id)`; `(0, 0)` without entries.

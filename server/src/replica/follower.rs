@@ -50,14 +50,7 @@ pub struct LocalState {
 
 /// Reads the replica state of a database file; `None` if it was never bootstrapped.
 pub fn local_state(conn: &Connection) -> rusqlite::Result<Option<LocalState>> {
-    let has = conn
-        .query_row(
-            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = '_replica_state'",
-            [],
-            |_| Ok(()),
-        )
-        .optional()?;
-    if has.is_none() {
+    if !crate::db::table_exists(conn, "_replica_state")? {
         return Ok(None);
     }
     let get = |k: &str| -> rusqlite::Result<Option<String>> {
@@ -78,10 +71,7 @@ pub fn local_state(conn: &Connection) -> rusqlite::Result<Option<LocalState>> {
 
 /// One value of `_replica_state`, if the table and the key exist.
 fn state_value(conn: &Connection, key: &str) -> rusqlite::Result<Option<String>> {
-    let has = conn
-        .prepare("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = '_replica_state'")?
-        .exists([])?;
-    if !has {
+    if !crate::db::table_exists(conn, "_replica_state")? {
         return Ok(None);
     }
     conn.query_row("SELECT value FROM _replica_state WHERE key = ?1", [key], |r| r.get(0))
@@ -1117,7 +1107,7 @@ impl Follower {
         why: &str,
     ) -> Result<(i64, String), String> {
         log::info!("downloading a snapshot of '{}': {why}", db.name);
-        let dir = state.dbs.data_dir().join(".snapshots");
+        let dir = super::snapshot_dir(state.dbs.data_dir());
         std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
         let tmp = dir.join(format!("download-{}-{}.db", db.name, random_id(8)));
         let result = self.bootstrap_into(state, db, &tmp).await;

@@ -467,27 +467,18 @@ async fn stream(
 /// Deletes a copy's changelog but its position: the newest entry is kept for its version and
 /// hash (with its changeset emptied). Run with `secure_delete` on, the freed pages are zeroed.
 fn drop_history(conn: &rusqlite::Connection) -> ApiResult<()> {
-    let has_log = conn
-        .prepare("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = '_changelog'")?
-        .exists([])?;
-    if has_log {
+    if crate::db::table_exists(conn, "_changelog")? {
         conn.execute_batch(
             "DELETE FROM _changelog WHERE version < (SELECT MAX(version) FROM _changelog);
              UPDATE _changelog SET changeset = x'', schema = NULL;",
         )?;
     }
     // The master's pending webhook deliveries are its own: a replica never sends them.
-    let has_queue = conn
-        .prepare("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = '_webhook_queue'")?
-        .exists([])?;
-    if has_queue {
+    if crate::db::table_exists(conn, "_webhook_queue")? {
         conn.execute_batch("DELETE FROM _webhook_queue")?;
     }
     // A replica bootstrapping from this snapshot lists the master's files instead.
-    let has_journal = conn
-        .prepare("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = '_replica_file_journal'")?
-        .exists([])?;
-    if has_journal {
+    if crate::db::table_exists(conn, "_replica_file_journal")? {
         conn.execute_batch("DELETE FROM _replica_file_journal")?;
     }
     Ok(())
@@ -577,7 +568,7 @@ async fn download(
         Some("trailer") => true,
         Some(_) => return Err(ApiError::bad_request("digest must be 'trailer' or absent")),
     };
-    let dir = state.dbs.data_dir().join(".snapshots");
+    let dir = super::snapshot_dir(state.dbs.data_dir());
     let (file, len, version, sha, uid) = tokio::task::spawn_blocking(move || snapshot(&db, &dir, !trailer))
         .await
         .map_err(|e| ApiError::internal("snapshot task", e.to_string()))??;

@@ -320,7 +320,8 @@ impl TxRecording for Recording {
             pending_hash,
             pending_head,
         } = *self;
-        let changeset = rows.changeset(conn)?;
+        let version_now = schema_version(conn)?;
+        let changeset = rows.changeset(conn, version_now)?;
         if changeset.len() > MAX_ENTRY_BYTES {
             log::warn!(
                 "refused a transaction of {} MiB of changes",
@@ -331,7 +332,7 @@ impl TxRecording for Recording {
                 Some(TOO_LARGE.into()),
             ));
         }
-        let schema_changed = schema_version(conn)? != before;
+        let schema_changed = version_now != before;
         if let Some((emitter, queued)) = webhooks.filter(|(e, _)| !changeset.is_empty() && e.active()) {
             if emitter.enqueue(conn, &changeset)? > 0 {
                 queued.store(true, std::sync::atomic::Ordering::Relaxed);
@@ -427,14 +428,7 @@ pub fn entries_since(conn: &Connection, since: i64, limit: usize, max_bytes: usi
 
 /// The version stored in a database file's own changelog (a snapshot's position).
 pub fn head(conn: &Connection) -> rusqlite::Result<i64> {
-    let has = conn
-        .query_row(
-            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = '_changelog'",
-            [],
-            |_| Ok(()),
-        )
-        .optional()?;
-    if has.is_none() {
+    if !crate::db::table_exists(conn, "_changelog")? {
         return Ok(0);
     }
     Ok(bounds(conn)?.1)

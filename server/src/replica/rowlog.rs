@@ -244,8 +244,10 @@ impl RowLog {
     }
 
     /// Stops noting changes and returns the transaction's changeset (empty when no row of a
-    /// recorded table changed). Call before COMMIT, on the connection the hook is set on.
-    pub fn changeset(&self, conn: &Connection) -> rusqlite::Result<Vec<u8>> {
+    /// recorded table changed). Call before COMMIT, on the connection the hook is set on, with
+    /// its current `PRAGMA schema_version` (the table descriptions cached for another version
+    /// are read again).
+    pub fn changeset(&self, conn: &Connection, schema_version: i64) -> rusqlite::Result<Vec<u8>> {
         let (tables, events, failed) = {
             let mut c = lock(&self.captured);
             c.on = false;
@@ -261,9 +263,7 @@ impl RowLog {
         if events.is_empty() {
             return Ok(Vec::new());
         }
-        let version: i64 = conn
-            .prepare_cached("PRAGMA schema_version")?
-            .query_row([], |r| r.get(0))?;
+        let version = schema_version;
         let infos: Vec<Option<Arc<TableInfo>>> = {
             let mut cache = lock(&self.tables);
             if cache.0 != version {
@@ -563,6 +563,10 @@ mod tests {
         })
     }
 
+    fn version_of(conn: &Connection) -> i64 {
+        conn.query_row("PRAGMA schema_version", [], |r| r.get(0)).unwrap()
+    }
+
     type Change = (String, i32, bool, Vec<u8>, Vec<Option<Val>>, Vec<Option<Val>>);
 
     fn parse(cs: &[u8]) -> Vec<Change> {
@@ -658,7 +662,7 @@ mod tests {
             let mut expected = Vec::new();
             session.changeset_strm(&mut expected).unwrap();
             drop(session);
-            let ours = log.changeset(&with_log).unwrap();
+            let ours = log.changeset(&with_log, version_of(&with_log)).unwrap();
             with_session.execute_batch("COMMIT").unwrap();
             with_log.execute_batch("COMMIT").unwrap();
             let (mut e, mut o) = (parse(&expected), parse(&ours));
@@ -713,7 +717,7 @@ mod tests {
         log.start();
         conn.execute_batch("DELETE FROM t WHERE id = 'a'; ALTER TABLE t ADD COLUMN d TEXT NOT NULL DEFAULT 'x'")
             .unwrap();
-        let cs = log.changeset(&conn).unwrap();
+        let cs = log.changeset(&conn, version_of(&conn)).unwrap();
         conn.execute_batch("COMMIT").unwrap();
         let changes = parse(&cs);
         assert_eq!(changes.len(), 1);

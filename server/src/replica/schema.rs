@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeMap, HashSet};
 
-use rusqlite::{Connection, OptionalExtension};
+use rusqlite::Connection;
 use serde::{Deserialize, Serialize};
 
 use super::is_local_table;
@@ -187,17 +187,10 @@ fn add_missing_columns(conn: &Connection, t: &SchemaObject) -> rusqlite::Result<
 
 /// The number of columns of `table`, if it exists.
 pub fn column_count(conn: &Connection, table: &str) -> rusqlite::Result<Option<usize>> {
-    let exists = conn
-        .query_row(
-            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?1",
-            [table],
-            |_| Ok(()),
-        )
-        .optional()?;
-    match exists {
-        Some(()) => Ok(Some(columns(conn, table)?.len())),
-        None => Ok(None),
+    if !crate::db::table_exists(conn, table)? {
+        return Ok(None);
     }
+    Ok(Some(columns(conn, table)?.len()))
 }
 
 #[cfg(test)]
