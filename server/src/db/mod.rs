@@ -2,9 +2,11 @@
 //! writer thread and a pool of read connections.
 //!
 //! Architecture invariant: every write to a database goes through [`Database::write`], which
-//! runs on that database's writer thread. Nothing else opens a read-write connection while the
-//! server runs, so a [`writer::Recorder`] sees every change.
+//! runs on that database's writer thread. Nothing else writes a row while the server runs, so a
+//! [`writer::Recorder`] sees every change; the only other read-write connection is the
+//! [`checkpoint`] thread's, which copies committed WAL frames into the file.
 
+pub mod checkpoint;
 pub mod pool;
 pub mod writer;
 
@@ -17,6 +19,7 @@ use rusqlite::{Connection, OpenFlags};
 use tokio::sync::mpsc;
 
 use crate::error::{ApiError, ApiResult};
+use checkpoint::Checkpointer;
 use pool::ReadPool;
 use writer::{Job, Recorder};
 
@@ -39,13 +42,13 @@ pub fn is_valid_db_name(name: &str) -> bool {
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
 }
 
-/// Opens a connection with the settings every vski connection uses.
 /// Whether table `name` exists in the main database of `conn`.
 pub fn table_exists(conn: &Connection, name: &str) -> rusqlite::Result<bool> {
     conn.prepare_cached("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?1")?
         .exists([name])
 }
 
+/// Opens a connection with the settings every vski connection uses.
 pub fn open_connection(path: &Path, read_only: bool) -> rusqlite::Result<Connection> {
     let flags = if read_only {
         OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX | OpenFlags::SQLITE_OPEN_URI
@@ -85,6 +88,8 @@ pub struct Database {
     /// Queue of the writer thread. `None` once the database is closed.
     writer: Mutex<Option<mpsc::Sender<Job>>>,
     writer_thread: Mutex<Option<JoinHandle<()>>>,
+    /// Copies the WAL into the database file beside the writer (see [`checkpoint`]).
+    checkpointer: Arc<Checkpointer>,
     readers: ReadPool,
     /// The recorder of a master's replicated database, which knows its position.
     recorder: Option<Arc<dyn Recorder>>,
@@ -118,6 +123,8 @@ impl Database {
                 format!("journal_mode is {mode}, not wal"),
             ));
         }
+        let checkpointer = Checkpointer::new(name, path.clone());
+        checkpointer.install(&mut conn)?;
         if let Some(r) = &recorder {
             r.init(&mut conn)?;
         }
@@ -134,6 +141,7 @@ impl Database {
             path,
             writer: Mutex::new(Some(tx)),
             writer_thread: Mutex::new(Some(thread)),
+            checkpointer,
             recorder,
             generation,
             list_cache: Mutex::new(HashMap::new()),
@@ -279,6 +287,8 @@ impl Database {
                 log::error!("writer thread of '{}' panicked", self.name);
             }
         }
+        // Last: the writer's final commits may still have woken it.
+        self.checkpointer.close();
     }
 }
 

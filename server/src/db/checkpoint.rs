@@ -1,0 +1,244 @@
+//! Checkpoints off the writer's path.
+//!
+//! SQLite's automatic checkpoint runs inside the COMMIT that takes the WAL past 1,000 frames:
+//! that commit copies the frames into the database file and fsyncs both files before the
+//! writer can answer its callers or start the next transaction. Here the writer connection's
+//! WAL hook wakes a thread of the database's own instead, which runs the same PASSIVE
+//! checkpoint on its own connection while the writer goes on committing.
+//!
+//! Architecture invariants:
+//! - The checkpointer's connection never writes a row. It only copies committed WAL frames into
+//!   the database file, as any SQLite connection may; the recorder still sees every change.
+//! - The WAL stays bounded. A PASSIVE checkpoint waits for no one, so under constant writes
+//!   the background one may never catch up; once the WAL holds [`INLINE_FRAMES`], the writer
+//!   checkpoints at its own commits, as SQLite's automatic checkpoint does. A slow, failing or
+//!   stopped checkpointer costs speed, never an unbounded WAL.
+//! - A commit is never reported failed because of a checkpoint: the hook swallows checkpoint
+//!   errors (SQLite would otherwise fail the statement of a transaction that did commit).
+
+use std::ffi::c_int;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use rusqlite::hooks::Wal;
+use rusqlite::wal::CheckpointMode;
+use rusqlite::{Connection, ErrorCode};
+
+/// WAL frames after which the background thread checkpoints (SQLite's automatic default).
+pub const BACKGROUND_FRAMES: c_int = 1000;
+/// WAL frames after which the writer checkpoints at its own commits.
+pub const INLINE_FRAMES: c_int = 4 * BACKGROUND_FRAMES;
+
+/// The background checkpointer of one database, started at its first full WAL.
+pub struct Checkpointer {
+    name: String,
+    path: PathBuf,
+    /// Frames of the WAL the last background checkpoint had copied. Smaller than the WAL's
+    /// frame count: the copy is that far behind. Larger: the WAL has since started over.
+    copied: Arc<AtomicI32>,
+    /// The thread's wake-up and handle, once started.
+    thread: Mutex<Option<(SyncSender<()>, JoinHandle<()>)>>,
+    closed: AtomicBool,
+}
+
+impl Checkpointer {
+    pub fn new(name: &str, path: PathBuf) -> Arc<Self> {
+        Arc::new(Checkpointer {
+            name: name.to_string(),
+            path,
+            copied: Arc::new(AtomicI32::new(0)),
+            thread: Mutex::new(None),
+            closed: AtomicBool::new(false),
+        })
+    }
+
+    /// Replaces SQLite's automatic checkpoint on the writer connection `conn` with this one.
+    pub fn install(self: &Arc<Self>, conn: &mut Connection) -> rusqlite::Result<()> {
+        let me = self.clone();
+        conn.wal_hook(Some(move |wal: &mut Wal, frames: c_int| {
+            me.committed(wal, frames);
+            Ok(())
+        }))
+    }
+
+    /// Called by the writer after each commit, with the frames now in the WAL.
+    fn committed(&self, wal: &mut Wal, frames: c_int) {
+        if frames >= INLINE_FRAMES {
+            // SQLITE_BUSY while the background checkpoint runs: the next commit tries again.
+            if let Err(e) = wal.checkpoint() {
+                if e.sqlite_error_code() != Some(ErrorCode::DatabaseBusy) {
+                    log::warn!("checkpoint of '{}' at commit: {e}", self.name);
+                }
+            }
+            return;
+        }
+        let copied = self.copied.load(Ordering::Relaxed);
+        if frames >= BACKGROUND_FRAMES && (frames < copied || frames - copied >= BACKGROUND_FRAMES) {
+            self.wake();
+        }
+    }
+
+    fn wake(&self) {
+        if self.closed.load(Ordering::Acquire) {
+            return;
+        }
+        let Ok(mut thread) = self.thread.lock() else { return };
+        if thread.is_none() {
+            let (tx, rx) = sync_channel(1);
+            let (name, path, copied) = (self.name.clone(), self.path.clone(), self.copied.clone());
+            match std::thread::Builder::new()
+                .name(format!("ckpt-{}", self.name))
+                .spawn(move || run(&name, path, rx, &copied))
+            {
+                Ok(handle) => *thread = Some((tx, handle)),
+                Err(e) => log::warn!("starting the checkpointer of '{}': {e}", self.name),
+            }
+        }
+        if let Some((tx, _)) = thread.as_ref() {
+            // Full: a wake-up is already pending, and one is enough.
+            let _ = tx.try_send(());
+        }
+    }
+
+    /// Stops the thread after the checkpoint it is running, and closes its connection. From
+    /// then on only the writer checkpoints (at [`INLINE_FRAMES`]).
+    pub fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+        let thread = self.thread.lock().ok().and_then(|mut t| t.take());
+        if let Some((tx, handle)) = thread {
+            drop(tx);
+            if handle.join().is_err() {
+                log::error!("checkpointer of '{}' panicked", self.name);
+            }
+        }
+    }
+}
+
+/// The checkpointer thread: a PASSIVE checkpoint per wake-up, on a connection of its own.
+fn run(name: &str, path: PathBuf, rx: Receiver<()>, copied: &AtomicI32) {
+    let mut conn: Option<Connection> = None;
+    while rx.recv().is_ok() {
+        if conn.is_none() {
+            match super::open_connection(&path, false) {
+                Ok(c) => conn = Some(c),
+                Err(e) => {
+                    log::warn!("opening '{name}' to checkpoint it: {e}");
+                    continue;
+                }
+            }
+        }
+        let Some(c) = conn.as_ref() else { continue };
+        match c.wal_checkpoint_v2(Some(rusqlite::MAIN_DB), CheckpointMode::PASSIVE) {
+            Ok((_, done)) => copied.store(done, Ordering::Relaxed),
+            Err(e) if e.sqlite_error_code() == Some(ErrorCode::DatabaseBusy) => {}
+            Err(e) => log::warn!("checkpoint of '{name}': {e}"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn writer(path: &std::path::Path) -> Connection {
+        let conn = super::super::open_connection(path, false).unwrap();
+        conn.query_row("PRAGMA journal_mode = WAL", [], |_| Ok(())).unwrap();
+        conn.execute_batch("CREATE TABLE t (v BLOB)").unwrap();
+        conn
+    }
+
+    /// Commits `n` transactions of one 4 KiB row each (a few WAL frames apiece).
+    fn commit(conn: &Connection, n: usize) {
+        for _ in 0..n {
+            conn.execute("INSERT INTO t (v) VALUES (randomblob(4000))", []).unwrap();
+        }
+    }
+
+    fn wal_frames(path: &std::path::Path) -> u64 {
+        let wal = PathBuf::from(format!("{}-wal", path.display()));
+        std::fs::metadata(wal)
+            .map(|m| m.len().saturating_sub(32) / (4096 + 24))
+            .unwrap_or(0)
+    }
+
+    #[test]
+    fn a_full_wal_is_copied_by_the_background_thread_without_another_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.db");
+        let mut conn = writer(&path);
+        let ckpt = Checkpointer::new("a", path.clone());
+        ckpt.install(&mut conn).unwrap();
+        let before = std::fs::metadata(&path).unwrap().len();
+        // Past BACKGROUND_FRAMES and well under INLINE_FRAMES: only the thread may copy.
+        commit(&conn, 600);
+        assert!(wal_frames(&path) >= BACKGROUND_FRAMES as u64);
+        assert!(wal_frames(&path) < INLINE_FRAMES as u64);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        // About two frames a commit (a new leaf, its parent): the first 1,000 frames hold about
+        // 500 rows' pages.
+        while std::fs::metadata(&path).unwrap().len() < before + 400 * 4096 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the database file never received the WAL's pages"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        ckpt.close();
+        let rows: i64 = conn.query_row("SELECT count(*) FROM t", [], |r| r.get(0)).unwrap();
+        assert_eq!(rows, 600);
+    }
+
+    #[test]
+    fn without_the_thread_the_writer_keeps_the_wal_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("b.db");
+        let mut conn = writer(&path);
+        let ckpt = Checkpointer::new("b", path.clone());
+        ckpt.install(&mut conn).unwrap();
+        // Closed before the first wake-up: the thread never starts.
+        ckpt.close();
+        let mut most = 0;
+        for _ in 0..20 {
+            commit(&conn, 500);
+            most = most.max(wal_frames(&path));
+        }
+        assert!(ckpt.thread.lock().unwrap().is_none());
+        // Frames are reused after the WAL starts over, so the file is as large as it ever was.
+        assert!(most <= INLINE_FRAMES as u64 + 10, "the WAL grew to {most} frames");
+        let rows: i64 = conn.query_row("SELECT count(*) FROM t", [], |r| r.get(0)).unwrap();
+        assert_eq!(rows, 10_000);
+    }
+
+    #[test]
+    fn a_commit_never_fails_because_of_its_checkpoint() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.db");
+        let mut conn = writer(&path);
+        let ckpt = Checkpointer::new("c", path.clone());
+        ckpt.install(&mut conn).unwrap();
+        ckpt.close();
+        // Another connection checkpoints without pause: the writer's own checkpoints, past
+        // INLINE_FRAMES, keep finding SQLITE_BUSY.
+        let stop = Arc::new(AtomicBool::new(false));
+        let busy = {
+            let (stop, path) = (stop.clone(), path.clone());
+            std::thread::spawn(move || {
+                let other = super::super::open_connection(&path, false).unwrap();
+                while !stop.load(Ordering::Relaxed) {
+                    let _ = other.wal_checkpoint_v2(Some(rusqlite::MAIN_DB), CheckpointMode::PASSIVE);
+                }
+            })
+        };
+        for _ in 0..6000 {
+            conn.execute("INSERT INTO t (v) VALUES (randomblob(4000))", [])
+                .expect("a committed transaction reports success");
+        }
+        stop.store(true, Ordering::Relaxed);
+        busy.join().unwrap();
+        let rows: i64 = conn.query_row("SELECT count(*) FROM t", [], |r| r.get(0)).unwrap();
+        assert_eq!(rows, 6000);
+    }
+}
