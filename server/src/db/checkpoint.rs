@@ -143,11 +143,15 @@ fn run(name: &str, path: PathBuf, rx: Receiver<()>, copied: &AtomicI32) {
 mod tests {
     use super::*;
 
-    fn writer(path: &std::path::Path) -> Connection {
-        let conn = super::super::open_connection(path, false).unwrap();
+    /// A writer connection to a new database with table `t`, and its checkpointer.
+    fn writer(dir: &tempfile::TempDir) -> (PathBuf, Connection, Arc<Checkpointer>) {
+        let path = dir.path().join("a.db");
+        let mut conn = super::super::open_connection(&path, false).unwrap();
         conn.query_row("PRAGMA journal_mode = WAL", [], |_| Ok(())).unwrap();
         conn.execute_batch("CREATE TABLE t (v BLOB)").unwrap();
-        conn
+        let ckpt = Checkpointer::new("a", path.clone());
+        ckpt.install(&mut conn).unwrap();
+        (path, conn, ckpt)
     }
 
     /// Commits `n` transactions of one 4 KiB row each (a few WAL frames apiece).
@@ -167,10 +171,7 @@ mod tests {
     #[test]
     fn a_full_wal_is_copied_by_the_background_thread_without_another_commit() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("a.db");
-        let mut conn = writer(&path);
-        let ckpt = Checkpointer::new("a", path.clone());
-        ckpt.install(&mut conn).unwrap();
+        let (path, conn, ckpt) = writer(&dir);
         let before = std::fs::metadata(&path).unwrap().len();
         // Past BACKGROUND_FRAMES and well under INLINE_FRAMES: only the thread may copy.
         commit(&conn, 600);
@@ -194,10 +195,7 @@ mod tests {
     #[test]
     fn without_the_thread_the_writer_keeps_the_wal_bounded() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("b.db");
-        let mut conn = writer(&path);
-        let ckpt = Checkpointer::new("b", path.clone());
-        ckpt.install(&mut conn).unwrap();
+        let (path, conn, ckpt) = writer(&dir);
         // Closed before the first wake-up: the thread never starts.
         ckpt.close();
         let mut most = 0;
@@ -215,10 +213,7 @@ mod tests {
     #[test]
     fn a_commit_never_fails_because_of_its_checkpoint() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("c.db");
-        let mut conn = writer(&path);
-        let ckpt = Checkpointer::new("c", path.clone());
-        ckpt.install(&mut conn).unwrap();
+        let (path, conn, ckpt) = writer(&dir);
         ckpt.close();
         // Another connection checkpoints without pause: the writer's own checkpoints, past
         // INLINE_FRAMES, keep finding SQLITE_BUSY.
