@@ -27,6 +27,8 @@ use rusqlite::hooks::Wal;
 use rusqlite::wal::CheckpointMode;
 use rusqlite::{Connection, ErrorCode};
 
+use super::pool::ReadPool;
+
 /// WAL frames after which the background thread checkpoints (SQLite's automatic default).
 pub const BACKGROUND_FRAMES: c_int = 1000;
 /// WAL frames after which the writer checkpoints at its own commits.
@@ -42,16 +44,19 @@ pub struct Checkpointer {
     /// The thread's wake-up and handle, once started.
     thread: Mutex<Option<(SyncSender<()>, JoinHandle<()>)>>,
     closed: AtomicBool,
+    /// The database's read connections, whose idle snapshots are released before a checkpoint.
+    readers: Arc<ReadPool>,
 }
 
 impl Checkpointer {
-    pub fn new(name: &str, path: PathBuf) -> Arc<Self> {
+    pub fn new(name: &str, path: PathBuf, readers: Arc<ReadPool>) -> Arc<Self> {
         Arc::new(Checkpointer {
             name: name.to_string(),
             path,
             copied: Arc::new(AtomicI32::new(0)),
             thread: Mutex::new(None),
             closed: AtomicBool::new(false),
+            readers,
         })
     }
 
@@ -67,6 +72,7 @@ impl Checkpointer {
     /// Called by the writer after each commit, with the frames now in the WAL.
     fn committed(&self, wal: &mut Wal, frames: c_int) {
         if frames >= INLINE_FRAMES {
+            self.readers.release_stale();
             // SQLITE_BUSY while the background checkpoint runs: the next commit tries again.
             if let Err(e) = wal.checkpoint() {
                 if e.sqlite_error_code() != Some(ErrorCode::DatabaseBusy) {
@@ -89,9 +95,10 @@ impl Checkpointer {
         if thread.is_none() {
             let (tx, rx) = sync_channel(1);
             let (name, path, copied) = (self.name.clone(), self.path.clone(), self.copied.clone());
+            let readers = self.readers.clone();
             match std::thread::Builder::new()
                 .name(format!("ckpt-{}", self.name))
-                .spawn(move || run(&name, path, rx, &copied))
+                .spawn(move || run(&name, path, rx, &copied, &readers))
             {
                 Ok(handle) => *thread = Some((tx, handle)),
                 Err(e) => log::warn!("starting the checkpointer of '{}': {e}", self.name),
@@ -118,7 +125,7 @@ impl Checkpointer {
 }
 
 /// The checkpointer thread: a PASSIVE checkpoint per wake-up, on a connection of its own.
-fn run(name: &str, path: PathBuf, rx: Receiver<()>, copied: &AtomicI32) {
+fn run(name: &str, path: PathBuf, rx: Receiver<()>, copied: &AtomicI32, readers: &ReadPool) {
     let mut conn: Option<Connection> = None;
     while rx.recv().is_ok() {
         if conn.is_none() {
@@ -131,6 +138,7 @@ fn run(name: &str, path: PathBuf, rx: Receiver<()>, copied: &AtomicI32) {
             }
         }
         let Some(c) = conn.as_ref() else { continue };
+        readers.release_stale();
         match c.wal_checkpoint_v2(Some(rusqlite::MAIN_DB), CheckpointMode::PASSIVE) {
             Ok((_, done)) => copied.store(done, Ordering::Relaxed),
             Err(e) if e.sqlite_error_code() == Some(ErrorCode::DatabaseBusy) => {}
@@ -149,7 +157,12 @@ mod tests {
         let mut conn = super::super::open_connection(&path, false).unwrap();
         conn.query_row("PRAGMA journal_mode = WAL", [], |_| Ok(())).unwrap();
         conn.execute_batch("CREATE TABLE t (v BLOB)").unwrap();
-        let ckpt = Checkpointer::new("a", path.clone());
+        let readers = Arc::new(ReadPool::new(
+            path.clone(),
+            4,
+            Arc::new(std::sync::atomic::AtomicU64::new(1)),
+        ));
+        let ckpt = Checkpointer::new("a", path.clone(), readers);
         ckpt.install(&mut conn).unwrap();
         (path, conn, ckpt)
     }
@@ -178,9 +191,9 @@ mod tests {
         assert!(wal_frames(&path) >= BACKGROUND_FRAMES as u64);
         assert!(wal_frames(&path) < INLINE_FRAMES as u64);
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-        // About two frames a commit (a new leaf, its parent): the first 1,000 frames hold about
-        // 500 rows' pages.
-        while std::fs::metadata(&path).unwrap().len() < before + 400 * 4096 {
+        // Three frames a commit (a new leaf, its parent, page 1 with the file's size): the
+        // first 1,000 frames hold about 333 rows' pages.
+        while std::fs::metadata(&path).unwrap().len() < before + 250 * 4096 {
             assert!(
                 std::time::Instant::now() < deadline,
                 "the database file never received the WAL's pages"

@@ -90,7 +90,7 @@ pub struct Database {
     writer_thread: Mutex<Option<JoinHandle<()>>>,
     /// Copies the WAL into the database file beside the writer (see [`checkpoint`]).
     checkpointer: Arc<Checkpointer>,
-    readers: ReadPool,
+    readers: Arc<ReadPool>,
     /// The recorder of a master's replicated database, which knows its position.
     recorder: Option<Arc<dyn Recorder>>,
     /// Moves after every commit (and restore), before the writer answers anyone.
@@ -123,21 +123,22 @@ impl Database {
                 format!("journal_mode is {mode}, not wal"),
             ));
         }
-        let checkpointer = Checkpointer::new(name, path.clone());
+        let generation = Arc::new(std::sync::atomic::AtomicU64::new(1));
+        let readers = Arc::new(ReadPool::new(path.clone(), read_pool_size, generation.clone()));
+        let checkpointer = Checkpointer::new(name, path.clone(), readers.clone());
         checkpointer.install(&mut conn)?;
         if let Some(r) = &recorder {
             r.init(&mut conn)?;
         }
         let (tx, rx) = mpsc::channel(4096);
         let for_writer = recorder.clone();
-        let generation = Arc::new(std::sync::atomic::AtomicU64::new(1));
         let gen_writer = generation.clone();
         let thread = std::thread::Builder::new()
             .name(format!("writer-{name}"))
             .spawn(move || writer::run(conn, rx, for_writer, gen_writer))?;
         Ok(Arc::new(Database {
             name: name.to_string(),
-            readers: ReadPool::new(path.clone(), read_pool_size),
+            readers,
             path,
             writer: Mutex::new(Some(tx)),
             writer_thread: Mutex::new(Some(thread)),
