@@ -5,6 +5,10 @@
  * file or its WAL (a path ending in ".db" or ".db-wal"), past the first page, fails with EIO, and the file is removed, so exactly one read
  * fails per trigger. This is how a failing disk looks to SQLite: an I/O error in the middle of
  * a write transaction, after which SQLite may roll the whole transaction back.
+ *
+ * When VSKI_FAULT_THREAD is set, only a thread whose name starts with it can take the fault
+ * (say "writer-default"): other threads read the same files (the checkpointer, the read pool),
+ * and a fault they took would not reach the transaction under test.
  */
 #define _GNU_SOURCE
 #include <dlfcn.h>
@@ -12,6 +16,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/prctl.h>
 #include <sys/types.h>
 #include <unistd.h>
 
@@ -24,6 +29,13 @@ static int should_fail(int fd, off_t offset) {
     }
     if (trigger == NULL || access(trigger, F_OK) != 0) {
         return 0;
+    }
+    const char *thread = getenv("VSKI_FAULT_THREAD");
+    if (thread != NULL) {
+        char name[17] = {0};
+        if (prctl(PR_GET_NAME, name) != 0 || strncmp(name, thread, strlen(thread)) != 0) {
+            return 0;
+        }
     }
     char link[64];
     char path[4096];

@@ -530,7 +530,9 @@ fn an_io_error_mid_batch_never_splits_a_transaction() {
         NodeOptions::default()
             .env("JWT_SECRET", SECRET)
             .env("LD_PRELOAD", shim.to_str().unwrap())
-            .env("VSKI_FAULT_FILE", trigger.to_str().unwrap()),
+            .env("VSKI_FAULT_FILE", trigger.to_str().unwrap())
+            // The writer's read: the checkpointer's WAL reads would take the fault away.
+            .env("VSKI_FAULT_THREAD", "writer-default"),
     );
     let (_, rt) = setup(&n);
     // More data than the writer's page cache (16 MB), so updates of old records read the disk.

@@ -11,8 +11,10 @@
 //!   the database file, as any SQLite connection may; the recorder still sees every change.
 //! - The WAL stays bounded. A PASSIVE checkpoint waits for no one, so under constant writes
 //!   the background one may never catch up; once the WAL holds [`INLINE_FRAMES`], the writer
-//!   checkpoints at its own commits, as SQLite's automatic checkpoint does. A slow, failing or
-//!   stopped checkpointer costs speed, never an unbounded WAL.
+//!   checkpoints at its own commits, as SQLite's automatic checkpoint does, after waiting for
+//!   a background checkpoint that is running. Idle read snapshots end before every checkpoint
+//!   (see `pool.rs`). A slow, failing or stopped checkpointer costs speed, never an unbounded
+//!   WAL.
 //! - A commit is never reported failed because of a checkpoint: the hook swallows checkpoint
 //!   errors (SQLite would otherwise fail the statement of a transaction that did commit).
 
@@ -44,8 +46,11 @@ pub struct Checkpointer {
     /// The thread's wake-up and handle, once started.
     thread: Mutex<Option<(SyncSender<()>, JoinHandle<()>)>>,
     closed: AtomicBool,
-    /// The database's read connections, whose idle snapshots are released before a checkpoint.
+    /// The database's read connections, whose idle snapshots end before a checkpoint.
     readers: Arc<ReadPool>,
+    /// Held for every checkpoint: the writer's own waits for the thread's to finish instead of
+    /// failing with SQLITE_BUSY while the WAL keeps growing.
+    gate: Arc<Mutex<()>>,
 }
 
 impl Checkpointer {
@@ -57,6 +62,7 @@ impl Checkpointer {
             thread: Mutex::new(None),
             closed: AtomicBool::new(false),
             readers,
+            gate: Arc::new(Mutex::new(())),
         })
     }
 
@@ -72,8 +78,10 @@ impl Checkpointer {
     /// Called by the writer after each commit, with the frames now in the WAL.
     fn committed(&self, wal: &mut Wal, frames: c_int) {
         if frames >= INLINE_FRAMES {
-            self.readers.release_stale();
-            // SQLITE_BUSY while the background checkpoint runs: the next commit tries again.
+            // Waits for a checkpoint of the thread's that is running (at most one).
+            let _gate = self.gate.lock().unwrap_or_else(|e| e.into_inner());
+            self.readers.release_snapshots();
+            // SQLITE_BUSY only when another process checkpoints: the next commit tries again.
             if let Err(e) = wal.checkpoint() {
                 if e.sqlite_error_code() != Some(ErrorCode::DatabaseBusy) {
                     log::warn!("checkpoint of '{}' at commit: {e}", self.name);
@@ -95,10 +103,10 @@ impl Checkpointer {
         if thread.is_none() {
             let (tx, rx) = sync_channel(1);
             let (name, path, copied) = (self.name.clone(), self.path.clone(), self.copied.clone());
-            let readers = self.readers.clone();
+            let (readers, gate) = (self.readers.clone(), self.gate.clone());
             match std::thread::Builder::new()
                 .name(format!("ckpt-{}", self.name))
-                .spawn(move || run(&name, path, rx, &copied, &readers))
+                .spawn(move || run(&name, path, rx, &copied, &readers, &gate))
             {
                 Ok(handle) => *thread = Some((tx, handle)),
                 Err(e) => log::warn!("starting the checkpointer of '{}': {e}", self.name),
@@ -125,7 +133,7 @@ impl Checkpointer {
 }
 
 /// The checkpointer thread: a PASSIVE checkpoint per wake-up, on a connection of its own.
-fn run(name: &str, path: PathBuf, rx: Receiver<()>, copied: &AtomicI32, readers: &ReadPool) {
+fn run(name: &str, path: PathBuf, rx: Receiver<()>, copied: &AtomicI32, readers: &ReadPool, gate: &Mutex<()>) {
     let mut conn: Option<Connection> = None;
     while rx.recv().is_ok() {
         if conn.is_none() {
@@ -138,7 +146,8 @@ fn run(name: &str, path: PathBuf, rx: Receiver<()>, copied: &AtomicI32, readers:
             }
         }
         let Some(c) = conn.as_ref() else { continue };
-        readers.release_stale();
+        let _gate = gate.lock().unwrap_or_else(|e| e.into_inner());
+        readers.release_snapshots();
         match c.wal_checkpoint_v2(Some(rusqlite::MAIN_DB), CheckpointMode::PASSIVE) {
             Ok((_, done)) => copied.store(done, Ordering::Relaxed),
             Err(e) if e.sqlite_error_code() == Some(ErrorCode::DatabaseBusy) => {}

@@ -9,9 +9,9 @@
 //! open between reads while nothing committed: beginning and ending a WAL read transaction
 //! takes two file locks and a process-wide mutex in SQLite, which were a sixth of a view's CPU.
 //! The transaction is ended and begun again as soon as the generation moved, so a read that
-//! starts after a write was acknowledged always sees it. Idle connections still holding an old
-//! snapshot are released before every checkpoint ([`ReadPool::release_stale`]), so they never
-//! keep the WAL from being copied and started over.
+//! starts after a write was acknowledged always sees it. Idle connections end their snapshots
+//! before every checkpoint ([`ReadPool::release_snapshots`]), so they never keep the WAL from
+//! being copied and started over.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -98,18 +98,14 @@ impl ReadPool {
         result
     }
 
-    /// Ends the read transactions of idle connections begun before the current generation:
-    /// their snapshots would keep a checkpoint from copying the WAL past them.
-    pub fn release_stale(&self) {
-        let now = self.generation.load(Ordering::Acquire);
+    /// Ends the read transactions of every idle connection, before a checkpoint. Stale ones
+    /// would keep it from copying the WAL past them; current ones (taken after the last commit
+    /// but before this checkpoint) would keep it from finishing, and an unfinished WAL never
+    /// starts over: under steady writes and views it would grow without bound.
+    pub fn release_snapshots(&self) {
         let Ok(mut idle) = self.idle.lock() else { return };
-        idle.retain_mut(|i| {
-            if i.snapshot.is_none_or(|s| s == now) {
-                return true;
-            }
-            // A connection whose transaction cannot end is dropped (closing ends it).
-            end_snapshot(i).is_ok()
-        });
+        // A connection whose transaction cannot end is dropped (closing ends it).
+        idle.retain_mut(|i| end_snapshot(i).is_ok());
     }
 
     /// A permit and an idle connection (or a new one); the caller pushes the connection back
@@ -210,5 +206,31 @@ mod tests {
             tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         }
         db.close();
+    }
+
+    #[tokio::test]
+    async fn the_wal_stays_bounded_under_writes_and_views() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.db");
+        let db = Database::open("c", path.clone(), 4, None).unwrap();
+        db.write(|c| Ok(c.execute_batch("CREATE TABLE t (v BLOB); INSERT INTO t VALUES (0);")?))
+            .await
+            .unwrap();
+        let wal = std::path::PathBuf::from(format!("{}-wal", path.display()));
+        let mut most = 0;
+        // About 12,000 frames: three times the WAL's bound, with a view after every write.
+        for _ in 0..4000 {
+            db.write(|c| Ok(c.execute("INSERT INTO t VALUES (randomblob(4000))", []).map(|_| ())?))
+                .await
+                .unwrap();
+            db.read_now(|c| Ok(c.query_row("SELECT length(v) FROM t WHERE rowid = 1", [], |r| r.get::<_, i64>(0))?))
+                .await
+                .unwrap();
+            most = most.max(std::fs::metadata(&wal).map(|m| m.len()).unwrap_or(0));
+        }
+        db.close();
+        let frames = most / (4096 + 24);
+        let bound = super::super::checkpoint::INLINE_FRAMES as u64;
+        assert!(frames <= bound + 10, "the WAL grew to {frames} frames");
     }
 }
