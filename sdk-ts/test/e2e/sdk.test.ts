@@ -232,7 +232,9 @@ describe("realtime", () => {
     const p = await writer.collection("posts").create({ title: "live" });
     await writer.collection("posts").update(p.id, { title: "live edited" });
     await writer.collection("posts").delete(p.id);
-    await waitFor("three events", async () => events.length >= 3, 10_000);
+    await waitFor("three events", async () => events.length >= 3, 10_000).catch((e) => {
+      throw new Error(`${e.message}; got ${JSON.stringify(events)}`);
+    });
     expect(events).toEqual(["create live", "update live edited", "delete live edited"]);
     // Options: a filter on the subscription.
     const filtered: string[] = [];

@@ -305,7 +305,11 @@ fn render(
         }
         let cols = columns.get(&c.name).map(Vec::as_slice).unwrap_or(&[]);
         let key = (c.name.clone(), change.id.clone());
+        // The master's own events carry every column of an updated row; a session's (and a
+        // replica's) leave the unchanged ones out, to be read from the row as it is now.
+        let whole = change.values.len() == cols.len() && change.values.iter().all(Option::is_some);
         let base = match change.kind {
+            Kind::Update if whole => None,
             Kind::Update => match images.remove(&key) {
                 Some(image) => Some(image),
                 None => current_row(conn, &c.name, cols, change.pk, &change.id).unwrap_or(None),
@@ -318,7 +322,7 @@ fn render(
                 None => base.as_ref().and_then(|b| b.get(i).cloned()).unwrap_or(Sql::Null),
             })
             .collect();
-        if change.kind == Kind::Update && base.is_none() {
+        if change.kind == Kind::Update && !whole && base.is_none() {
             // Deleted since, and not seen here: its delete event follows.
             continue;
         }

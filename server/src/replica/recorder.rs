@@ -321,7 +321,8 @@ impl TxRecording for Recording {
             pending_head,
         } = *self;
         let version_now = schema_version(conn)?;
-        let changeset = rows.changeset(conn, version_now)?;
+        // Realtime events get every column of an updated row (see `RowLog::changesets`).
+        let (changeset, for_events) = rows.changesets(conn, version_now, events.is_some())?;
         if changeset.len() > MAX_ENTRY_BYTES {
             log::warn!(
                 "refused a transaction of {} MiB of changes",
@@ -375,7 +376,7 @@ impl TxRecording for Recording {
         pending_head.store(version, std::sync::atomic::Ordering::Relaxed);
         if let Some(slot) = events {
             if let Ok(mut p) = slot.lock() {
-                *p = Some(changeset);
+                *p = Some(for_events.unwrap_or(changeset));
             }
         }
         Ok(())

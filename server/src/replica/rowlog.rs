@@ -248,6 +248,18 @@ impl RowLog {
     /// its current `PRAGMA schema_version` (the table descriptions cached for another version
     /// are read again).
     pub fn changeset(&self, conn: &Connection, schema_version: i64) -> rusqlite::Result<Vec<u8>> {
+        Ok(self.changesets(conn, schema_version, false)?.0)
+    }
+
+    /// [`RowLog::changeset`], and with `full` a second one for realtime events whose updates
+    /// carry every column's new value (a session's leave out the unchanged ones). An event
+    /// rendered after a later commit deleted the row still has the whole row as updated.
+    pub fn changesets(
+        &self,
+        conn: &Connection,
+        schema_version: i64,
+        full: bool,
+    ) -> rusqlite::Result<(Vec<u8>, Option<Vec<u8>>)> {
         let (tables, events, failed) = {
             let mut c = lock(&self.captured);
             c.on = false;
@@ -261,7 +273,7 @@ impl RowLog {
             return Err(schema_error(msg));
         }
         if events.is_empty() {
-            return Ok(Vec::new());
+            return Ok((Vec::new(), full.then(Vec::new)));
         }
         let version = schema_version;
         let infos: Vec<Option<Arc<TableInfo>>> = {
@@ -323,18 +335,22 @@ impl RowLog {
         }
 
         let mut out = Vec::new();
+        let mut events_out = full.then(Vec::new);
         for (t, name) in tables.iter().enumerate() {
             let Some(info) = &infos[t] else { continue };
             if rows[t].is_empty() {
                 continue;
             }
-            let header_at = out.len();
-            out.push(b'T');
-            put_varint(&mut out, info.columns as u64);
-            out.extend_from_slice(&info.pk);
-            out.extend_from_slice(name.as_bytes());
-            out.push(0);
-            let body_at = out.len();
+            let mut header = vec![b'T'];
+            put_varint(&mut header, info.columns as u64);
+            header.extend_from_slice(&info.pk);
+            header.extend_from_slice(name.as_bytes());
+            header.push(0);
+            let (header_at, events_at) = (out.len(), events_out.as_ref().map_or(0, Vec::len));
+            out.extend_from_slice(&header);
+            if let Some(e) = events_out.as_mut() {
+                e.extend_from_slice(&header);
+            }
             let mut stmt = conn.prepare_cached(&info.select)?;
             for row in &rows[t] {
                 let now: Option<Vec<Val>> = stmt
@@ -342,13 +358,19 @@ impl RowLog {
                         (0..info.columns).map(|i| r.get_ref(i).map(Val::of)).collect()
                     })
                     .optional()?;
-                append_change(&mut out, info, row, now);
+                append_change(&mut out, info, row, now.as_deref(), false);
+                if let Some(e) = events_out.as_mut() {
+                    append_change(e, info, row, now.as_deref(), true);
+                }
             }
-            if out.len() == body_at {
+            if out.len() == header_at + header.len() {
                 out.truncate(header_at);
+                if let Some(e) = events_out.as_mut() {
+                    e.truncate(events_at);
+                }
             }
         }
-        Ok(out)
+        Ok((out, events_out))
     }
 }
 
@@ -360,7 +382,9 @@ struct Row {
     indirect: bool,
 }
 
-fn append_change(out: &mut Vec<u8>, info: &TableInfo, row: &Row, now: Option<Vec<Val>>) {
+/// Appends one row's change. `full`: an update's new record carries every column, not only
+/// the changed ones (for realtime events, never for the changelog).
+fn append_change(out: &mut Vec<u8>, info: &TableInfo, row: &Row, now: Option<&[Val]>, full: bool) {
     match (&row.before, now) {
         (None, None) => {}
         (None, Some(now)) => {
@@ -392,7 +416,7 @@ fn append_change(out: &mut Vec<u8>, info: &TableInfo, row: &Row, now: Option<Vec
                 }
             }
             for i in 0..info.columns {
-                if changed[i] {
+                if changed[i] || full {
                     now[i].encode(out);
                 } else {
                     out.push(0);
@@ -704,6 +728,30 @@ mod tests {
                 compare(&[setup.clone(), vec![(kind, 1, 2, v)]]);
             }
         }
+    }
+
+    #[test]
+    fn events_get_every_column_of_an_update_and_the_changelog_a_sessions() {
+        use crate::realtime::dispatch::decode;
+        let mut conn = Connection::open_in_memory().unwrap();
+        conn.execute_batch("CREATE TABLE t (id TEXT PRIMARY KEY, a, b); INSERT INTO t VALUES ('x', 1, 'kept')")
+            .unwrap();
+        let log = RowLog::default();
+        log.install(&mut conn).unwrap();
+        conn.execute_batch("BEGIN").unwrap();
+        log.start();
+        conn.execute_batch("UPDATE t SET a = 2 WHERE id = 'x'; INSERT INTO t VALUES ('y', 3, 'new')")
+            .unwrap();
+        let (plain, full) = log.changesets(&conn, version_of(&conn), true).unwrap();
+        conn.execute_batch("COMMIT").unwrap();
+        let text = |v: &str| Some(rusqlite::types::Value::Text(v.into()));
+        let int = |i: i64| Some(rusqlite::types::Value::Integer(i));
+        let full = decode(&full.expect("asked for")).unwrap();
+        assert_eq!(full[0].values, vec![text("x"), int(2), text("kept")], "the whole row");
+        assert_eq!(full[1].values, vec![text("y"), int(3), text("new")]);
+        let plain = decode(&plain).unwrap();
+        assert_eq!(plain[0].values, vec![text("x"), int(2), None], "as a session writes it");
+        assert_eq!(plain.len(), 2);
     }
 
     #[test]
