@@ -39,6 +39,16 @@ pub fn random_secret() -> String {
     hex(&buf)
 }
 
+/// An HTTP client for requests to URLs users configured (cron jobs, webhooks): at most
+/// `timeout` per request, and redirects are not followed (a redirect could lead anywhere).
+pub fn outbound_client(timeout: std::time::Duration) -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(timeout)
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap_or_default()
+}
+
 /// Lower-case hex of `bytes`.
 pub fn hex(bytes: &[u8]) -> String {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";

@@ -63,13 +63,7 @@ impl Default for Cron {
 
 impl Cron {
     fn http(&self) -> &reqwest::Client {
-        self.http.get_or_init(|| {
-            reqwest::Client::builder()
-                .timeout(HTTP_TIMEOUT)
-                .redirect(reqwest::redirect::Policy::none())
-                .build()
-                .unwrap_or_default()
-        })
+        self.http.get_or_init(|| crate::util::outbound_client(HTTP_TIMEOUT))
     }
 }
 

@@ -176,23 +176,34 @@ mod tests {
         db.close();
     }
 
-    #[tokio::test]
-    async fn an_idle_snapshot_does_not_hold_back_the_checkpoint() {
-        let dir = tempfile::tempdir().unwrap();
+    /// A database with table `t (v BLOB)` holding one row, and the path of its file.
+    async fn blob_table(dir: &tempfile::TempDir) -> (std::path::PathBuf, std::sync::Arc<Database>) {
         let path = dir.path().join("b.db");
         let db = Database::open("b", path.clone(), 4, None).unwrap();
         db.write(|c| Ok(c.execute_batch("CREATE TABLE t (v BLOB); INSERT INTO t VALUES (0);")?))
             .await
             .unwrap();
+        (path, db)
+    }
+
+    /// Commits one 4 KB row: about three WAL frames.
+    async fn add_blob(db: &Database) {
+        db.write(|c| Ok(c.execute("INSERT INTO t VALUES (randomblob(4000))", []).map(|_| ())?))
+            .await
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn an_idle_snapshot_does_not_hold_back_the_checkpoint() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, db) = blob_table(&dir).await;
         // Leaves an idle connection with its read transaction open at this generation.
         db.read_now(|c| Ok(c.query_row("SELECT count(*) FROM t", [], |r| r.get::<_, i64>(0))?))
             .await
             .unwrap();
         let before = std::fs::metadata(&path).unwrap().len();
         for _ in 0..600 {
-            db.write(|c| Ok(c.execute("INSERT INTO t VALUES (randomblob(4000))", []).map(|_| ())?))
-                .await
-                .unwrap();
+            add_blob(&db).await;
         }
         // No read since: only the checkpointer can end that transaction, or the WAL's pages
         // never reach the file. Three frames a commit (a new leaf, its parent, page 1 with the
@@ -211,18 +222,12 @@ mod tests {
     #[tokio::test]
     async fn the_wal_stays_bounded_under_writes_and_views() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("c.db");
-        let db = Database::open("c", path.clone(), 4, None).unwrap();
-        db.write(|c| Ok(c.execute_batch("CREATE TABLE t (v BLOB); INSERT INTO t VALUES (0);")?))
-            .await
-            .unwrap();
+        let (path, db) = blob_table(&dir).await;
         let wal = std::path::PathBuf::from(format!("{}-wal", path.display()));
         let mut most = 0;
         // About 12,000 frames: three times the WAL's bound, with a view after every write.
         for _ in 0..4000 {
-            db.write(|c| Ok(c.execute("INSERT INTO t VALUES (randomblob(4000))", []).map(|_| ())?))
-                .await
-                .unwrap();
+            add_blob(&db).await;
             db.read_now(|c| Ok(c.query_row("SELECT length(v) FROM t WHERE rowid = 1", [], |r| r.get::<_, i64>(0))?))
                 .await
                 .unwrap();

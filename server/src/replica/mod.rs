@@ -17,14 +17,14 @@ pub use master::configure;
 
 use crate::db::{STATS_DB, WORKFLOWS_DB};
 
-/// Tables that stay on their node: the changelog, a replica's own sync state, the master's
-/// webhook queue, SQLite's own.
 /// Where snapshots are written (master) and downloaded (replica) before they are sent or
 /// restored. Nothing in it outlives the process that wrote it.
 pub fn snapshot_dir(data_dir: &std::path::Path) -> std::path::PathBuf {
     data_dir.join(".snapshots")
 }
 
+/// Tables that stay on their node: the changelog, a replica's own sync state, the master's
+/// webhook queue, SQLite's own.
 pub fn is_local_table(name: &str) -> bool {
     name == "_changelog" || name.starts_with("_replica_") || name.starts_with("_webhook") || name.starts_with("sqlite_")
 }

@@ -275,11 +275,10 @@ impl RowLog {
         if events.is_empty() {
             return Ok((Vec::new(), full.then(Vec::new)));
         }
-        let version = schema_version;
         let infos: Vec<Option<Arc<TableInfo>>> = {
             let mut cache = lock(&self.tables);
-            if cache.0 != version {
-                *cache = (version, HashMap::new());
+            if cache.0 != schema_version {
+                *cache = (schema_version, HashMap::new());
             }
             let mut out = Vec::with_capacity(tables.len());
             for name in &tables {

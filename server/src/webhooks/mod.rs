@@ -86,13 +86,8 @@ impl Webhooks {
     }
 
     fn http(&self) -> &reqwest::Client {
-        self.http.get_or_init(|| {
-            reqwest::Client::builder()
-                .timeout(Duration::from_secs(10))
-                .redirect(reqwest::redirect::Policy::none())
-                .build()
-                .unwrap_or_default()
-        })
+        self.http
+            .get_or_init(|| crate::util::outbound_client(Duration::from_secs(10)))
     }
 
     /// Called after a commit that queued deliveries for `db`.
