@@ -1136,8 +1136,6 @@ impl Follower {
         db: &mut Arc<Database>,
         tmp: &Path,
     ) -> Result<(i64, String), String> {
-        use sha2::Digest;
-        use tokio::io::AsyncWriteExt;
         let path = format!("/api/replica/download?db={}&digest=trailer", db.name);
         let mut resp = self
             .request(state, reqwest::Method::GET, &path)
@@ -1164,8 +1162,6 @@ impl Follower {
         let version: i64 = version
             .parse()
             .map_err(|_| "snapshot without a version header".to_string())?;
-        let mut file = tokio::fs::File::create(tmp).await.map_err(|e| e.to_string())?;
-        let mut hasher = sha2::Sha256::new();
         // With `digest=trailer` the body ends with the raw sha256 of what came before it
         // (a master that predates it sends the hex digest in the header instead): the last
         // bytes seen are held back until more arrive.
@@ -1175,41 +1171,62 @@ impl Follower {
         } else {
             0
         };
+        // The bytes are hashed and written on a blocking thread of their own while the next
+        // ones arrive.
+        let file = std::fs::File::create(tmp).map_err(|e| e.to_string())?;
+        let (tx, rx) = tokio::sync::mpsc::channel::<actix_web::web::Bytes>(16);
+        let writer = tokio::task::spawn_blocking(move || write_hashed(file, rx));
         let mut tail: Vec<u8> = Vec::with_capacity(hold);
-        while let Some(chunk) = resp
-            .chunk()
-            .await
-            .map_err(|e| format!("downloading the snapshot: {e}"))?
-        {
-            let (body, keep) = if chunk.len() >= hold {
-                chunk.split_at(chunk.len() - hold)
-            } else {
-                tail.extend_from_slice(&chunk);
-                let cut = tail.len().saturating_sub(hold);
-                let held: Vec<u8> = tail.drain(..cut).collect();
-                hasher.update(&held);
-                file.write_all(&held).await.map_err(|e| e.to_string())?;
-                continue;
-            };
-            hasher.update(&tail);
-            file.write_all(&tail).await.map_err(|e| e.to_string())?;
-            hasher.update(body);
-            file.write_all(body).await.map_err(|e| e.to_string())?;
-            tail.clear();
-            tail.extend_from_slice(keep);
+        let received = async {
+            while let Some(chunk) = resp
+                .chunk()
+                .await
+                .map_err(|e| format!("downloading the snapshot: {e}"))?
+            {
+                let mut out = Vec::with_capacity(2);
+                if chunk.len() >= hold {
+                    if !tail.is_empty() {
+                        out.push(actix_web::web::Bytes::from(std::mem::take(&mut tail)));
+                    }
+                    out.push(chunk.slice(..chunk.len() - hold));
+                    tail.extend_from_slice(&chunk[chunk.len() - hold..]);
+                } else {
+                    tail.extend_from_slice(&chunk);
+                    let cut = tail.len().saturating_sub(hold);
+                    out.push(actix_web::web::Bytes::from(tail.drain(..cut).collect::<Vec<u8>>()));
+                }
+                for b in out {
+                    // A closed channel means the writer failed: its error is reported below.
+                    if tx.send(b).await.is_err() {
+                        return Ok(());
+                    }
+                }
+            }
+            Ok::<(), String>(())
         }
-        file.sync_all().await.map_err(|e| e.to_string())?;
-        drop(file);
-        let got = crate::util::hex(&hasher.finalize());
+        .await;
+        drop(tx);
+        let (file, digest) = writer
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| format!("writing the snapshot: {e}"))?;
+        received?;
+        let got = crate::util::hex(&digest);
         let want = if trailer { crate::util::hex(&tail) } else { sha };
         if tail.len() != hold || got != want {
             return Err("the snapshot's sha256 does not match the one the master sent".into());
         }
+        // The copy reaches the disk while it is checked: `quick_check` reads it from the page
+        // cache. Both must succeed before it replaces anything.
         let prepared: PathBuf = tmp.to_path_buf();
         let (e2, u2) = (epoch.clone(), uid.clone());
-        let hash = tokio::task::spawn_blocking(move || prepare_snapshot(&prepared, version, &e2, &u2))
-            .await
-            .map_err(|e| e.to_string())??;
+        let synced = tokio::task::spawn_blocking(move || file.sync_all());
+        let checked = tokio::task::spawn_blocking(move || prepare_snapshot(&prepared, version, &e2, &u2));
+        let (synced, checked) = futures_util::future::join(synced, checked).await;
+        synced
+            .map_err(|e| e.to_string())?
+            .map_err(|e| format!("syncing the snapshot: {e}"))?;
+        let hash = checked.map_err(|e| e.to_string())??;
         let src = tmp.to_path_buf();
         let served = db
             .read(|conn| Ok(local_state(conn)?.is_some()))
@@ -1299,6 +1316,22 @@ fn chain_break(hash: &str, entries: &[Entry]) -> Option<i64> {
         cur = &e.hash;
     }
     None
+}
+
+/// Writes the chunks `rx` brings to `file`, hashing them on the way; returns the file (not yet
+/// synced) and the sha256 of everything written.
+fn write_hashed(
+    mut file: std::fs::File,
+    mut rx: tokio::sync::mpsc::Receiver<actix_web::web::Bytes>,
+) -> std::io::Result<(std::fs::File, Vec<u8>)> {
+    use sha2::Digest;
+    use std::io::Write;
+    let mut hasher = sha2::Sha256::new();
+    while let Some(chunk) = rx.blocking_recv() {
+        hasher.update(&chunk);
+        file.write_all(&chunk)?;
+    }
+    Ok((file, hasher.finalize().to_vec()))
 }
 
 /// Checks a downloaded snapshot and records in it where it stands, so the restore carries its
