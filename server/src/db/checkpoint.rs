@@ -15,6 +15,12 @@
 //!   a background checkpoint that is running. Idle read snapshots end before every checkpoint
 //!   (see `pool.rs`). A slow, failing or stopped checkpointer costs speed, never an unbounded
 //!   WAL.
+//! - SQLite starts the WAL over only at a write that finds every frame copied, which a
+//!   background checkpoint never leaves behind while commits keep coming: the writer appends
+//!   during the copy. So past [`RESTART_FRAMES`] the thread chases the writer, and once it is
+//!   within [`CLOSE_FRAMES`] the writer copies those last frames itself (if no background
+//!   checkpoint is running), and the next commit starts the WAL over. The writer's share of
+//!   the copying stays small instead of being everything since the thread's last wake-up.
 //! - A commit is never reported failed because of a checkpoint: the hook swallows checkpoint
 //!   errors (SQLite would otherwise fail the statement of a transaction that did commit).
 
@@ -35,6 +41,10 @@ use super::pool::ReadPool;
 pub const BACKGROUND_FRAMES: c_int = 1000;
 /// WAL frames after which the writer checkpoints at its own commits.
 pub const INLINE_FRAMES: c_int = 4 * BACKGROUND_FRAMES;
+/// WAL frames after which the thread chases the writer and the writer finishes its copy.
+pub const RESTART_FRAMES: c_int = 2 * BACKGROUND_FRAMES;
+/// Frames the background copy may lag behind for the writer to finish it.
+pub const CLOSE_FRAMES: c_int = 256;
 
 /// The background checkpointer of one database, started at its first full WAL.
 pub struct Checkpointer {
@@ -51,6 +61,9 @@ pub struct Checkpointer {
     /// Held for every checkpoint: the writer's own waits for the thread's to finish instead of
     /// failing with SQLITE_BUSY while the WAL keeps growing.
     gate: Arc<Mutex<()>>,
+    /// The WAL's frames at the writer's last checkpoint: a WAL that did not start over after
+    /// it (a reader was in the way) is not finished again before another [`BACKGROUND_FRAMES`].
+    finished_at: AtomicI32,
 }
 
 impl Checkpointer {
@@ -63,6 +76,7 @@ impl Checkpointer {
             closed: AtomicBool::new(false),
             readers,
             gate: Arc::new(Mutex::new(())),
+            finished_at: AtomicI32::new(0),
         })
     }
 
@@ -79,19 +93,41 @@ impl Checkpointer {
     fn committed(&self, wal: &mut Wal, frames: c_int) {
         if frames >= INLINE_FRAMES {
             // Waits for a checkpoint of the thread's that is running (at most one).
-            let _gate = self.gate.lock().unwrap_or_else(|e| e.into_inner());
-            self.readers.release_snapshots();
-            // SQLITE_BUSY only when another process checkpoints: the next commit tries again.
-            if let Err(e) = wal.checkpoint() {
-                if e.sqlite_error_code() != Some(ErrorCode::DatabaseBusy) {
-                    log::warn!("checkpoint of '{}' at commit: {e}", self.name);
-                }
-            }
+            let gate = self.gate.lock().unwrap_or_else(|e| e.into_inner());
+            self.checkpoint_here(wal, frames, gate);
             return;
         }
+        // Larger than the WAL: the count of a WAL that has since started over.
         let copied = self.copied.load(Ordering::Relaxed);
-        if frames >= BACKGROUND_FRAMES && (frames < copied || frames - copied >= BACKGROUND_FRAMES) {
+        let behind = if copied > frames { frames } else { frames - copied };
+        let finished_at = self.finished_at.load(Ordering::Relaxed);
+        let again = finished_at > frames || frames - finished_at >= BACKGROUND_FRAMES;
+        if frames >= RESTART_FRAMES && behind <= CLOSE_FRAMES && again {
+            // A running background checkpoint is not waited for: it is the one catching up.
+            if let Ok(gate) = self.gate.try_lock() {
+                self.checkpoint_here(wal, frames, gate);
+                return;
+            }
+        }
+        let every = if frames >= RESTART_FRAMES {
+            CLOSE_FRAMES
+        } else {
+            BACKGROUND_FRAMES
+        };
+        if frames >= BACKGROUND_FRAMES && (frames < copied || behind >= every) {
             self.wake();
+        }
+    }
+
+    /// The writer's own checkpoint, under the gate.
+    fn checkpoint_here(&self, wal: &mut Wal, frames: c_int, _gate: std::sync::MutexGuard<'_, ()>) {
+        self.finished_at.store(frames, Ordering::Relaxed);
+        self.readers.release_snapshots();
+        // SQLITE_BUSY only when another process checkpoints: the next commit tries again.
+        if let Err(e) = wal.checkpoint() {
+            if e.sqlite_error_code() != Some(ErrorCode::DatabaseBusy) {
+                log::warn!("checkpoint of '{}' at commit: {e}", self.name);
+            }
         }
     }
 
@@ -230,6 +266,38 @@ mod tests {
         assert!(most <= INLINE_FRAMES as u64 + 10, "the WAL grew to {most} frames");
         let rows: i64 = conn.query_row("SELECT count(*) FROM t", [], |r| r.get(0)).unwrap();
         assert_eq!(rows, 10_000);
+    }
+
+    #[test]
+    fn the_writer_finishes_a_nearly_done_copy_so_the_wal_starts_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, conn, ckpt) = writer(&dir);
+        // No thread: this test copies the WAL the way it would.
+        ckpt.close();
+        commit(&conn, (RESTART_FRAMES / 3) as usize + 10);
+        // The copy runs while the writer is in a transaction, as it does under constant writes:
+        // the writer's next commit does not find the WAL fully copied, so SQLite does not start
+        // it over by itself.
+        conn.execute_batch("BEGIN IMMEDIATE").unwrap();
+        conn.execute("INSERT INTO t (v) VALUES (randomblob(4000))", []).unwrap();
+        let other = super::super::open_connection(&path, false).unwrap();
+        let (log, done) = other
+            .wal_checkpoint_v2(Some(rusqlite::MAIN_DB), CheckpointMode::PASSIVE)
+            .unwrap();
+        assert_eq!(log, done, "the copy took every committed frame");
+        assert!(done >= RESTART_FRAMES, "{done} frames");
+        ckpt.copied.store(done, Ordering::Relaxed);
+        // A few frames behind: this commit's checkpoint copies them, and the next one starts
+        // the WAL over, so 600 more commits (1,800 frames) reuse its start.
+        conn.execute_batch("COMMIT").unwrap();
+        commit(&conn, 600);
+        let most = wal_frames(&path);
+        assert!(
+            most <= done as u64 + 10,
+            "the WAL grew to {most} frames after a copy of {done}"
+        );
+        let rows: i64 = conn.query_row("SELECT count(*) FROM t", [], |r| r.get(0)).unwrap();
+        assert_eq!(rows, (RESTART_FRAMES / 3) as i64 + 10 + 1 + 600);
     }
 
     #[test]
