@@ -90,31 +90,50 @@ fn measure(
     secs: u64,
     op: impl Fn(&reqwest::blocking::Client, usize, usize) + Send + Sync + 'static,
 ) -> f64 {
+    measure_timed(workers, secs, op).0
+}
+
+/// [`measure`], and the time each request took, sorted.
+fn measure_timed(
+    workers: usize,
+    secs: u64,
+    op: impl Fn(&reqwest::blocking::Client, usize, usize) + Send + Sync + 'static,
+) -> (f64, Vec<Duration>) {
     let op = Arc::new(op);
-    let done = Arc::new(AtomicUsize::new(0));
     let start = Instant::now();
     let deadline = start + Duration::from_secs(secs);
     let handles: Vec<_> = (0..workers)
         .map(|w| {
-            let (op, done) = (op.clone(), done.clone());
+            let op = op.clone();
             std::thread::spawn(move || {
                 let client = reqwest::blocking::Client::builder()
                     .pool_max_idle_per_host(1)
                     .build()
                     .expect("client");
+                let mut took = Vec::new();
                 let mut i = 0;
-                while Instant::now() < deadline {
+                loop {
+                    let t = Instant::now();
+                    if t >= deadline {
+                        break took;
+                    }
                     op(&client, w, i);
+                    took.push(t.elapsed());
                     i += 1;
-                    done.fetch_add(1, Ordering::Relaxed);
                 }
             })
         })
         .collect();
-    for h in handles {
-        h.join().expect("worker");
-    }
-    done.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64()
+    let mut took: Vec<Duration> = handles.into_iter().flat_map(|h| h.join().expect("worker")).collect();
+    let rate = took.len() as f64 / start.elapsed().as_secs_f64();
+    took.sort();
+    (rate, took)
+}
+
+/// The `q` quantile (0..=1) of sorted durations, in milliseconds.
+fn quantile_ms(sorted: &[Duration], q: f64) -> f64 {
+    let i = ((sorted.len() as f64 * q) as usize).min(sorted.len().saturating_sub(1));
+    sorted.get(i).map_or(0.0, |d| d.as_secs_f64() * 1000.0)
 }
 
 fn check(resp: reqwest::blocking::Response) -> Value {
@@ -259,8 +278,13 @@ fn bench_master(changelog: &str) -> vski_tests::Node {
 }
 
 fn create_rate(node: &vski_tests::Node, conns: usize, secs: u64) -> f64 {
+    create_timed(node, conns, secs).0
+}
+
+/// [`create_rate`], and the time each create took, sorted.
+fn create_timed(node: &vski_tests::Node, conns: usize, secs: u64) -> (f64, Vec<Duration>) {
     let url = node.url.clone();
-    measure(conns, secs, move |client, w, i| {
+    measure_timed(conns, secs, move |client, w, i| {
         let body = json!({"title": format!("Post title number {w}-{i}"), "n": i});
         check(
             client
@@ -287,17 +311,25 @@ fn replication_suite(args: &Args) {
         // Alternate on/off runs and take medians: the client shares the machine's two cores, so
         // single runs are noisy. Server CPU per request is the steadier figure.
         let (mut on, mut off, mut on_cpu, mut off_cpu) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let (mut on_tail, mut off_tail) = (Vec::new(), Vec::new());
         for _ in 0..5 {
-            for (mode, rates, cpus) in [("on", &mut on, &mut on_cpu), ("off", &mut off, &mut off_cpu)] {
+            for (mode, rates, cpus, tails) in [
+                ("on", &mut on, &mut on_cpu, &mut on_tail),
+                ("off", &mut off, &mut off_cpu, &mut off_tail),
+            ] {
                 let n = bench_master(mode);
                 let cpu0 = vski_tests::cpu_seconds(n.pid());
-                let rate = create_rate(&n, c, args.seconds);
+                let (rate, took) = create_timed(&n, c, args.seconds);
                 let cpu = vski_tests::cpu_seconds(n.pid()) - cpu0;
                 rates.push(rate);
                 cpus.push(cpu * 1e6 / (rate * args.seconds as f64));
+                tails.push((quantile_ms(&took, 0.99), quantile_ms(&took, 0.999)));
             }
         }
         let (on, off, on_cpu, off_cpu) = (median(on), median(off), median(on_cpu), median(off_cpu));
+        let pick = |v: &[(f64, f64)], f: fn(&(f64, f64)) -> f64| median(v.iter().map(f).collect());
+        let (on_p99, off_p99) = (pick(&on_tail, |p| p.0), pick(&off_tail, |p| p.0));
+        let (on_p999, off_p999) = (pick(&on_tail, |p| p.1), pick(&off_tail, |p| p.1));
         println!(
             "{:<44} {:>12.0} {:>12.0} {:>9.1}%   target: <= 10%",
             format!("  {c} connection(s), req/s (median of 5)"),
@@ -311,6 +343,14 @@ fn replication_suite(args: &Args) {
             on_cpu,
             off_cpu,
             (on_cpu / off_cpu - 1.0) * 100.0
+        );
+        println!(
+            "{:<44} {:>12.2} {:>12.2}",
+            "    p99 latency of a create, ms", on_p99, off_p99
+        );
+        println!(
+            "{:<44} {:>12.2} {:>12.2}",
+            "    p99.9 latency of a create, ms", on_p999, off_p999
         );
     }
 
