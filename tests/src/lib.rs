@@ -386,6 +386,27 @@ fn unique_log(base: &Path) -> PathBuf {
 impl Drop for Node {
     fn drop(&mut self) {
         self.kill();
+        // A failing test shows what the server logged last: an assertion on a 500 alone rarely
+        // says why.
+        if std::thread::panicking() {
+            eprintln!(
+                "--- the last lines of the log of the vski at {} ---\n{}",
+                self.url,
+                last_lines(&self.log(), 40)
+            );
+        }
+    }
+}
+
+/// The last `n` lines of `text` (all of it when it has fewer).
+pub fn last_lines(text: &str, n: usize) -> &str {
+    let body = text.strip_suffix('\n').unwrap_or(text);
+    if n == 0 {
+        return "";
+    }
+    match body.rmatch_indices('\n').nth(n - 1) {
+        Some((i, _)) => &text[i + 1..],
+        None => text,
     }
 }
 
@@ -747,4 +768,17 @@ pub fn free_port() -> u16 {
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
         .expect("a free port")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::last_lines;
+
+    #[test]
+    fn last_lines_keeps_the_end() {
+        assert_eq!(last_lines("a\nb\nc\n", 2), "b\nc\n");
+        assert_eq!(last_lines("a\nb\nc", 2), "b\nc");
+        assert_eq!(last_lines("a\nb", 5), "a\nb");
+        assert_eq!(last_lines("", 3), "");
+    }
 }

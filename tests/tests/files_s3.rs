@@ -17,13 +17,19 @@ const BUCKET: &str = "vski-files";
 struct Seaweed {
     child: Child,
     endpoint: String,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
 }
 
 impl Drop for Seaweed {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        // A failing test shows what the S3 server said (a full disk leaves it without volumes,
+        // and vski only sees its requests time out).
+        if std::thread::panicking() {
+            let log = std::fs::read_to_string(self.dir.path().join("weed.log")).unwrap_or_default();
+            eprintln!("--- the last lines of SeaweedFS's log ---\n{}", last_lines(&log, 30));
+        }
     }
 }
 
@@ -64,7 +70,7 @@ fn seaweed() -> Seaweed {
         .env("AWS_SECRET_ACCESS_KEY", KEY)
         .env("S3_BUCKET", BUCKET)
         .stdout(Stdio::null())
-        .stderr(Stdio::null());
+        .stderr(std::fs::File::create(dir.path().join("weed.log")).unwrap());
     die_with_parent(&mut cmd);
     let child = cmd
         .spawn()
@@ -74,11 +80,7 @@ fn seaweed() -> Seaweed {
     wait_for("SeaweedFS's S3 endpoint", Duration::from_secs(60), || {
         reqwest::blocking::get(&probe).ok().map(|_| ())
     });
-    Seaweed {
-        child,
-        endpoint,
-        _dir: dir,
-    }
+    Seaweed { child, endpoint, dir }
 }
 
 fn s3_env(opts: NodeOptions, sw: &Seaweed) -> NodeOptions {
