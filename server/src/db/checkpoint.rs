@@ -97,7 +97,8 @@ impl Checkpointer {
             self.checkpoint_here(wal, frames, gate);
             return;
         }
-        // Larger than the WAL: the count of a WAL that has since started over.
+        // A count larger than the WAL is that of a WAL that has since started over: none of
+        // this one is copied.
         let copied = self.copied.load(Ordering::Relaxed);
         let behind = if copied > frames { frames } else { frames - copied };
         let finished_at = self.finished_at.load(Ordering::Relaxed);
@@ -114,7 +115,7 @@ impl Checkpointer {
         } else {
             BACKGROUND_FRAMES
         };
-        if frames >= BACKGROUND_FRAMES && (frames < copied || behind >= every) {
+        if frames >= BACKGROUND_FRAMES && behind >= every {
             self.wake();
         }
     }

@@ -604,26 +604,26 @@ fn send_file(
     mut file: std::fs::File,
     mut digest: Option<sha2::Sha256>,
 ) -> impl futures_util::Stream<Item = std::io::Result<actix_web::web::Bytes>> {
-    use actix_web::web::{Bytes, BytesMut};
+    use actix_web::web::Bytes;
     use sha2::Digest;
     use std::io::Read;
     let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<Bytes>>(4);
     tokio::task::spawn_blocking(move || {
         loop {
-            let mut buf = BytesMut::zeroed(SEND_CHUNK);
-            let n = match file.read(&mut buf) {
+            // Read into spare capacity: no chunk is zeroed first.
+            let mut buf = Vec::with_capacity(SEND_CHUNK);
+            match (&mut file).take(SEND_CHUNK as u64).read_to_end(&mut buf) {
                 Ok(0) => break,
-                Ok(n) => n,
+                Ok(_) => {}
                 Err(e) => {
                     let _ = tx.blocking_send(Err(e));
                     return;
                 }
-            };
-            buf.truncate(n);
+            }
             if let Some(h) = digest.as_mut() {
                 h.update(&buf);
             }
-            if tx.blocking_send(Ok(buf.freeze())).is_err() {
+            if tx.blocking_send(Ok(Bytes::from(buf))).is_err() {
                 return;
             }
         }
