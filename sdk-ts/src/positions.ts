@@ -1,6 +1,7 @@
 /**
  * The client's session: the newest `X-Db-Position` it has seen per database. The token is
- * opaque to applications; the SDK reads it as `<epoch>.<uid>.<version>` to keep the highest.
+ * opaque to applications; the SDK reads it as `<epoch>.<uid>.<version>[.<hash>]` to keep the
+ * highest.
  */
 export class Positions {
   private readonly byDb = new Map<string, string>();
@@ -34,8 +35,10 @@ export class Positions {
 }
 
 function parse(token: string): { history: string; version: number } | null {
-  const at = token.lastIndexOf(".");
-  if (at <= 0) return null;
-  const version = Number(token.slice(at + 1));
-  return Number.isSafeInteger(version) ? { history: token.slice(0, at), version } : null;
+  // `<epoch>.<uid>.<version>`, with the chained hash after it (`.<hash>`): the history is
+  // compared by epoch and uid here; the server compares the hash.
+  const parts = token.split(".");
+  if (parts.length !== 3 && parts.length !== 4) return null;
+  const version = Number(parts[2]);
+  return Number.isSafeInteger(version) ? { history: `${parts[0]}.${parts[1]}`, version } : null;
 }

@@ -397,4 +397,10 @@ pub struct ServeConfig {
     /// endpoint answers 429 with Retry-After. 0 turns the limit off.
     #[arg(long, env = "AUTH_RATE_LIMIT", default_value_t = 20)]
     pub auth_rate_limit: u32,
+
+    /// Start in REPLICA_MODE although the data directory was last run in the other role: its
+    /// databases and files are moved aside to `DATA_DIR/.role-change/ROLE-TIME/` (never deleted)
+    /// and the node starts empty. Without it such a start is refused.
+    #[arg(long, env = "ALLOW_ROLE_CHANGE", default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    pub allow_role_change: bool,
 }

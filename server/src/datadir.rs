@@ -90,25 +90,169 @@ pub fn lock(dir: &Path) -> std::io::Result<DirLock> {
     Ok(DirLock { _file: file, path })
 }
 
-/// Records the role of the server starting on `dir`.
-pub fn write_mode(dir: &Path, replica: bool) -> std::io::Result<()> {
-    std::fs::write(dir.join(MODE_FILE), if replica { "replica\n" } else { "master\n" })
+/// The role a server plays on a data directory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Master,
+    Replica,
 }
 
-/// Whether the last server on `dir` was a replica (by the marker, or by the replica state
-/// kept in its `default` database).
-pub fn is_replica_dir(dir: &Path) -> bool {
-    let marker = std::fs::read_to_string(dir.join(MODE_FILE)).unwrap_or_default();
-    if marker.trim() == "replica" {
-        return true;
+impl Role {
+    pub fn of(replica: bool) -> Role {
+        if replica { Role::Replica } else { Role::Master }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Role::Master => "master",
+            Role::Replica => "replica",
+        }
+    }
+}
+
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Where [`claim_role`] moves a directory's data when its role changes.
+const ROLE_CHANGE_DIR: &str = ".role-change";
+
+/// Records the role of the server starting on `dir`.
+pub fn write_mode(dir: &Path, replica: bool) -> std::io::Result<()> {
+    std::fs::write(dir.join(MODE_FILE), format!("{}\n", Role::of(replica)))
+}
+
+/// The role the last server on `dir` played: the marker, or for a directory written before
+/// markers existed, the replica state kept in its `default` database (a replica) or any
+/// database file (a master). `None` for a directory that holds no data.
+pub fn last_role(dir: &Path) -> Option<Role> {
+    match std::fs::read_to_string(dir.join(MODE_FILE)).unwrap_or_default().trim() {
+        "replica" => return Some(Role::Replica),
+        "master" => return Some(Role::Master),
+        _ => {}
     }
     let db = dir.join("default.db");
-    if !db.exists() {
-        return false;
+    let has_state = db.exists()
+        && rusqlite::Connection::open_with_flags(&db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .and_then(|c| crate::db::table_exists(&c, "_replica_state"))
+            .unwrap_or(false);
+    if has_state {
+        Some(Role::Replica)
+    } else if held_data(dir).is_empty() {
+        None
+    } else {
+        Some(Role::Master)
     }
-    rusqlite::Connection::open_with_flags(&db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
-        .and_then(|c| crate::db::table_exists(&c, "_replica_state"))
-        .unwrap_or(false)
+}
+
+/// Whether the last server on `dir` was a replica.
+pub fn is_replica_dir(dir: &Path) -> bool {
+    last_role(dir) == Some(Role::Replica)
+}
+
+/// The entries of `dir` that hold data: database files (with their WAL and shared-memory
+/// files) and the local file storage. Sorted by name.
+fn held_data(dir: &Path) -> Vec<PathBuf> {
+    let mut out: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.path())
+                .filter(|p| {
+                    let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
+                    name == "storage" || name.ends_with(".db") || name.ends_with(".db-wal") || name.ends_with(".db-shm")
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    out.sort();
+    out
+}
+
+/// What `paths` hold, in a few words: the databases by name and their total size, and whether
+/// there is file storage.
+fn describe(paths: &[PathBuf]) -> String {
+    let mut dbs = Vec::new();
+    let mut bytes = 0u64;
+    let mut storage = false;
+    for p in paths {
+        let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        if name == "storage" {
+            storage = true;
+            continue;
+        }
+        bytes += std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
+        if let Some(db) = name.strip_suffix(".db") {
+            dbs.push(db.to_string());
+        }
+    }
+    let mut out = format!(
+        "{} database{} ({}; {:.1} MB)",
+        dbs.len(),
+        if dbs.len() == 1 { "" } else { "s" },
+        dbs.join(", "),
+        bytes as f64 / 1e6
+    );
+    if storage {
+        out.push_str(" and uploaded files in storage/");
+    }
+    out
+}
+
+/// Checks that `dir` may be started in role `role`, then records the role.
+///
+/// A directory last run in the other role that holds data is refused, naming the role and what
+/// it holds: a replica would replace a master's databases with another master's snapshot, and
+/// a master would take writes on a copy of someone else's history. With `allow_change` its
+/// data is moved aside to `.role-change/OLDROLE-UNIXTIME/` instead (never deleted), and that
+/// path is returned. An empty directory takes any role.
+pub fn claim_role(dir: &Path, role: Role, allow_change: bool) -> std::io::Result<Option<PathBuf>> {
+    let mut moved = None;
+    match last_role(dir) {
+        Some(last) if last != role => {
+            let held = held_data(dir);
+            if !held.is_empty() {
+                if !allow_change {
+                    let consequence = match role {
+                        Role::Replica => "starting it as a replica would replace them with the master's snapshot",
+                        Role::Master => {
+                            "starting it as a master would take writes on a copy of another master's history"
+                        }
+                    };
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::AlreadyExists,
+                        format!(
+                            "data directory {} was last run as a {last} and holds {}; {consequence}. \
+                             Start it as a {last} again, give this {role} an empty directory, or set \
+                             ALLOW_ROLE_CHANGE=true (--allow-role-change) to move that data aside to \
+                             {}/ and start empty",
+                            dir.display(),
+                            describe(&held),
+                            dir.join(ROLE_CHANGE_DIR).display()
+                        ),
+                    ));
+                }
+                let secs = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_secs())
+                    .unwrap_or(0);
+                let aside = dir.join(ROLE_CHANGE_DIR).join(format!("{last}-{secs}"));
+                std::fs::create_dir_all(&aside)?;
+                for p in &held {
+                    if let Some(name) = p.file_name() {
+                        std::fs::rename(p, aside.join(name))?;
+                    }
+                }
+                // The replica's id and position-related state go with its data.
+                let _ = std::fs::rename(dir.join(".replica_id"), aside.join(".replica_id"));
+                moved = Some(aside);
+            }
+        }
+        _ => {}
+    }
+    write_mode(dir, role == Role::Replica)?;
+    Ok(moved)
 }
 
 #[cfg(test)]
@@ -135,6 +279,58 @@ mod tests {
         assert!(ensure(&dir, false).unwrap_err().to_string().contains("--create"));
         ensure(&dir, true).unwrap();
         assert!(dir.is_dir());
+    }
+
+    /// A directory with one database file, last run as `role`.
+    fn dir_with_data(role: Role) -> tempfile::TempDir {
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::write(tmp.path().join("default.db"), b"x").unwrap();
+        std::fs::create_dir(tmp.path().join("storage")).unwrap();
+        write_mode(tmp.path(), role == Role::Replica).unwrap();
+        tmp
+    }
+
+    #[test]
+    fn a_directory_of_the_other_role_is_refused_and_left_alone() {
+        let tmp = dir_with_data(Role::Master);
+        let err = claim_role(tmp.path(), Role::Replica, false).unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            msg.contains("was last run as a master and holds 1 database (default;"),
+            "{msg}"
+        );
+        assert!(msg.contains("storage/"), "{msg}");
+        assert!(msg.contains("ALLOW_ROLE_CHANGE"), "{msg}");
+        assert!(tmp.path().join("default.db").exists());
+        assert_eq!(last_role(tmp.path()), Some(Role::Master));
+    }
+
+    #[test]
+    fn a_role_change_when_allowed_moves_the_data_aside() {
+        let tmp = dir_with_data(Role::Replica);
+        let aside = claim_role(tmp.path(), Role::Master, true)
+            .unwrap()
+            .expect("moved aside");
+        assert!(aside.starts_with(tmp.path().join(".role-change")));
+        assert!(aside.file_name().unwrap().to_str().unwrap().starts_with("replica-"));
+        assert_eq!(std::fs::read(aside.join("default.db")).unwrap(), b"x");
+        assert!(aside.join("storage").is_dir());
+        assert!(!tmp.path().join("default.db").exists());
+        assert_eq!(last_role(tmp.path()), Some(Role::Master));
+    }
+
+    #[test]
+    fn an_empty_directory_or_the_same_role_starts_as_it_is() {
+        let tmp = tempfile::tempdir().unwrap();
+        assert_eq!(claim_role(tmp.path(), Role::Replica, false).unwrap(), None);
+        let tmp = dir_with_data(Role::Master);
+        assert_eq!(claim_role(tmp.path(), Role::Master, false).unwrap(), None);
+        assert!(tmp.path().join("default.db").exists());
+        // Data written before markers existed: database files without `_replica_state` are a
+        // master's.
+        std::fs::remove_file(tmp.path().join(".node_mode")).unwrap();
+        assert_eq!(last_role(tmp.path()), Some(Role::Master));
+        assert!(claim_role(tmp.path(), Role::Replica, false).is_err());
     }
 
     #[test]

@@ -11,14 +11,14 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .service(resource("/api/health").route(web::get().to(health)));
 }
 
-/// 200 while the node can serve. A replica that never got data from its master answers 503
-/// (load balancers must not send it traffic); one that synced before keeps answering 200 when
+/// 200 while the node can serve. A replica that never got data from its master, or whose token
+/// the master refuses (another `JWT_SECRET`, clock skew), answers 503 with the reason (load
+/// balancers must not send it traffic); one that synced before keeps answering 200 when
 /// the master goes away, and says how stale it is (`stale`, `lastError`, `secondsSinceLastSync`).
 async fn health(state: web::Data<AppState>) -> HttpResponse {
     let mut body = json!({"status": "ok", "code": 200, "message": "API is healthy."});
-    if state.follower.as_ref().is_some_and(|f| !f.is_ready()) {
-        body = json!({"status": "unavailable", "code": 503,
-                      "message": "replica is not ready: it has no data from the master yet"});
+    if let Some(why) = state.follower.as_ref().and_then(|f| f.unready_reason()) {
+        body = json!({"status": "unavailable", "code": 503, "message": why});
     }
     match &state.follower {
         Some(f) => {

@@ -58,7 +58,13 @@ fn open_data_dir(config: &ServeConfig) -> std::io::Result<datadir::DirLock> {
     datadir::private_umask();
     datadir::ensure(&config.data_dir, true)?;
     let lock = datadir::lock(&config.data_dir)?;
-    datadir::write_mode(&config.data_dir, config.is_replica())?;
+    let role = datadir::Role::of(config.is_replica());
+    if let Some(aside) = datadir::claim_role(&config.data_dir, role, config.allow_role_change)? {
+        log::warn!(
+            "ALLOW_ROLE_CHANGE: the data of the previous role was moved to {}; this {role} starts empty",
+            aside.display()
+        );
+    }
     Ok(lock)
 }
 

@@ -172,21 +172,21 @@ impl AppState {
             .ok_or_else(|| ApiError::not_found(format!("Collection '{id_or_name}' not found.")))
     }
 
-    /// The `X-Db-Position` token of database `name` on this node: `<epoch>.<uid>.<version>`,
+    /// The `X-Db-Position` token of database `name` on this node (see `replica/position.rs`),
     /// naming the history and the version (on a master its newest commit, on a replica what it
     /// has applied). `None` for databases that do not replicate.
     pub fn position_token(&self, name: &str) -> Option<String> {
         if !is_replicated_db(name) {
             return None;
         }
-        let (epoch, uid, version) = match &self.follower {
+        let position = match &self.follower {
             Some(f) => f.position(name)?,
             None => {
-                let (uid, version) = self.dbs.get(name)?.position()?;
-                (self.master.epoch.clone(), uid, version)
+                let (uid, version, hash) = self.dbs.get(name)?.position()?;
+                crate::replica::position::Position::new(&self.master.epoch, &uid, version, &hash)
             }
         };
-        Some(format!("{epoch}.{uid}.{version}"))
+        Some(position.token())
     }
 
     /// Whether at least one admin exists.

@@ -114,6 +114,9 @@ pub struct NodeOptions {
     pub port: Option<u16>,
     /// Do not wait for `/health` to answer 200 (a replica that cannot sync answers 503).
     pub unready: bool,
+    /// Why this node may panic (see [`NodeOptions::may_panic`]); `None`: a `panicked at` in
+    /// its log fails the test when the node stops.
+    pub may_panic: Option<String>,
 }
 
 impl NodeOptions {
@@ -125,6 +128,14 @@ impl NodeOptions {
     /// Start without waiting for the node to be healthy, only for it to answer.
     pub fn unready(mut self) -> Self {
         self.unready = true;
+        self
+    }
+
+    /// Lets this node's log hold a panic without failing the test, for `reason` (a test that
+    /// provokes one on purpose). Every other node's panic fails its test when the node stops,
+    /// even one that retries hid from the assertions.
+    pub fn may_panic(mut self, reason: &str) -> Self {
+        self.may_panic = Some(reason.to_string());
         self
     }
 }
@@ -259,6 +270,7 @@ impl Node {
         self.opts.port = Some(port);
         // Also used after `terminate`/`kill`: then there is no process left to stop.
         self.kill();
+        self.check_no_panic();
         let tmp = self.tmp_handle.take();
         Node::start(self.data_dir.clone(), self.opts.clone(), tmp)
     }
@@ -383,6 +395,25 @@ fn unique_log(base: &Path) -> PathBuf {
     unreachable!()
 }
 
+impl Node {
+    /// Fails the test when this node's log holds a panic it was not allowed (see
+    /// [`NodeOptions::may_panic`]). Called whenever a node stops, through any path.
+    fn check_no_panic(&self) {
+        if self.opts.may_panic.is_some() || std::thread::panicking() {
+            return;
+        }
+        let log = self.log();
+        if let Some(at) = log.find("panicked at") {
+            let start = log[..at].rfind('\n').map_or(0, |i| i + 1);
+            panic!(
+                "the vski at {} panicked (a panic fails its test even when retries hid it):\n{}",
+                self.url,
+                last_lines(&log[start..], 40)
+            );
+        }
+    }
+}
+
 impl Drop for Node {
     fn drop(&mut self) {
         self.kill();
@@ -395,6 +426,7 @@ impl Drop for Node {
                 last_lines(&self.log(), 40)
             );
         }
+        self.check_no_panic();
     }
 }
 
@@ -545,13 +577,18 @@ pub fn checksum_of(path: &Path) -> String {
 
 /// Starts a replica of `master` (with `secret`, the master's JWT_SECRET) on a fresh data directory.
 pub fn spawn_replica(master: &Node, secret: &str, opts: NodeOptions) -> Node {
+    spawn_replica_of(&master.url, secret, opts)
+}
+
+/// [`spawn_replica`] of the master at `master_url` (a proxy in front of it, say).
+pub fn spawn_replica_of(master_url: &str, secret: &str, opts: NodeOptions) -> Node {
     let tmp = std::sync::Arc::new(tempfile::tempdir().expect("temp dir"));
     let dir = tmp.path().join("data");
     let opts = NodeOptions {
         env: [
             vec![
                 ("REPLICA_MODE".to_string(), "replica".to_string()),
-                ("MASTER_URL".to_string(), master.url.clone()),
+                ("MASTER_URL".to_string(), master_url.to_string()),
                 ("JWT_SECRET".to_string(), secret.to_string()),
             ],
             opts.env,
@@ -762,6 +799,14 @@ pub fn connections_to(pid: u32, port: u16) -> usize {
     n
 }
 
+/// `bash` under `timeout`: killed (and the test failed by its exit status, 124 or 137) when it
+/// runs past `limit`, so a hanging example fails in minutes instead of holding CI.
+pub fn bash_within(limit: Duration) -> Command {
+    let mut cmd = Command::new("timeout");
+    cmd.args(["--kill-after=10", &limit.as_secs().to_string(), "bash"]);
+    cmd
+}
+
 /// A TCP port free on loopback right now (for programs that must be told their port).
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -781,4 +826,206 @@ mod tests {
         assert_eq!(last_lines("a\nb", 5), "a\nb");
         assert_eq!(last_lines("", 3), "");
     }
+}
+
+/// A TCP proxy on loopback in front of a server, with faults a test turns on and off: a
+/// frozen link (bytes stop flowing both ways, connections stay open, as in a partition), and
+/// HTTP error answers injected in place of chosen requests. Stops with its drop.
+pub struct FaultProxy {
+    pub port: u16,
+    state: std::sync::Arc<ProxyState>,
+}
+
+#[derive(Default)]
+struct ProxyState {
+    frozen: std::sync::atomic::AtomicBool,
+    stop: std::sync::atomic::AtomicBool,
+    /// Requests whose request line contains the text get the status instead of going through,
+    /// this many times.
+    fail: std::sync::Mutex<Option<(String, u16, usize)>>,
+    injected: std::sync::atomic::AtomicUsize,
+    /// Answers to requests whose request line contains this text get one body byte flipped.
+    corrupt: std::sync::Mutex<Option<String>>,
+    corrupted: std::sync::atomic::AtomicUsize,
+    /// Bytes per second each connection may carry from the server (0: no limit).
+    rate: std::sync::atomic::AtomicU64,
+}
+
+impl FaultProxy {
+    /// A proxy to `upstream` (`http://127.0.0.1:PORT` or `127.0.0.1:PORT`).
+    pub fn start(upstream: &str) -> FaultProxy {
+        let upstream: std::net::SocketAddr = upstream
+            .trim_start_matches("http://")
+            .trim_end_matches('/')
+            .parse()
+            .expect("upstream address");
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind proxy");
+        listener.set_nonblocking(true).expect("nonblocking");
+        let port = listener.local_addr().expect("addr").port();
+        let state = std::sync::Arc::new(ProxyState::default());
+        let st = state.clone();
+        std::thread::spawn(move || {
+            while !st.stop.load(std::sync::atomic::Ordering::SeqCst) {
+                match listener.accept() {
+                    Ok((client, _)) => {
+                        let Ok(server) = std::net::TcpStream::connect_timeout(&upstream, Duration::from_secs(5)) else {
+                            continue;
+                        };
+                        proxy_pair(client, server, st.clone());
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                }
+            }
+        });
+        FaultProxy { port, state }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Stops every byte both ways, on open and new connections alike, until [`FaultProxy::thaw`].
+    pub fn freeze(&self) {
+        self.state.frozen.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    pub fn thaw(&self) {
+        self.state.frozen.store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Answers the next `times` requests whose request line contains `path` with `status`
+    /// (and closes their connection) instead of passing them on.
+    pub fn fail_next(&self, path: &str, status: u16, times: usize) {
+        *self.state.fail.lock().unwrap() = Some((path.to_string(), status, times));
+    }
+
+    /// How many answers were injected so far.
+    pub fn injected(&self) -> usize {
+        self.state.injected.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Flips one byte of the body of every answer to a request whose request line contains
+    /// `path` (on the way back, so the server sent the right bytes).
+    pub fn corrupt(&self, path: &str) {
+        *self.state.corrupt.lock().unwrap() = Some(path.to_string());
+    }
+
+    pub fn stop_corrupting(&self) {
+        *self.state.corrupt.lock().unwrap() = None;
+    }
+
+    /// How many answers were damaged so far.
+    pub fn corrupted(&self) -> usize {
+        self.state.corrupted.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Limits each connection to `bytes_per_sec` from the server (a slow link).
+    pub fn throttle(&self, bytes_per_sec: u64) {
+        self.state
+            .rate
+            .store(bytes_per_sec, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Drop for FaultProxy {
+    fn drop(&mut self) {
+        self.state.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// Pumps both directions of one proxied connection on two threads.
+fn proxy_pair(client: std::net::TcpStream, server: std::net::TcpStream, st: std::sync::Arc<ProxyState>) {
+    for s in [&client, &server] {
+        s.set_read_timeout(Some(Duration::from_millis(50)))
+            .expect("read timeout");
+    }
+    let (c2, s2) = (client.try_clone().expect("clone"), server.try_clone().expect("clone"));
+    let st2 = st.clone();
+    let last_request = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let lr2 = last_request.clone();
+    std::thread::spawn(move || pump(client, server, st, true, last_request));
+    std::thread::spawn(move || pump(s2, c2, st2, false, lr2));
+}
+
+fn pump(
+    mut from: std::net::TcpStream,
+    mut to: std::net::TcpStream,
+    st: std::sync::Arc<ProxyState>,
+    requests: bool,
+    last_request: std::sync::Arc<std::sync::Mutex<String>>,
+) {
+    use std::io::{Read, Write};
+    use std::sync::atomic::Ordering::SeqCst;
+    let mut buf = vec![0u8; 64 * 1024];
+    // Answers: whether the one being relayed is to be damaged and its headers are not over yet
+    // (`Some(false)`), or its next body byte is to be flipped (`Some(true)`).
+    let mut flip: Option<bool> = None;
+    loop {
+        if st.stop.load(SeqCst) {
+            break;
+        }
+        if st.frozen.load(SeqCst) {
+            std::thread::sleep(Duration::from_millis(10));
+            continue;
+        }
+        let n = match from.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => continue,
+            Err(_) => break,
+        };
+        if requests {
+            let line_end = buf[..n].iter().position(|b| *b == b'\n').unwrap_or(n);
+            let line = String::from_utf8_lossy(&buf[..line_end]).to_string();
+            if line.contains(" HTTP/1.") {
+                *last_request.lock().unwrap() = line.clone();
+            }
+            let mut fail = st.fail.lock().unwrap();
+            if let Some((path, status, left)) = fail.as_mut() {
+                if line.contains(path.as_str()) && *left > 0 {
+                    *left -= 1;
+                    let body = format!("{{\"status\":{status},\"message\":\"injected by the test's proxy\"}}");
+                    let _ = write!(
+                        from,
+                        "HTTP/1.1 {status} Injected\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                        body.len()
+                    );
+                    st.injected.fetch_add(1, SeqCst);
+                    drop(fail);
+                    let _ = from.shutdown(std::net::Shutdown::Both);
+                    let _ = to.shutdown(std::net::Shutdown::Both);
+                    return;
+                }
+            }
+        }
+        if !requests {
+            if buf[..n].starts_with(b"HTTP/1.") {
+                let needle = st.corrupt.lock().unwrap().clone();
+                let req = last_request.lock().unwrap().clone();
+                flip = needle.filter(|n| req.contains(n.as_str())).map(|_| false);
+            }
+            let mut body_from = 0;
+            if flip == Some(false) {
+                if let Some(i) = buf[..n].windows(4).position(|w| w == b"\r\n\r\n") {
+                    flip = Some(true);
+                    body_from = i + 4;
+                }
+            }
+            if flip == Some(true) && body_from < n {
+                // Past the first body bytes, so a chunked body's size line is not hit.
+                let at = (body_from + 16).min(n - 1);
+                buf[at] ^= 0x5a;
+                flip = None;
+                st.corrupted.fetch_add(1, SeqCst);
+            }
+            let rate = st.rate.load(SeqCst);
+            if rate > 0 {
+                std::thread::sleep(Duration::from_secs_f64(n as f64 / rate as f64));
+            }
+        }
+        if to.write_all(&buf[..n]).is_err() {
+            break;
+        }
+    }
+    let _ = to.shutdown(std::net::Shutdown::Write);
 }

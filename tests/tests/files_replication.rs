@@ -137,10 +137,15 @@ fn a_replica_killed_during_file_sync_converges() {
         upload(&m, 2, 1_000_000, i);
     }
     let total = tree(&m).len();
-    let mut r = spawn_replica(&m, SECRET, NodeOptions::default().env("SYNC_INTERVAL", "1"));
+    // Through a link of 4 MB/s the 60 MB of files take about 15 s to arrive, so the kill
+    // below falls in the middle of the sync, not after it.
+    let proxy = FaultProxy::start(&m.url);
+    proxy.throttle(4_000_000);
+    let mut r = spawn_replica_of(&proxy.url(), SECRET, NodeOptions::default().env("SYNC_INTERVAL", "1"));
     // Kill it once some files have arrived, and before all of them have.
     let mut caught = false;
-    for _ in 0..20_000 {
+    let deadline = std::time::Instant::now() + WAIT;
+    while std::time::Instant::now() < deadline {
         let n = tree(&r).len();
         if n > 0 && n < total {
             caught = true;
@@ -152,7 +157,10 @@ fn a_replica_killed_during_file_sync_converges() {
         std::thread::sleep(Duration::from_millis(2));
     }
     r.kill();
-    eprintln!("killed with {} of {total} files (mid-sync: {caught})", tree(&r).len());
+    let kept = tree(&r).len();
+    assert!(caught, "the kill came mid-sync: {kept} of {total} files");
+    eprintln!("killed with {kept} of {total} files");
+    proxy.throttle(0);
     let r = r.restart();
     same_files(&m, &r);
     assert!(
@@ -230,4 +238,36 @@ fn the_master_prunes_file_journal_entries_every_replica_acknowledged() {
     same_files(&m, &r);
     let late = spawn_replica(&m, SECRET, NodeOptions::default().env("SYNC_INTERVAL", "1"));
     same_files(&m, &late);
+}
+
+#[test]
+fn a_file_damaged_on_the_way_is_never_served_and_leaves_nothing_behind() {
+    let m = master();
+    let proxy = FaultProxy::start(&m.url);
+    proxy.corrupt("/api/replica/files/");
+    let r = spawn_replica_of(&proxy.url(), SECRET, NodeOptions::default().env("SYNC_INTERVAL", "1"));
+    let rec = upload(&m, 1, 200_000, 7);
+    let path = format!(
+        "/api/files/docs/{}/{}",
+        rec["id"].as_str().unwrap(),
+        rec["files"][0].as_str().unwrap()
+    );
+    let good = get_bytes(&m, &path);
+    assert_eq!(good.0, 200);
+    // Every download of the file is damaged: the replica refuses it each time (sha256), and
+    // never serves or keeps the bad bytes.
+    let h = wait_for("two refused downloads", WAIT, || {
+        let h = r.health();
+        (proxy.corrupted() >= 2 && h["dbs"]["default"]["lastError"].as_str()?.contains("sha256")).then_some(h)
+    });
+    assert_eq!(get_bytes(&r, &path).0, 404, "{h}");
+    assert!(tree(&r).is_empty(), "{:?}", tree(&r));
+    let tmp = std::fs::read_dir(r.data_dir.join("storage/.tmp"))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    assert_eq!(tmp, 0, "a refused download stays in storage/.tmp");
+    // The link heals: the right bytes arrive.
+    proxy.stop_corrupting();
+    same_files(&m, &r);
+    assert_eq!(get_bytes(&r, &path), good);
 }

@@ -75,7 +75,11 @@ fn a_streaming_replica_shows_writes_within_milliseconds() {
         (e["heldStreams"] == 1 && e["syncMode"] == "stream").then_some(())
     });
 
-    // Writes a few ms apart, each looked for on the replica until it is there.
+    // Writes a few ms apart, each looked for on the replica until it is there. No safety
+    // round may run meanwhile (the first one ran at start, the next is a minute away), so
+    // whatever arrives came through the stream.
+    let round = r.health()["lastSuccessfulRound"].clone();
+    assert!(round.is_string(), "{}", r.health());
     let mut lag = Vec::new();
     for i in 0..100 {
         let (s, b) = m.post(
@@ -94,10 +98,14 @@ fn a_streaming_replica_shows_writes_within_milliseconds() {
     }
     lag.sort();
     let (p50, max) = (lag[lag.len() / 2], lag[lag.len() - 1]);
-    // Bounds generous enough for a loaded CI machine; a minute-long safety round could not
-    // meet them. The real figures come from `tests/bench --suite replica`.
-    assert!(p50 < Duration::from_millis(250), "p50 {p50:?}, max {max:?}");
-    assert!(max < Duration::from_secs(3), "p50 {p50:?}, max {max:?}");
+    // No time bound here (a loaded machine could miss any): the speed figures come from
+    // `tests/bench --suite replica`. What the test proves is the path: no round ran.
+    eprintln!("stream lag over 100 writes: p50 {p50:?}, max {max:?}");
+    assert_eq!(
+        r.health()["lastSuccessfulRound"],
+        round,
+        "a round ran: the test proves nothing"
+    );
     assert_replica_equals_master(&m, &r, SECRET, "default", TIMEOUT);
     assert_eq!(r.health()["dbs"]["default"]["lagMs"], 0);
 }
@@ -270,10 +278,8 @@ fn streaming_survives_kills_of_master_and_replica_without_loss_or_duplicates() {
     wait_for("a write after the kills", Duration::from_secs(10), || {
         (r.get(&path, None).0 == 200).then_some(())
     });
-    // A master stops promptly with a replica's request held open.
-    let start = Instant::now();
-    assert_eq!(m.terminate(Duration::from_secs(20)), Some(0));
-    assert!(start.elapsed() < Duration::from_secs(10), "{:?}", start.elapsed());
+    // A master stops cleanly with a replica's request held open.
+    assert_eq!(m.terminate(TIMEOUT), Some(0));
 }
 
 #[test]
@@ -302,4 +308,96 @@ fn polling_stays_available_and_holds_no_stream() {
         (Some(0), Some("poll")),
         "{e}"
     );
+}
+
+/// A master with `posts`, a proxy in front of it, and a streaming replica behind the proxy
+/// that has caught up (see [`replica_behind`]).
+fn master_proxy_replica() -> (Node, FaultProxy, Node) {
+    let m = master();
+    let t = m.admin_token();
+    create_posts(&m, &t, "default");
+    let proxy = FaultProxy::start(&m.url);
+    let r = replica_behind(&proxy);
+    converged(&m, &r);
+    (m, proxy, r)
+}
+
+/// A streaming replica of `m` that reaches it through `proxy`, with its safety round only every
+/// 5 minutes: whatever it gets sooner came through the stream or its retries.
+fn replica_behind(proxy: &FaultProxy) -> Node {
+    spawn_replica_of(
+        &proxy.url(),
+        SECRET,
+        NodeOptions::default()
+            .env("SYNC_INTERVAL", "300")
+            .env("SYNC_MODE", "stream"),
+    )
+}
+
+fn add_post(m: &Node, title: &str) -> String {
+    let (s, b) = m.post("/api/collections/posts/records", None, &json!({"title": title}));
+    assert_eq!(s, 200, "{b}");
+    b["id"].as_str().unwrap().to_string()
+}
+
+#[test]
+fn a_failed_stream_sync_is_retried_on_the_backoff_not_at_the_next_round() {
+    let (m, proxy, r) = master_proxy_replica();
+    // The sync this write wakes gets one 503; the next safety round is minutes away.
+    proxy.fail_next("/api/replica/changesets", 503, 1);
+    let id = add_post(&m, "after a 503");
+    wait_for("the injected 503", TIMEOUT, || (proxy.injected() == 1).then_some(()));
+    wait_for("the write to arrive on the retry", TIMEOUT, || {
+        (r.get(&format!("/api/collections/posts/records/{id}"), None).0 == 200).then_some(())
+    });
+    assert!(r.log().contains("sync of 'default' failed"), "{}", r.log());
+}
+
+#[test]
+fn a_frozen_link_makes_a_streaming_replica_stale_within_seconds() {
+    let (m, proxy, r) = master_proxy_replica();
+    let h = r.health();
+    assert_eq!(
+        (h["stale"].clone(), h["streamBroken"].clone()),
+        (json!(false), json!(false)),
+        "{h}"
+    );
+
+    proxy.freeze();
+    let frozen_at = Instant::now();
+    for i in 0..20 {
+        add_post(&m, &format!("unseen {i}"));
+    }
+    // Noticed within STREAM_SILENCE (4.5 s) of the last answer, which came at most STREAM_HOLD
+    // (2 s) before the freeze; the deadline only keeps a broken build from hanging.
+    let h = wait_for("the replica to report the silent stream", TIMEOUT, || {
+        let h = r.health();
+        (h["stale"] == true).then_some(h)
+    });
+    let noticed = frozen_at.elapsed();
+    assert_eq!(h["streamBroken"], true, "{h}");
+    assert!(
+        h["lastError"]
+            .as_str()
+            .unwrap_or("")
+            .contains("no answer from the master"),
+        "{h}"
+    );
+    // From then on the lag in time grows with the silence.
+    let lag1 = h["dbs"]["default"]["lagMs"].as_u64().unwrap();
+    assert!(lag1 > 0, "{h}");
+    let h2 = wait_for("lagMs to grow", TIMEOUT, || {
+        let h2 = r.health();
+        (h2["dbs"]["default"]["lagMs"].as_u64()? > lag1 + 500).then_some(h2)
+    });
+    assert_eq!(h2["stale"], true, "{h2}");
+    eprintln!("frozen link noticed after {noticed:?}");
+
+    proxy.thaw();
+    converged(&m, &r);
+    let h = wait_for("the stream to work again", TIMEOUT, || {
+        let h = r.health();
+        (h["stale"] == false && h["streamBroken"] == false).then_some(h)
+    });
+    assert_eq!(h["dbs"]["default"]["lagMs"], 0, "{h}");
 }

@@ -27,6 +27,9 @@ struct Endpoint {
     url: String,
     failures: Arc<AtomicI64>,
     hits: Arc<Mutex<Vec<Hit>>>,
+    /// A request whose body contains this text is recorded (answered 0) and then held
+    /// unanswered until the text changes.
+    hold: Arc<Mutex<Option<String>>>,
 }
 
 impl Endpoint {
@@ -35,11 +38,12 @@ impl Endpoint {
         let url = format!("http://{}/hook", listener.local_addr().unwrap());
         let failures = Arc::new(AtomicI64::new(0));
         let hits = Arc::new(Mutex::new(Vec::new()));
-        let (f, h) = (failures.clone(), hits.clone());
+        let hold: Arc<Mutex<Option<String>>> = Arc::new(Mutex::new(None));
+        let (f, h, hd) = (failures.clone(), hits.clone(), hold.clone());
         std::thread::spawn(move || {
             for stream in listener.incoming() {
                 let Ok(mut stream) = stream else { continue };
-                let (f, h) = (f.clone(), h.clone());
+                let (f, h, hd) = (f.clone(), h.clone(), hd.clone());
                 std::thread::spawn(move || {
                     let mut reader = BufReader::new(stream.try_clone().unwrap());
                     loop {
@@ -62,6 +66,30 @@ impl Endpoint {
                         let length: usize = headers.get("content-length").and_then(|v| v.parse().ok()).unwrap_or(0);
                         let mut body = vec![0; length];
                         reader.read_exact(&mut body).unwrap();
+                        let body_text = String::from_utf8_lossy(&body).into_owned();
+                        let held = |hd: &Mutex<Option<String>>| {
+                            hd.lock()
+                                .unwrap()
+                                .as_ref()
+                                .is_some_and(|n| body_text.contains(n.as_str()))
+                        };
+                        // A held request is recorded at once; its answer, if it comes, is
+                        // written into the same hit.
+                        let mut held_at = None;
+                        if held(&hd) {
+                            let mut hits = h.lock().unwrap();
+                            hits.push(Hit {
+                                at: Instant::now(),
+                                headers: headers.clone(),
+                                body: body_text.clone(),
+                                answered: 0,
+                            });
+                            held_at = Some(hits.len() - 1);
+                            drop(hits);
+                            while held(&hd) {
+                                std::thread::sleep(Duration::from_millis(10));
+                            }
+                        }
                         let left = f.load(Ordering::SeqCst);
                         let answered = if left != 0 {
                             if left > 0 {
@@ -71,12 +99,15 @@ impl Endpoint {
                         } else {
                             200
                         };
-                        h.lock().unwrap().push(Hit {
-                            at: Instant::now(),
-                            headers,
-                            body: String::from_utf8_lossy(&body).into_owned(),
-                            answered,
-                        });
+                        match held_at {
+                            Some(i) => h.lock().unwrap()[i].answered = answered,
+                            None => h.lock().unwrap().push(Hit {
+                                at: Instant::now(),
+                                headers,
+                                body: body_text,
+                                answered,
+                            }),
+                        }
                         let reply = format!("HTTP/1.1 {answered} X\r\nContent-Length: 0\r\n\r\n");
                         if stream.write_all(reply.as_bytes()).is_err() {
                             return;
@@ -85,7 +116,12 @@ impl Endpoint {
                 });
             }
         });
-        Endpoint { url, failures, hits }
+        Endpoint {
+            url,
+            failures,
+            hits,
+            hold,
+        }
     }
 
     fn hits(&self) -> Vec<Hit> {
@@ -344,4 +380,74 @@ fn a_replica_sends_no_webhooks() {
     assert_eq!(hook.delivered().len(), 6);
     assert_eq!(hook.hits().len(), logs(&m, &admin).len());
     assert!(logs(&r, &admin).is_empty());
+}
+
+/// The record title in a delivery's body.
+fn title_of(hit: &Hit) -> String {
+    serde_json::from_str::<Value>(&hit.body).unwrap()["record"]["title"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string()
+}
+
+#[test]
+fn a_kill_while_the_endpoint_holds_its_answer_repeats_only_that_delivery_with_its_key() {
+    let hook = Endpoint::start();
+    let m = spawn_master_with(NodeOptions::default().env("JWT_SECRET", SECRET));
+    let admin = m.admin_token();
+    posts_with_triggers(&m, &admin, json!([{"action": "update", "url": hook.url}]));
+    let (s, b) = m.post("/api/collections/posts/records", None, &json!({"title": "t0"}));
+    assert_eq!(s, 200, "{b}");
+    let id = b["id"].as_str().unwrap().to_string();
+    let update = |title: &str| {
+        let (s, b) = m.patch(
+            &format!("/api/collections/posts/records/{id}"),
+            None,
+            &json!({"title": title}),
+        );
+        assert_eq!(s, 200, "{b}");
+    };
+    // The first delivery is held while three more updates of the record queue up; the next pass
+    // then sends those three one after another, and the endpoint holds the last of them.
+    *hook.hold.lock().unwrap() = Some("\"t1\"".into());
+    update("t1");
+    wait_for("the first delivery to arrive", Duration::from_secs(30), || {
+        (hook.hits().len() == 1).then_some(())
+    });
+    for t in ["t2", "t3", "t4"] {
+        update(t);
+    }
+    *hook.hold.lock().unwrap() = Some("\"t4\"".into());
+    wait_for("the last delivery to be held", Duration::from_secs(30), || {
+        hook.hits()
+            .iter()
+            .any(|h| title_of(h) == "t4" && h.answered == 0)
+            .then_some(())
+    });
+    // The master dies while the endpoint holds its answer: t2 and t3 were answered 200 already.
+    let mut m = m;
+    m.kill();
+    *hook.hold.lock().unwrap() = None;
+    let m = m.restart();
+    wait_for("t4 to be delivered again", Duration::from_secs(30), || {
+        (hook.hits().iter().filter(|h| title_of(h) == "t4").count() >= 2).then_some(())
+    });
+    let hits = hook.hits();
+    let by_title = |t: &str| hits.iter().filter(|h| title_of(h) == t).collect::<Vec<_>>();
+    // At least once: the delivery in flight at the kill comes again, with the same key, and is
+    // the only one that does.
+    let t4 = by_title("t4");
+    assert!(
+        t4.iter()
+            .all(|h| h.headers["idempotency-key"] == t4[0].headers["idempotency-key"]),
+        "{t4:#?}"
+    );
+    for t in ["t1", "t2", "t3"] {
+        assert_eq!(
+            by_title(t).len(),
+            1,
+            "{t} was delivered once, before the kill: {hits:#?}"
+        );
+    }
+    drop(m);
 }

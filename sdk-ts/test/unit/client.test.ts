@@ -156,6 +156,17 @@ describe("replicas and positions", () => {
     expect(client.position()).toBe("e.new.2");
   });
 
+  it("reads tokens that carry the history's hash by their version", async () => {
+    const positions = ["e.u.5.00000000000000aa", "e.u.3.00000000000000bb", "e.u.12.00000000000000cc"];
+    const s = stub((_, n) => json({}, 200, { "x-replica-mode": "replica", "x-db-position": positions[n]! }));
+    const client = new VskiClient("http://h", { fetch: s.fetch, authStore: new BaseAuthStore() });
+    await client.send("/api/a");
+    await client.send("/api/a");
+    expect(client.position()).toBe("e.u.5.00000000000000aa");
+    await client.send("/api/a");
+    expect(client.position()).toBe("e.u.12.00000000000000cc");
+  });
+
   it("reads go round robin over readUrls, skipping one that fails, and writes to the master", async () => {
     const s = stub((c) => {
       if (c.url.startsWith("http://r2")) throw new TypeError("connection refused");

@@ -78,16 +78,34 @@ impl TokenKeys {
     }
 
     /// Checks signature (HS256 only: `alg: none` and other algorithms fail), expiry and shape.
+    ///
+    /// Admin and user tokens get 5 s of leeway on `exp` and `nbf`. Replica tokens, minted by
+    /// another machine, get [`REPLICA_LEEWAY`] both ways (`exp`, and an `iat` ahead of this
+    /// clock), so that a replica whose clock is a few minutes off keeps syncing.
     pub fn verify(&self, token: &str) -> Option<Claims> {
         let mut v = Validation::new(Algorithm::HS256);
-        v.leeway = 5;
-        v.validate_exp = true;
-        // A token that is not valid yet is no token (jsonwebtoken skips `nbf` unless asked).
-        v.validate_nbf = true;
+        // Expiry and `nbf` are checked below, with the leeway of the token's type.
+        v.validate_exp = false;
+        v.validate_nbf = false;
         v.set_required_spec_claims(&["exp", "sub"]);
-        decode::<Claims>(token, &self.decoding, &v).ok().map(|d| d.claims)
+        let claims = decode::<Claims>(token, &self.decoding, &v).ok()?.claims;
+        let now = unix_now();
+        let leeway = if claims.kind == TokenType::Replica {
+            REPLICA_LEEWAY
+        } else {
+            5
+        };
+        let expired = claims.exp.saturating_add(leeway) < now;
+        // A token that is not valid yet is no token.
+        let early = claims.nbf.is_some_and(|nbf| nbf > now + leeway)
+            || (claims.kind == TokenType::Replica && claims.iat > now + leeway);
+        (!expired && !early).then_some(claims)
     }
 }
+
+/// Seconds a replica's clock may be off the master's, either way, before the master refuses its
+/// tokens (the replica then says "clock skew" with both clocks).
+pub const REPLICA_LEEWAY: u64 = 300;
 
 #[cfg(test)]
 mod tests {
@@ -110,6 +128,26 @@ mod tests {
         assert!(k.verify(&k.mint(&c).unwrap()).is_none());
         c.nbf = Some(unix_now() - 1);
         assert!(k.verify(&k.mint(&c).unwrap()).is_some());
+    }
+
+    #[test]
+    fn replica_tokens_allow_minutes_of_clock_skew_and_no_more() {
+        let k = TokenKeys::new("s");
+        let minted_at = |offset: i64| {
+            let mut c = TokenKeys::claims(TokenType::Replica, "r", 300);
+            c.iat = (unix_now() as i64 + offset) as u64;
+            c.exp = c.iat + 300;
+            k.mint(&c).unwrap()
+        };
+        // A replica 400 s behind or 250 s ahead is accepted; 700 s either way is not.
+        assert!(k.verify(&minted_at(-400)).is_some());
+        assert!(k.verify(&minted_at(250)).is_some());
+        assert!(k.verify(&minted_at(-700)).is_none());
+        assert!(k.verify(&minted_at(700)).is_none());
+        // A user token gets no such leeway.
+        let mut c = TokenKeys::claims(TokenType::Auth, "u", 60);
+        c.exp = unix_now() - 60;
+        assert!(k.verify(&k.mint(&c).unwrap()).is_none());
     }
 
     #[test]

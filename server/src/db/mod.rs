@@ -150,9 +150,9 @@ impl Database {
         }))
     }
 
-    /// On a master, this database's uid and newest committed version (`None` when changes are
-    /// not recorded).
-    pub fn position(&self) -> Option<(String, i64)> {
+    /// On a master, this database's uid, newest committed version and its chained hash (`None`
+    /// when changes are not recorded).
+    pub fn position(&self) -> Option<(String, i64, String)> {
         self.recorder.as_ref().and_then(|r| r.position())
     }
 

@@ -64,8 +64,9 @@ pub trait Recorder: Send + Sync + 'static {
     fn finished(&self, committed: bool) {
         let _ = committed;
     }
-    /// The database's position as of the last commit: its uid and its newest version.
-    fn position(&self) -> Option<(String, i64)> {
+    /// The database's position as of the last commit: its uid, its newest version and that
+    /// version's chained hash.
+    fn position(&self) -> Option<(String, i64, String)> {
         None
     }
 }
@@ -200,14 +201,22 @@ fn run_batch(
     let mut jobs = batch.into_iter();
     for (run, reply) in jobs.by_ref() {
         replies.push(reply);
-        results.push(run_job(conn, run));
-        if conn.is_autocommit() {
+        let (result, contained) = run_job(conn, run);
+        results.push(result);
+        if conn.is_autocommit() || !contained {
             // SQLite rolled the whole transaction back (I/O error, disk full, out of memory, or
             // a job that ended it): every job so far lost its changes, and a job run now would
-            // commit on its own, without its changelog entry. Fail the whole batch.
+            // commit on its own, without its changelog entry. Or a failed job's changes could
+            // not be undone alone (its ROLLBACK TO failed): committing would publish half of a
+            // job whose caller got an error. Fail the whole batch.
+            let rolled_back = if conn.is_autocommit() {
+                "the write transaction was rolled back"
+            } else {
+                "a failed job's changes could not be undone on their own"
+            };
             let cause = match results.last() {
-                Some(Err(e)) => format!("the write transaction was rolled back: {e}"),
-                _ => "the write transaction was rolled back".to_string(),
+                Some(Err(e)) => format!("{rolled_back}: {e}"),
+                _ => rolled_back.to_string(),
             };
             log::error!("{cause}; failing the {} jobs of the batch", replies.len() + jobs.len());
             drop(recording);
@@ -255,23 +264,36 @@ fn run_batch(
 
 /// Runs one job inside its own savepoint, so its failure undoes only its own changes. When the
 /// transaction itself is gone afterwards, the caller sees `conn.is_autocommit()`.
-fn run_job(conn: &Connection, run: Run) -> ApiResult<Output> {
-    conn.execute_batch("SAVEPOINT job")?;
+///
+/// The flag says whether the job's outcome is contained: `false` when the savepoint could not
+/// be set, undone or released, so that the transaction may hold part of a failed job (or a
+/// savepoint that swallows the next jobs) and must not commit.
+fn run_job(conn: &Connection, run: Run) -> (ApiResult<Output>, bool) {
+    if let Err(e) = conn.execute_batch("SAVEPOINT job") {
+        return (Err(e.into()), false);
+    }
     let result = match catch_unwind(AssertUnwindSafe(|| run(conn))) {
         Ok(r) => r,
         Err(_) => Err(ApiError::internal("writer", "write job panicked")),
     };
     if conn.is_autocommit() {
-        return result.and(Err(ApiError::internal(
+        let err = result.and(Err(ApiError::internal(
             "writer",
             "the write transaction was rolled back",
         )));
+        return (err, true);
     }
     if result.is_err() {
-        conn.execute_batch("ROLLBACK TO job")?;
+        if let Err(e) = conn.execute_batch("ROLLBACK TO job") {
+            log::error!("ROLLBACK TO a failed job's savepoint failed: {e}");
+            return (result, false);
+        }
     }
-    conn.execute_batch("RELEASE job")?;
-    result
+    if let Err(e) = conn.execute_batch("RELEASE job") {
+        log::error!("RELEASE of a job's savepoint failed: {e}");
+        return (result.and(Err(e.into())), false);
+    }
+    (result, true)
 }
 
 /// Rolls back what is left of the transaction and fails every job: none of them committed.
@@ -348,6 +370,20 @@ mod tests {
         });
         let (ok, rows) = batch_of(vec![insert(1), insert(2), lost, insert(3), insert(4)], None);
         assert_eq!(ok, vec![false; 5], "no job may report success");
+        assert!(rows.is_empty(), "nothing committed: {rows:?}");
+    }
+
+    #[test]
+    fn a_failed_job_that_cannot_be_undone_alone_fails_the_batch_and_commits_nothing() {
+        // The job's savepoint is gone when it fails (here the job released it itself), so
+        // `ROLLBACK TO job` fails with the transaction still open: its insert must not commit.
+        let half: Run = Box::new(|conn| {
+            conn.execute("INSERT INTO t (v) VALUES (99)", [])?;
+            conn.execute_batch("RELEASE job")?;
+            Err(ApiError::bad_request("no"))
+        });
+        let (ok, rows) = batch_of(vec![insert(1), half, insert(2)], None);
+        assert_eq!(ok, vec![false; 3], "no job may report success");
         assert!(rows.is_empty(), "nothing committed: {rows:?}");
     }
 

@@ -23,6 +23,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use super::apply::{Conflicts, apply_entries};
+use super::position::Position;
 use super::recorder::Entry;
 use super::{is_replicated_db, schema};
 use crate::auth::Identity;
@@ -142,13 +143,60 @@ pub struct DbSync {
     /// The master's epoch and the database's uid that `local_version` belongs to.
     #[serde(skip)]
     origin: Option<(String, String)>,
+    /// The history's hash prefix at the versions this copy applied lately, oldest first: a
+    /// position token is reached only on its own history (see `replica/position.rs`).
+    #[serde(skip)]
+    recent: std::collections::VecDeque<(i64, String)>,
     #[serde(skip)]
     failures: u32,
     #[serde(skip)]
     retry_at: Option<Instant>,
 }
 
+/// Versions whose hashes a replica keeps per database to judge position tokens.
+const RECENT_HASHES: usize = 4096;
+
 impl DbSync {
+    /// Notes that this copy holds `version`, whose chained hash is `hash`, of the history it
+    /// held before. Versions at or past it that were noted are of another history and go.
+    fn applied(&mut self, version: i64, hash: &str) {
+        while self.recent.back().is_some_and(|(v, _)| *v >= version) {
+            self.recent.pop_back();
+        }
+        if self.recent.len() == RECENT_HASHES {
+            self.recent.pop_front();
+        }
+        self.recent.push_back((version, super::position::prefix(hash)));
+    }
+
+    /// Notes a copy that starts a history anew at `version` (a snapshot, a restart).
+    fn restarted(&mut self, version: i64, hash: &str) {
+        self.recent.clear();
+        self.applied(version, hash);
+    }
+
+    /// The hash prefix of this copy's history at `version`, when it is still known.
+    fn hash_at(&self, version: i64) -> Option<&str> {
+        let i = self.recent.binary_search_by_key(&version, |(v, _)| *v).ok()?;
+        Some(self.recent[i].1.as_str())
+    }
+
+    /// Whether `want` is reached on this copy: the same origin, at least its version, and,
+    /// when both sides know the hash at that version, the same one. `None`: another history.
+    fn reaches(&self, want: &Position) -> Option<bool> {
+        let (epoch, uid) = self.origin.as_ref()?;
+        if *epoch != want.epoch || *uid != want.uid {
+            return None;
+        }
+        if want.version > self.local_version {
+            return Some(false);
+        }
+        match self.hash_at(want.version) {
+            Some(h) if !h.is_empty() && !want.hash.is_empty() && h != want.hash => None,
+            _ => Some(true),
+        }
+    }
+
     /// Sets both versions, and when this copy started to be behind.
     fn set_versions(&mut self, local: i64, master: i64) {
         self.local_version = local;
@@ -227,7 +275,23 @@ pub struct Follower {
     /// Whether the last round got the master's status: the loop backs off as a whole only when
     /// the master itself cannot be reached; failing databases back off one by one.
     master_reachable: std::sync::atomic::AtomicBool,
+    /// Why the master refuses this replica's token (another `JWT_SECRET`, or clocks too far
+    /// apart), from its last answer: while set the replica is not ready, since it would serve
+    /// every signed-in user as a guest.
+    refused: Mutex<Option<String>>,
+    /// Streaming: when the master last answered the long-poll (it answers at least every
+    /// [`STREAM_HOLD`]), and whether the stream is broken off now. A broken stream makes the
+    /// replica stale, and its lag grow from the last contact.
+    contact: Mutex<(Instant, Option<String>)>,
 }
+
+/// How long the master holds an idle stream request before it answers: the longest silence of
+/// a working stream.
+pub const STREAM_HOLD: Duration = Duration::from_secs(2);
+
+/// How long a stream request may go unanswered before the link counts as broken: a frozen
+/// link or a partition is noticed within this long, whatever the TCP timeouts.
+pub const STREAM_SILENCE: Duration = Duration::from_millis(4500);
 
 /// The replica id: `REPLICA_ID`, else the one kept in `DATA_DIR/.replica_id`, else a new one.
 pub fn replica_id(config: &ServeConfig) -> std::io::Result<String> {
@@ -279,16 +343,27 @@ impl Follower {
             started: Instant::now(),
             ready: std::sync::atomic::AtomicBool::new(false),
             master_reachable: std::sync::atomic::AtomicBool::new(false),
+            refused: Mutex::new(None),
+            contact: Mutex::new((Instant::now(), None)),
         })
     }
 
-    /// The position this replica has applied of database `name`: the master's epoch, the
-    /// database's uid and the version.
-    pub fn position(&self, name: &str) -> Option<(String, String, i64)> {
+    /// The position this replica has applied of database `name`.
+    pub fn position(&self, name: &str) -> Option<Position> {
         let m = self.dbs.lock().ok()?;
         let s = m.get(name)?;
-        let (epoch, uid) = s.origin.clone()?;
-        Some((epoch, uid, s.local_version))
+        let (epoch, uid) = s.origin.as_ref()?;
+        Some(Position::new(
+            epoch,
+            uid,
+            s.local_version,
+            s.hash_at(s.local_version).unwrap_or(""),
+        ))
+    }
+
+    /// Whether this replica has reached `want` of database `name` (see [`DbSync::reaches`]).
+    fn reaches(&self, name: &str, want: &Position) -> Option<bool> {
+        self.dbs.lock().ok()?.get(name)?.reaches(want)
     }
 
     /// Holds a read until this replica has applied `token` (an `X-Db-Position` of database
@@ -300,32 +375,31 @@ impl Follower {
         // at most this often while the read waits, not in a tight loop of rounds.
         const RETRY: Duration = Duration::from_millis(200);
         let deadline = tokio::time::Instant::now() + self.read_wait;
-        let want = parse_position(token);
+        let Some(want) = Position::parse(token) else {
+            return false;
+        };
         let mut next_fetch = tokio::time::Instant::now();
         loop {
             let moved = self.moved.notified();
-            let reached = match (&want, self.position(name)) {
-                (Some((e, u, v)), Some((he, hu, hv))) => *e == he && *u == hu && hv >= *v,
-                _ => false,
-            };
-            if reached {
+            let reached = self.reaches(name, &want);
+            if reached == Some(true) {
                 return true;
             }
             let now = tokio::time::Instant::now();
             if now >= deadline {
                 return false;
             }
-            // A position of the history this copy follows: fetch that database now. Another
-            // history (a restored master, a re-created database): a round, which re-bootstraps.
-            let ours = match (&want, self.position(name)) {
-                (Some((e, u, _)), Some((he, hu, _))) => *e == he && *u == hu,
-                _ => false,
-            };
-            if now >= next_fetch && ours {
+            // A position further along the history this copy follows: fetch that database now.
+            // Another history (a restored master, a re-created database, a master that lost its
+            // last commits): a round, which re-bootstraps.
+            if now >= next_fetch && reached == Some(false) {
                 next_fetch = now + RETRY;
-                if let Some((e, u, v)) = &want {
-                    self.kick(state, e, name, json!({"name": name, "uid": u, "version": v}));
-                }
+                self.kick(
+                    state,
+                    &want.epoch,
+                    name,
+                    json!({"name": name, "uid": want.uid, "version": want.version, "hash": want.hash}),
+                );
             } else if now >= next_fetch && self.round_lock.try_lock().is_ok() {
                 // Start a round now unless one is running; it wakes us as it applies pages.
                 next_fetch = now + RETRY;
@@ -345,9 +419,29 @@ impl Follower {
         &self.http
     }
 
-    /// Whether the replica has data to serve (see the `ready` field).
+    /// Whether the replica serves requests: it holds data (see the `ready` field) and the
+    /// master accepts its token.
     pub fn is_ready(&self) -> bool {
-        self.ready.load(std::sync::atomic::Ordering::Acquire)
+        self.unready_reason().is_none()
+    }
+
+    /// Why the replica does not serve requests now, in words for `/health` and the 503s.
+    pub fn unready_reason(&self) -> Option<String> {
+        if let Some(refused) = self.refused.lock().ok().and_then(|r| r.clone()) {
+            return Some(format!("replica is not ready: {refused}"));
+        }
+        if !self.ready.load(std::sync::atomic::Ordering::Acquire) {
+            return Some("replica is not ready: it has no data from the master yet".into());
+        }
+        None
+    }
+
+    /// Notes the master's answer to a request: a 401 refuses this replica (see `refused`),
+    /// anything else from the master accepts it again.
+    fn note_answer(&self, status: u16, refusal: &str) {
+        if let Ok(mut r) = self.refused.lock() {
+            *r = (status == 401).then(|| refusal.to_string());
+        }
     }
 
     fn set_ready(&self) {
@@ -367,6 +461,7 @@ impl Follower {
                 self.note(&db.name, |s| {
                     s.local_version = l.version;
                     s.origin = Some((l.epoch.clone(), l.uid.clone()));
+                    s.restarted(l.version, &l.hash);
                 });
                 let dropped = db
                     .write(|conn| {
@@ -438,6 +533,32 @@ impl Follower {
         Ok((status, Ok(page)))
     }
 
+    /// The master's status without checksums, with how far the master's clock is ahead of this
+    /// one (from its `Date` header), to tell clock skew from a wrong secret on a 401.
+    async fn get_status(&self, state: &AppState) -> Result<(u16, Value, Option<i64>), String> {
+        let resp = self
+            .request(state, reqwest::Method::GET, "/api/replica/status?checksum=0")
+            .map_err(|e| e.to_string())?
+            .timeout(Duration::from_secs(60))
+            .send()
+            .await
+            .map_err(|e| format!("GET {}: {}", self.master_url, transport_error(&e)))?;
+        let status = resp.status().as_u16();
+        let skew = resp
+            .headers()
+            .get(reqwest::header::DATE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|d| httpdate::parse_http_date(d).ok())
+            .map(|t| {
+                let master = t
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs() as i64);
+                master - crate::util::unix_now() as i64
+            });
+        let body = resp.json::<Value>().await.unwrap_or(Value::Null);
+        Ok((status, body, skew))
+    }
+
     /// A small request: it must complete within a minute.
     async fn get_json(&self, state: &AppState, path: &str) -> Result<(u16, Value), String> {
         self.get_json_within(state, path, Some(Duration::from_secs(60))).await
@@ -496,10 +617,13 @@ impl Follower {
 
     async fn round_inner(&self, state: &web::Data<AppState>, force: bool) -> Result<(), String> {
         self.master_reachable.store(false, std::sync::atomic::Ordering::Release);
-        let (status, body) = self.get_json(state, "/api/replica/status?checksum=0").await?;
+        let (status, body, skew) = self.get_status(state).await?;
         if status != 200 {
-            return Err(status_error(status, "/api/replica/status", &body));
+            let e = status_error(status, "/api/replica/status", &body, skew);
+            self.note_answer(status, &e);
+            return Err(e);
         }
+        self.note_answer(status, "");
         self.master_reachable.store(true, std::sync::atomic::Ordering::Release);
         let epoch = body["epoch"].as_str().unwrap_or_default().to_string();
         let Some(master_dbs) = body["dbs"].as_array().cloned() else {
@@ -582,13 +706,18 @@ impl Follower {
                 if let Some(at) = f.retry_at(&name).filter(|at| *at > Instant::now()) {
                     tokio::time::sleep_until(at.into()).await;
                 }
-                let caught_up = !matches!(f.sync_tracked(&st, &epoch, &name, &master, true).await, Ok(false));
+                // A failed sync is not caught up: it is tried again when the database's backoff
+                // (2, 4, 8 s) is over, not at the next safety round.
+                let result = f.sync_tracked(&st, &epoch, &name, &master, true).await;
+                let caught_up = matches!(result, Ok(true));
+                // A database the master deleted (a round removed it here) is not retried.
+                let gone = result.is_err() && f.dbs.lock().is_ok_and(|m| !m.contains_key(&name));
                 let mut k = f.kicked.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
                 match k.get_mut(&name).and_then(Option::take) {
                     Some((e, m)) => (epoch, master) = (e, m),
                     // Out of turns but not caught up: another turn, behind the databases
                     // waiting for a slot.
-                    None if !caught_up => {}
+                    None if !caught_up && !gone => {}
                     None => {
                         k.remove(&name);
                         break;
@@ -624,13 +753,13 @@ impl Follower {
         let lock = self.db_lock(name);
         let _one_at_a_time = lock.lock().await;
         let _slot = self.slots.acquire().await.map_err(|e| e.to_string())?;
-        let before = self.position(name).map(|p| p.2);
+        let before = self.position(name).map(|p| p.version);
         let mut result = self.sync_db(state, epoch, name, master, quick).await;
         // Files follow the records: after the database, the files its records name. Every
         // journal entry is written with a record change, so a stream wake-up that applied
         // nothing has no file to fetch (unless the last file sync failed).
         let files_behind = self.dbs.lock().ok().and_then(|m| m.get(name).map(|s| s.files_behind));
-        let unchanged = quick && before.is_some() && before == self.position(name).map(|p| p.2);
+        let unchanged = quick && before.is_some() && before == self.position(name).map(|p| p.version);
         if result.is_ok() && !(unchanged && files_behind == Some(false)) {
             let synced = self.sync_files(state, name).await;
             self.note(name, |s| s.files_behind = synced.is_err());
@@ -877,6 +1006,9 @@ impl Follower {
         self.note(name, |s| {
             s.local_version = version;
             s.origin = Some(origin);
+            if s.hash_at(version).is_none_or(|h| h != super::position::prefix(&hash)) {
+                s.restarted(version, &hash);
+            }
         });
         // A bootstrap is followed by entries after the snapshot; a master that keeps answering
         // 410 (or forking) after that is broken, and the round gives up instead of looping.
@@ -886,7 +1018,15 @@ impl Follower {
         let mut master_head = None;
         // A stream wake-up for a position this copy already has needs no request.
         let mut pages = 0;
-        let mut caught_up = quick && version >= master_version;
+        // A master at or behind this copy's version on another history (restored, or it lost
+        // its last commits) is not caught up with: the pull gets 410 and a snapshot.
+        let master_hash = master["hash"].as_str().unwrap_or_default();
+        let same_history = self.dbs.lock().is_ok_and(|m| {
+            m.get(name)
+                .and_then(|s| s.hash_at(master_version))
+                .is_none_or(|h| h.is_empty() || master_hash.is_empty() || h == master_hash)
+        });
+        let mut caught_up = quick && version >= master_version && same_history;
         while !caught_up {
             if quick && pages == QUICK_PAGES {
                 // Enough for one turn: the slot goes to the next database, this one comes again.
@@ -916,7 +1056,7 @@ impl Follower {
                 continue;
             }
             if status != 200 {
-                return Err(status_error(status, "changesets", &body));
+                return Err(status_error(status, "changesets", &body, None));
             }
             if page.epoch != epoch || page.uid != master_uid {
                 return Err("the master changed during the round; the next round starts over".into());
@@ -940,6 +1080,7 @@ impl Follower {
                 return Err(format!("entry {broken} does not chain to the history before it"));
             }
             let last_hash = entries.last().map(|e| e.hash.clone()).unwrap_or_default();
+            let hashes: Vec<(i64, String)> = entries.iter().map(|e| (e.version, e.hash.clone())).collect();
             let (first, count, db_name) = (entries[0].version, entries.len(), name.to_string());
             log::debug!("applying {count} entries to '{db_name}' (versions {first}..={last})");
             let stored_hash = last_hash.clone();
@@ -982,7 +1123,12 @@ impl Follower {
                 state.realtime.publish(name, changeset);
             }
             log::debug!("applied entries to '{name}', now at version {version}");
-            self.note(name, |s| s.set_versions(version, s.master_version.max(version)));
+            self.note(name, |s| {
+                for (v, h) in &hashes {
+                    s.applied(*v, h);
+                }
+                s.set_versions(version, s.master_version.max(version));
+            });
             self.moved.notify_waiters();
             // What the master had at the round's start is enough for this round: a database
             // under sustained writes must not keep the round, and the manual sync, forever. A
@@ -1119,6 +1265,7 @@ impl Follower {
         self.note(&db.name, |s| {
             s.bootstraps += 1;
             s.local_version = version;
+            s.restarted(version, &hash);
             // The copy is the master's snapshot at `version` byte for byte (its sha256 was
             // checked), so comparing logical checksums now would read both databases whole to
             // learn nothing. The next comparison comes with the next version.
@@ -1144,7 +1291,7 @@ impl Follower {
             .await
             .map_err(|e| format!("GET {path}: {}", transport_error(&e)))?;
         if resp.status().as_u16() != 200 {
-            return Err(status_error(resp.status().as_u16(), &path, &Value::Null));
+            return Err(status_error(resp.status().as_u16(), &path, &Value::Null, None));
         }
         let header = |k: &str| {
             resp.headers()
@@ -1252,15 +1399,6 @@ impl Follower {
     }
 }
 
-/// The parts of an `X-Db-Position` token: epoch, uid, version.
-pub fn parse_position(token: &str) -> Option<(String, String, i64)> {
-    let mut parts = token.trim().splitn(3, '.');
-    let (e, u, v) = (parts.next()?, parts.next()?, parts.next()?);
-    let ok = |s: &str| !s.is_empty() && s.len() <= 64 && s.bytes().all(|b| b.is_ascii_alphanumeric());
-    (ok(e) && ok(u)).then_some(())?;
-    Some((e.to_string(), u.to_string(), v.parse().ok().filter(|v: &i64| *v >= 0)?))
-}
-
 /// A transport failure in words an operator acts on: "connection refused", "timed out".
 pub fn describe_transport(e: &reqwest::Error) -> String {
     let mut text = e.to_string();
@@ -1290,9 +1428,25 @@ pub fn transport_error(e: &reqwest::Error) -> String {
     }
 }
 
-/// A refusal from the master in words: a 401 almost always means another `JWT_SECRET`.
-fn status_error(status: u16, what: &str, body: &Value) -> String {
+/// Clocks further apart than this make the master refuse replica tokens (its leeway for them).
+const SKEW_LIMIT: i64 = crate::auth::token::REPLICA_LEEWAY as i64;
+
+/// A refusal from the master in words. A 401 means another `JWT_SECRET`, or, when the master's
+/// clock (`skew`: seconds it is ahead of this one) is further off than the token leeway, clock
+/// skew.
+fn status_error(status: u16, what: &str, body: &Value, skew: Option<i64>) -> String {
     match status {
+        401 if skew.is_some_and(|s| s.abs() > SKEW_LIMIT) => {
+            let skew = skew.unwrap_or(0);
+            let now = crate::util::unix_now() as i64;
+            format!(
+                "401 from the master on {what}: clock skew: the master's clock says {} and this replica's {} \
+                 ({} s apart, more than the {SKEW_LIMIT} s replica tokens allow); sync the clocks (NTP)",
+                httpdate::fmt_http_date(std::time::UNIX_EPOCH + Duration::from_secs((now + skew).max(0) as u64)),
+                httpdate::fmt_http_date(std::time::UNIX_EPOCH + Duration::from_secs(now.max(0) as u64)),
+                skew.abs()
+            )
+        }
         401 => format!("401 from the master on {what}: wrong JWT_SECRET? (it must be the master's)"),
         403 => format!("403 from the master on {what}: the token is not a replica token"),
         _ => format!(
@@ -1484,18 +1638,32 @@ pub async fn stream_loop(state: web::Data<AppState>) {
     let mut cursor = String::new();
     let mut failures: u32 = 0;
     loop {
-        let path = format!("/api/replica/stream?since={cursor}");
-        let answer = f.get_json_within(&state, &path, Some(Duration::from_secs(60))).await;
+        // The master answers an idle request after STREAM_HOLD: a request unanswered for
+        // STREAM_SILENCE means the link is down, even when TCP says nothing (a partition).
+        let path = format!("/api/replica/stream?since={cursor}&wait={}", STREAM_HOLD.as_secs());
+        let answer = f.get_json_within(&state, &path, Some(STREAM_SILENCE)).await;
         let body = match answer {
-            Ok((200, body)) => body,
+            Ok((200, body)) => {
+                if let Ok(mut c) = f.contact.lock() {
+                    *c = (Instant::now(), None);
+                }
+                body
+            }
             other => {
                 failures = failures.saturating_add(1);
+                let why = match other {
+                    Ok((status, body)) => status_error(status, "/api/replica/stream", &body, None),
+                    Err(e) if e.contains("timed out") || e.contains("timeout") => format!(
+                        "no answer from the master within {:.1} s (a partition or a frozen master?)",
+                        STREAM_SILENCE.as_secs_f64()
+                    ),
+                    Err(e) => e,
+                };
                 if failures == 1 {
-                    let why = match other {
-                        Ok((status, body)) => status_error(status, "/api/replica/stream", &body),
-                        Err(e) => e,
-                    };
                     log::warn!("stream from {} broke off ({why}); retrying", f.master_url);
+                }
+                if let Ok(mut c) = f.contact.lock() {
+                    c.1 = Some(format!("stream: {why}"));
                 }
                 // Soon at first (a master restarting), then at most every 5 s.
                 tokio::time::sleep(Duration::from_millis((100u64 << failures.min(6)).min(5000))).await;
@@ -1524,14 +1692,13 @@ pub async fn stream_loop(state: web::Data<AppState>) {
             if !f.follows(name) || !crate::db::is_valid_db_name(name) {
                 continue;
             }
-            let same_history = match f.position(name) {
-                Some((e, u, have)) if e == epoch && u == uid => {
-                    if have >= version {
-                        continue;
-                    }
-                    true
-                }
-                _ => false,
+            let hash = d["hash"].as_str().unwrap_or_default();
+            let same_history = match f.reaches(name, &Position::new(epoch, uid, version, hash)) {
+                // This copy has that position of the same history: nothing to do.
+                Some(true) => continue,
+                Some(false) => true,
+                // Another history at a version this copy has passed: the sync starts over.
+                None => false,
             };
             if same_history {
                 f.note(name, |s| s.set_versions(s.local_version, version.max(s.master_version)));
@@ -1565,16 +1732,30 @@ async fn sync_now(state: web::Data<AppState>, who: Identity) -> ApiResult<HttpRe
 /// The replica part of `/health`.
 pub fn health(f: &Follower) -> Value {
     let mut dbs = f.dbs.lock().map(|m| m.clone()).unwrap_or_default();
+    // A broken stream: every copy may be behind by as long as the master has been out of
+    // reach, whatever the versions known from the last contact say.
+    let (contact, stream_error) = f.contact.lock().map(|c| c.clone()).unwrap_or((f.started, None));
+    let silent_ms = match &stream_error {
+        Some(_) if f.streaming => contact.elapsed().as_millis() as u64,
+        _ => 0,
+    };
     for s in dbs.values_mut() {
-        s.lag_ms = s.behind_since.map_or(0, |t| t.elapsed().as_millis() as u64);
+        s.lag_ms = s
+            .behind_since
+            .map_or(0, |t| t.elapsed().as_millis() as u64)
+            .max(silent_ms);
     }
     let (last_ok, last_error) = f.last_round.lock().map(|l| l.clone()).unwrap_or_default();
+    let stream_broken = f.streaming && stream_error.is_some();
+    let last_error = last_error.or(stream_error.filter(|_| f.streaming));
     // Seconds since the last successful round (since start when there was none yet).
     let last_ok_at = f.last_ok_at.lock().ok().and_then(|t| *t);
     let since_ok = last_ok_at.unwrap_or(f.started).elapsed().as_secs_f64();
     // Stale: the last round failed and no round succeeded since start, or, in scheduled mode,
     // for 3 intervals.
-    let stale = last_error.is_some() && (f.interval == 0 || last_ok_at.is_none() || since_ok > (f.interval * 3) as f64);
+    // Streaming, a broken stream is stale at once.
+    let stale = stream_broken
+        || last_error.is_some() && (f.interval == 0 || last_ok_at.is_none() || since_ok > (f.interval * 3) as f64);
     json!({
         "ready": f.is_ready(),
         "secondsSinceLastSync": (since_ok * 10.0).round() / 10.0,
@@ -1585,6 +1766,7 @@ pub fn health(f: &Follower) -> Value {
         "lastSuccessfulRound": last_ok,
         "lastError": last_error,
         "stale": stale,
+        "streamBroken": stream_broken,
         "dbs": dbs,
     })
 }
@@ -1615,16 +1797,11 @@ pub async fn read_only_guard(
     req: ServiceRequest,
     next: Next<BoxBody>,
 ) -> Result<ServiceResponse<BoxBody>, actix_web::Error> {
-    let ready = req
+    let unready = req
         .app_data::<web::Data<AppState>>()
-        .and_then(|s| s.follower.as_ref().map(Follower::is_ready))
-        .unwrap_or(true);
-    if !ready && !matches!(req.path(), "/health" | "/api/health" | "/api/replica/sync") {
-        let resp = error_body(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "replica is not ready: it has no data from the master yet",
-            json!({}),
-        );
+        .and_then(|s| s.follower.as_ref().and_then(Follower::unready_reason));
+    if let Some(why) = unready.filter(|_| !matches!(req.path(), "/health" | "/api/health" | "/api/replica/sync")) {
+        let resp = error_body(StatusCode::SERVICE_UNAVAILABLE, &why, json!({}));
         return Ok(req.into_response(resp));
     }
     if is_write(req.method()) && !allowed_on_replica(req.path()) {
@@ -1637,7 +1814,7 @@ pub async fn read_only_guard(
     }
     if let Some(token) = req.headers().get("x-min-db-position") {
         let token = token.to_str().unwrap_or("").to_string();
-        if parse_position(&token).is_none() {
+        if Position::parse(&token).is_none() {
             let resp = error_body(
                 StatusCode::BAD_REQUEST,
                 "X-Min-Db-Position is not a position: send back an X-Db-Position token unchanged",

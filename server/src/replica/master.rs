@@ -457,8 +457,8 @@ async fn stream(
         .iter()
         .filter_map(|n| state.dbs.get(n))
         .filter_map(|db| {
-            let (uid, version) = db.position()?;
-            Some(json!({"name": db.name, "uid": uid, "version": version}))
+            let (uid, version, hash) = db.position()?;
+            Some(json!({"name": db.name, "uid": uid, "version": version, "hash": super::position::prefix(&hash)}))
         })
         .collect();
     Ok(HttpResponse::Ok().json(json!({"epoch": state.master.epoch, "next": next, "dbs": dbs})))
@@ -713,7 +713,7 @@ async fn replicas(state: web::Data<AppState>, who: Identity) -> ApiResult<HttpRe
         let mut dbs = serde_json::Map::new();
         for (name, &applied) in &r.positions {
             let Some(db) = state.dbs.get(name) else { continue };
-            let head = db.position().map_or(applied, |(_, v)| v);
+            let head = db.position().map_or(applied, |(_, v, _)| v);
             let behind = (head - applied).max(0);
             // Like pg_stat_replication's replay_lag: the age of the oldest commit not applied.
             let oldest: Option<i64> = if behind > 0 {

@@ -9,6 +9,7 @@ pub mod feed;
 pub mod follower;
 pub mod forward;
 pub mod master;
+pub mod position;
 pub mod recorder;
 pub mod rowlog;
 pub mod schema;

@@ -161,11 +161,11 @@ pub struct ChangeRecorder {
     /// The hash a transaction in flight changed the schema to; it becomes `schema_hash` only
     /// when that transaction commits.
     pending_hash: Arc<Mutex<Option<String>>>,
-    /// The database's uid and newest committed version (its position); the version of the
-    /// transaction in flight becomes `head` only when it commits.
+    /// The database's uid and newest committed version with its chained hash (its position);
+    /// the entry of the transaction in flight becomes `head` only when it commits.
     uid: Mutex<String>,
-    head: Arc<std::sync::atomic::AtomicI64>,
-    pending_head: Arc<std::sync::atomic::AtomicI64>,
+    head: Mutex<(i64, String)>,
+    pending_head: Arc<Mutex<Option<(i64, String)>>>,
     /// Where a commit is published for streaming replicas, with the database's name.
     feed: Option<(String, Arc<CommitFeed>)>,
     /// Where a commit's changeset goes for realtime clients, with the database's name, and
@@ -199,8 +199,8 @@ impl ChangeRecorder {
             schema_hash: Arc::new(Mutex::new(String::new())),
             pending_hash: Arc::new(Mutex::new(None)),
             uid: Mutex::new(String::new()),
-            head: Arc::new(std::sync::atomic::AtomicI64::new(0)),
-            pending_head: Arc::new(std::sync::atomic::AtomicI64::new(0)),
+            head: Mutex::new((0, String::new())),
+            pending_head: Arc::new(Mutex::new(None)),
             feed,
             events,
             pending_events: Arc::new(Mutex::new(None)),
@@ -232,13 +232,18 @@ impl Recorder for ChangeRecorder {
         if let Ok(mut uid) = self.uid.lock() {
             *uid = database_uid(conn)?;
         }
-        self.head.store(bounds(conn)?.1, std::sync::atomic::Ordering::Release);
+        let head = bounds(conn)?.1;
+        let hash = position_hash(conn, head)?.unwrap_or_default();
+        if let Ok(mut h) = self.head.lock() {
+            *h = (head, hash);
+        }
         Ok(())
     }
 
-    fn position(&self) -> Option<(String, i64)> {
+    fn position(&self) -> Option<(String, i64, String)> {
         let uid = self.uid.lock().ok()?.clone();
-        Some((uid, self.head.load(std::sync::atomic::Ordering::Acquire)))
+        let (version, hash) = self.head.lock().ok()?.clone();
+        Some((uid, version, hash))
     }
 
     fn begin<'c>(&self, conn: &'c Connection) -> rusqlite::Result<Box<dyn TxRecording + 'c>> {
@@ -246,7 +251,9 @@ impl Recorder for ChangeRecorder {
         if let Ok(mut p) = self.pending_hash.lock() {
             *p = None;
         }
-        self.pending_head.store(0, std::sync::atomic::Ordering::Relaxed);
+        if let Ok(mut p) = self.pending_head.lock() {
+            *p = None;
+        }
         if let Ok(mut p) = self.pending_events.lock() {
             *p = None;
         }
@@ -271,9 +278,12 @@ impl Recorder for ChangeRecorder {
 
     fn finished(&self, committed: bool) {
         self.rows.stop();
-        let version = self.pending_head.swap(0, std::sync::atomic::Ordering::Relaxed);
-        if committed && version > 0 {
-            self.head.store(version, std::sync::atomic::Ordering::Release);
+        let entry = self.pending_head.lock().ok().and_then(|mut p| p.take());
+        let version = entry.as_ref().map_or(0, |e| e.0);
+        if let (true, Some(entry)) = (committed, entry) {
+            if let Ok(mut h) = self.head.lock() {
+                *h = entry;
+            }
         }
         let pending = self.pending_hash.lock().ok().and_then(|mut p| p.take());
         if let (true, Some(h)) = (committed, pending) {
@@ -306,7 +316,7 @@ struct Recording {
     schema_version: i64,
     schema_hash: Arc<Mutex<String>>,
     pending_hash: Arc<Mutex<Option<String>>>,
-    pending_head: Arc<std::sync::atomic::AtomicI64>,
+    pending_head: Arc<Mutex<Option<(i64, String)>>>,
 }
 
 impl TxRecording for Recording {
@@ -373,7 +383,7 @@ impl TxRecording for Recording {
             entry,
             prev
         ])?;
-        pending_head.store(version, std::sync::atomic::Ordering::Relaxed);
+        *pending_head.lock().map_err(|_| rusqlite::Error::InvalidQuery)? = Some((version, entry));
         if let Some(slot) = events {
             if let Ok(mut p) = slot.lock() {
                 *p = Some(for_events.unwrap_or(changeset));

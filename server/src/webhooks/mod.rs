@@ -3,9 +3,10 @@
 //! The writer turns a commit's changeset into queue rows (`_webhook_queue`, a local table of the
 //! same database) in the same transaction, so a committed change has its deliveries and a
 //! rolled-back one has none. The worker (`deliver`) sends due rows, deletes each after a 2xx
-//! answer or its last attempt, and otherwise reschedules it with exponential backoff and jitter.
-//! A restart resumes the queue: delivery is at least once, and every request carries its
-//! row's `Idempotency-Key`, the same on every attempt.
+//! answer or its last attempt, and otherwise reschedules it with exponential backoff and jitter,
+//! each outcome in its own commit before the record's next delivery is sent. A restart resumes
+//! the queue: delivery is at least once (a crash repeats only the deliveries in flight), and
+//! every request carries its row's `Idempotency-Key`, the same on every attempt.
 //!
 //! Architecture invariant: a delivery is queued in the transaction of its change, and removed
 //! only after its outcome is final; replicas never queue or send.
@@ -298,67 +299,43 @@ async fn pass(state: &crate::state::AppState, hooks: &Arc<Webhooks>, name: &str)
             None => groups.push(vec![q]),
         }
     }
+    // Each outcome is committed before the next delivery of its record is sent: a crash
+    // repeats at most the deliveries in flight, never ones already answered.
+    let base = hooks.base;
     let sends = groups.into_iter().map(|group| {
         let hooks = hooks.clone();
+        let db = db.clone();
         async move {
-            let mut out = Vec::with_capacity(group.len());
+            let mut logs = Vec::with_capacity(group.len());
             for q in group {
                 let result = send(&hooks, &q).await;
-                out.push((q, result));
+                let (log, next) = outcome(base, q, result);
+                let (id, attempt) = (log.0.id, log.1);
+                db.write(move |conn| {
+                    match next {
+                        None => conn.execute("DELETE FROM _webhook_queue WHERE id = ?1", [id])?,
+                        Some(at) => conn.execute(
+                            "UPDATE _webhook_queue SET attempts = ?2, next_at = ?3 WHERE id = ?1",
+                            params![id, attempt, at],
+                        )?,
+                    };
+                    Ok(())
+                })
+                .await?;
+                logs.push(log);
             }
-            out
+            Ok::<_, crate::error::ApiError>(logs)
         }
     });
-    let results: Vec<_> = futures_util::future::join_all(sends)
-        .await
-        .into_iter()
-        .flatten()
-        .collect();
-    let base = hooks.base;
-    let db_name = name.to_string();
     let mut logs = Vec::new();
-    let mut updates = Vec::new();
-    for (q, result) in results {
-        let attempt = q.attempts + 1;
-        let (status, error) = match &result {
-            Ok(s) => (*s, String::new()),
-            Err((s, e)) => (*s, e.clone()),
-        };
-        let ok = result.is_ok();
-        let last = !ok && attempt > q.trigger.retry_limit;
-        let outcome = if ok {
-            "delivered"
-        } else if last {
-            "failed"
-        } else {
-            "retrying"
-        };
-        if last {
-            log::warn!(
-                "webhooks: gave up on {} {} of '{}' to {} after {attempt} attempts: {error}",
-                q.action,
-                q.record_id,
-                q.collection,
-                q.trigger.url
-            );
+    let mut failed = None;
+    for r in futures_util::future::join_all(sends).await {
+        match r {
+            Ok(l) => logs.extend(l),
+            Err(e) => failed = Some(e),
         }
-        let next = (!ok && !last).then(|| crate::util::unix_millis() + backoff(base, attempt).as_millis() as i64);
-        updates.push((q.id, next, attempt));
-        logs.push((q, attempt, status, outcome.to_string(), error));
     }
-    db.write(move |conn| {
-        for (id, next, attempt) in &updates {
-            match next {
-                None => conn.execute("DELETE FROM _webhook_queue WHERE id = ?1", [id])?,
-                Some(at) => conn.execute(
-                    "UPDATE _webhook_queue SET attempts = ?2, next_at = ?3 WHERE id = ?1",
-                    params![id, attempt, at],
-                )?,
-            };
-        }
-        Ok(())
-    })
-    .await?;
+    let db_name = name.to_string();
     if let Some(stats) = state.dbs.get(crate::db::STATS_DB) {
         let now = crate::util::now_string();
         stats
@@ -379,7 +356,44 @@ async fn pass(state: &crate::state::AppState, hooks: &Arc<Webhooks>, name: &str)
             })
             .await?;
     }
-    Ok(true)
+    match failed {
+        Some(e) => Err(e),
+        None => Ok(true),
+    }
+}
+
+/// A delivery's log line (the delivery, attempt, status, outcome and error) and, when it is to
+/// be retried, when.
+fn outcome(
+    base: Duration,
+    q: Queued,
+    result: Result<u16, (u16, String)>,
+) -> ((Queued, u32, u16, String, String), Option<i64>) {
+    let attempt = q.attempts + 1;
+    let (status, error) = match &result {
+        Ok(s) => (*s, String::new()),
+        Err((s, e)) => (*s, e.clone()),
+    };
+    let ok = result.is_ok();
+    let last = !ok && attempt > q.trigger.retry_limit;
+    let outcome = if ok {
+        "delivered"
+    } else if last {
+        "failed"
+    } else {
+        "retrying"
+    };
+    if last {
+        log::warn!(
+            "webhooks: gave up on {} {} of '{}' to {} after {attempt} attempts: {error}",
+            q.action,
+            q.record_id,
+            q.collection,
+            q.trigger.url
+        );
+    }
+    let next = (!ok && !last).then(|| crate::util::unix_millis() + backoff(base, attempt).as_millis() as i64);
+    ((q, attempt, status, outcome.to_string(), error), next)
 }
 
 /// One HTTP attempt: the answer's status, or the status (0 without one) and what went wrong.
