@@ -184,6 +184,8 @@ fn target() -> (String, Seen) {
         for stream in listener.incoming() {
             let Ok(mut stream) = stream else { continue };
             let mut reader = BufReader::new(stream.try_clone().unwrap());
+            // A client that stops sending ends this thread instead of holding it forever.
+            let _ = stream.set_read_timeout(Some(Duration::from_secs(60)));
             let mut line = String::new();
             reader.read_line(&mut line).unwrap();
             let method = line.split(' ').next().unwrap_or("").to_string();

@@ -50,12 +50,59 @@ struct Proxy {
 
 impl Drop for Proxy {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.stop();
     }
 }
 
+/// Processes whose parent is `pid`, from `/proc`.
+fn children_of(pid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(child) = e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+            continue;
+        };
+        let stat = std::fs::read_to_string(e.path().join("stat")).unwrap_or_default();
+        // pid (comm) state ppid …: the fields after the command name, which may hold spaces.
+        let ppid = stat.rsplit(')').next().and_then(|r| r.split_whitespace().nth(1));
+        if ppid.and_then(|p| p.parse::<u32>().ok()) == Some(pid) {
+            out.push(child);
+        }
+    }
+    out
+}
+
 impl Proxy {
+    /// Stops the proxy as its service manager would (SIGTERM: nginx's master then stops its
+    /// workers), SIGKILL only past a deadline, and returns the processes it had started that are
+    /// still alive afterwards (none, for a proxy stopped properly).
+    fn stop(&mut self) -> Vec<u32> {
+        if self.child.try_wait().ok().flatten().is_some() {
+            // Already gone and reaped: its pid may belong to another process now.
+            return Vec::new();
+        }
+        let pid = self.child.id();
+        let workers = children_of(pid);
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while self.child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let alive = |w: &u32| std::path::Path::new(&format!("/proc/{w}")).exists();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while workers.iter().any(alive) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let left: Vec<u32> = workers.into_iter().filter(alive).collect();
+        for w in &left {
+            // SAFETY: kill(2); a leaked worker must not outlive the test.
+            unsafe { libc::kill(*w as i32, libc::SIGKILL) };
+        }
+        left
+    }
+
     fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
@@ -462,6 +509,10 @@ fn exercise(kind: Kind) {
     }
     eprintln!("{kind:?}: a killed replica was routed around after {took:?}");
     drop(r1);
+    // Stopped, the proxy leaves no process behind (nginx's workers included).
+    let mut p = p;
+    let left = p.stop();
+    assert!(left.is_empty(), "{kind:?} left processes running: {left:?}");
 }
 
 #[test]

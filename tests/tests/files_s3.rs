@@ -17,6 +17,8 @@ const BUCKET: &str = "vski-files";
 struct Seaweed {
     child: Child,
     endpoint: String,
+    /// The filer's HTTP address: the tests ask it what the bucket holds.
+    filer: String,
     dir: tempfile::TempDir,
 }
 
@@ -48,12 +50,13 @@ fn seaweed() -> Seaweed {
         // Small volumes: a test machine's free disk holds several (the default is 1 GiB each).
         "-master.volumeSizeLimitMB=64".into(),
     ];
+    let filer = free_port();
+    args.push(format!("-filer.port={filer}"));
     for flag in [
         "master.port",
         "master.port.grpc",
         "volume.port",
         "volume.port.grpc",
-        "filer.port",
         "filer.port.grpc",
         "s3.port.grpc",
         "webdav.port",
@@ -80,7 +83,31 @@ fn seaweed() -> Seaweed {
     wait_for("SeaweedFS's S3 endpoint", Duration::from_secs(60), || {
         reqwest::blocking::get(&probe).ok().map(|_| ())
     });
-    Seaweed { child, endpoint, dir }
+    Seaweed {
+        child,
+        endpoint,
+        filer: format!("http://127.0.0.1:{filer}"),
+        dir,
+    }
+}
+
+impl Seaweed {
+    /// Whether the bucket holds `key`, asked of SeaweedFS's filer (where S3 buckets live under
+    /// `/buckets/`), not of vski.
+    fn holds(&self, key: &str) -> bool {
+        let url = format!("{}/buckets/{BUCKET}/{key}", self.filer);
+        let status = reqwest::blocking::Client::builder()
+            .timeout(Duration::from_secs(30))
+            .build()
+            .unwrap()
+            .head(&url)
+            .send()
+            .unwrap_or_else(|e| panic!("HEAD {url}: {e}"))
+            .status()
+            .as_u16();
+        assert!(status == 200 || status == 404, "HEAD {url}: {status}");
+        status == 200
+    }
 }
 
 fn s3_env(opts: NodeOptions, sw: &Seaweed) -> NodeOptions {
@@ -181,7 +208,15 @@ fn s3_storage_serves_files_from_the_bucket_on_master_and_replica() {
     assert_eq!(get(&r, &b, &[]).2, vec![9u8; 20_000]);
     assert_eq!((local_files(&m), local_files(&r)), (0, 0));
 
-    // Removing a file and deleting the record delete the objects.
+    // Removing a file and deleting the record delete the objects: SeaweedFS no longer has them.
+    let key = |i: usize| {
+        format!(
+            "default/{}/{id}/{}",
+            rec["collectionId"].as_str().unwrap(),
+            rec["files"][i].as_str().unwrap()
+        )
+    };
+    assert!(sw.holds(&key(0)) && sw.holds(&key(1)), "the objects are in the bucket");
     let (s, _) = m.patch(
         &format!("/api/collections/docs/records/{id}"),
         None,
@@ -195,6 +230,12 @@ fn s3_storage_serves_files_from_the_bucket_on_master_and_replica() {
     wait_for("the record's objects to go", Duration::from_secs(10), || {
         (get(&r, &b, &[]).0 == 404).then_some(())
     });
+    assert!(!sw.holds(&key(0)), "the removed file's object is gone from the bucket");
+    wait_for(
+        "the deleted record's object to leave the bucket",
+        Duration::from_secs(30),
+        || (!sw.holds(&key(1))).then_some(()),
+    );
 }
 
 #[test]

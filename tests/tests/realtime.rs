@@ -364,6 +364,8 @@ fn websocket_commands_errors_pings_and_idle_timeout() {
 /// Opens an SSE stream on a raw socket that is then never read; returns it and its client id.
 fn stalled_sse(node: &Node) -> (TcpStream, String) {
     let mut s = TcpStream::connect(("127.0.0.1", node.port())).unwrap();
+    // The head must come within the deadline; a server that never answers fails the test.
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
     write!(
         s,
         "GET /api/realtime HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\n\r\n"

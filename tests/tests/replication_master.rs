@@ -621,3 +621,49 @@ fn an_io_error_mid_batch_never_splits_a_transaction() {
         "{log}"
     );
 }
+
+#[test]
+fn a_page_of_changesets_holds_at_most_8_mib_plus_one_entry() {
+    use base64::Engine;
+    let m = master();
+    let (_, token) = setup(&m);
+    // 60 MB of writes, one record of 1.5 MB per transaction (text does not compress in a
+    // changeset).
+    let mut seed = 0x2545_f491_u64;
+    for i in 0..40 {
+        let title: String = (0..1_500_000)
+            .map(|_| {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                char::from(b'a' + (seed % 26) as u8)
+            })
+            .collect();
+        let (s, b) = m.post("/api/collections/posts/records", None, &json!({"title": title, "n": i}));
+        assert_eq!(s, 200, "{}", b["message"]);
+    }
+    let head = status_of(&m, &token, "default")["version"].as_i64().unwrap();
+    let (s, b) = m.get("/api/replica/changesets?db=default&since=0&limit=1000", Some(&token));
+    assert_eq!(s, 200);
+    let sizes: Vec<usize> = b["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            base64::engine::general_purpose::STANDARD
+                .decode(e["changeset"].as_str().unwrap())
+                .unwrap()
+                .len()
+        })
+        .collect();
+    let total: usize = sizes.iter().sum();
+    let largest = *sizes.iter().max().unwrap();
+    assert!(sizes.len() < head as usize, "one page carried all {head} entries");
+    assert!(
+        total <= 8 * 1024 * 1024 + largest,
+        "a page of {} entries holds {total} bytes of changesets (largest {largest})",
+        sizes.len()
+    );
+    // The rest follows page by page from where this one ended.
+    assert_eq!(changelog(&m, &token, "default", 0).len() as i64, head);
+}

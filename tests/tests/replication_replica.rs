@@ -37,17 +37,28 @@ fn seed(m: &Node) -> String {
     t
 }
 
+/// Titles in `posts` of `default` on `n`, sorted; none when the node does not answer 200.
 fn titles(n: &Node) -> Vec<String> {
-    let (s, b) = n.get("/api/collections/posts/records?perPage=1000&sort=title", None);
-    if s != 200 {
-        return vec![];
-    }
-    b["items"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| r["title"].as_str().unwrap().to_string())
-        .collect()
+    titles_of(n, "default").unwrap_or_default()
+}
+
+/// Titles in `posts` of database `db` on `n`, sorted; `None` unless the node answers 200.
+fn titles_of(n: &Node, db: &str) -> Option<Vec<String>> {
+    let (s, b) = n.request(
+        "GET",
+        "/api/collections/posts/records?perPage=1000&sort=title",
+        None,
+        None,
+        &[("X-Dbname", db)],
+    );
+    (s == 200).then_some(())?;
+    Some(
+        b["items"]
+            .as_array()?
+            .iter()
+            .map(|r| r["title"].as_str().unwrap().to_string())
+            .collect(),
+    )
 }
 
 const TIMEOUT: Duration = Duration::from_secs(30);
@@ -685,14 +696,7 @@ fn a_replica_killed_at_random_moments_converges() {
 }
 
 fn add_titles(m: &Node, prefix: &str, n: usize) {
-    for i in 0..n {
-        let (s, b) = m.post(
-            "/api/collections/posts/records",
-            None,
-            &json!({"title": format!("{prefix}-{i}")}),
-        );
-        assert_eq!(s, 200, "{b}");
-    }
+    add_titles_in(m, "default", prefix, n);
 }
 
 /// Puts `from` in place of the master's `default.db` while it is stopped.
@@ -1911,4 +1915,88 @@ fn a_position_of_a_restored_masters_new_history_is_not_served_from_the_lost_one(
         "nothing of the lost history: {got:?}"
     );
     assert_eq!(r.health()["dbs"]["default"]["bootstraps"], 2);
+}
+
+#[test]
+fn a_write_forwarded_by_a_polling_replica_is_read_back_there_at_once_in_any_database() {
+    let m = master();
+    let t = seed(&m);
+    posts_in(&m, &t, &["other"]);
+    // Polling, with no round for minutes: only the wait for the write's position can bring the
+    // write here before the read.
+    let r = spawn_replica(
+        &m,
+        SECRET,
+        NodeOptions::default()
+            .env("SYNC_MODE", "poll")
+            .env("SYNC_INTERVAL", "300")
+            .env("REPLICA_READ_WAIT_MS", "30000")
+            .env("REPLICA_WRITES", "forward"),
+    );
+    for db in ["default", "other"] {
+        assert_replica_equals_master(&m, &r, SECRET, db, TIMEOUT);
+    }
+    let round = r.health()["lastSuccessfulRound"].clone();
+    for (db, title) in [("default", "fwd-default"), ("other", "fwd-other")] {
+        let (s, b) = r.request(
+            "POST",
+            "/api/collections/posts/records",
+            None,
+            Some(&json!({"title": title})),
+            &[("X-Dbname", db)],
+        );
+        assert_eq!(s, 200, "{db}: {b}");
+        let path = format!("/api/collections/posts/records?filter=title='{title}'");
+        let (s, b) = r.request("GET", &path, None, None, &[("X-Dbname", db)]);
+        assert_eq!((s, b["totalItems"].as_i64()), (200, Some(1)), "{db}: {b}");
+        // Not in the other database.
+        let elsewhere = if db == "default" { "other" } else { "default" };
+        let (_, b) = r.request("GET", &path, None, None, &[("X-Dbname", elsewhere)]);
+        assert_eq!(b["totalItems"].as_i64(), Some(0), "{elsewhere}: {b}");
+    }
+    assert_eq!(
+        r.health()["lastSuccessfulRound"],
+        round,
+        "a round ran: the position wait was not what brought the writes"
+    );
+}
+
+fn add_titles_in(m: &Node, db: &str, prefix: &str, n: usize) {
+    for i in 0..n {
+        let body = json!({"title": format!("{prefix}-{i}")});
+        let (s, b) = m.request(
+            "POST",
+            "/api/collections/posts/records",
+            None,
+            Some(&body),
+            &[("X-Dbname", db)],
+        );
+        assert_eq!(s, 200, "{b}");
+    }
+}
+
+#[test]
+fn a_database_recreated_under_its_name_while_a_replica_was_stopped_is_bootstrapped_anew() {
+    let m = master();
+    let t = seed(&m);
+    posts_in(&m, &t, &["reborn"]);
+    // More writes in the old database than the new one will get: versions alone would say the
+    // replica is ahead.
+    add_titles_in(&m, "reborn", "old", 6);
+    let mut r = replica(&m, "1");
+    assert_replica_equals_master(&m, &r, SECRET, "reborn", TIMEOUT);
+    assert_eq!(titles_of(&r, "reborn").unwrap().len(), 6);
+    r.terminate(TIMEOUT);
+    assert_eq!(m.delete("/api/databases/reborn", Some(&t)).0, 204);
+    posts_in(&m, &t, &["reborn"]);
+    add_titles_in(&m, "reborn", "new", 2);
+    let r = r.restart();
+    assert_replica_equals_master(&m, &r, SECRET, "reborn", TIMEOUT);
+    assert_eq!(
+        titles_of(&r, "reborn").unwrap(),
+        vec!["new-0", "new-1"],
+        "only the new database's data"
+    );
+    assert_eq!(r.health()["dbs"]["reborn"]["bootstraps"], 1, "{}", r.health());
+    assert!(r.log().contains("re-created on the master"), "{}", r.log());
 }

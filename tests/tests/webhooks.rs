@@ -43,6 +43,8 @@ impl Endpoint {
         std::thread::spawn(move || {
             for stream in listener.incoming() {
                 let Ok(mut stream) = stream else { continue };
+                // A client that stops sending ends this thread instead of holding it forever.
+                let _ = stream.set_read_timeout(Some(Duration::from_secs(60)));
                 let (f, h, hd) = (f.clone(), h.clone(), hd.clone());
                 std::thread::spawn(move || {
                     let mut reader = BufReader::new(stream.try_clone().unwrap());
