@@ -490,3 +490,145 @@ fn text_parts_are_bounded_in_total_not_only_each() {
     assert_eq!(s, 413, "{b}");
     assert_eq!(n.get("/api/collections/docs/records", None).1["totalItems"], 0);
 }
+
+/// Bytes process `pid` has written so far (`wchar` of `/proc/PID/io`: files and sockets).
+fn written_bytes(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/io"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("wchar: ")?.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Sends the head of a multipart request announcing `announced` bytes of body, and only the
+/// first part's first 64 KiB; returns the status line the server answers with (within 30 s).
+fn answer_before_the_body(n: &Node, method: &str, path: &str, announced: usize) -> String {
+    use std::io::{BufRead, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", n.port())).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let head = "--XyZ\r\nContent-Disposition: form-data; name=\"files\"; filename=\"big.bin\"\r\n\
+                Content-Type: application/octet-stream\r\n\r\n";
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=XyZ\r\n\
+         Content-Length: {announced}\r\n\r\n{head}"
+    )
+    .unwrap();
+    s.write_all(&vec![7u8; 64 * 1024]).unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(s)
+        .read_line(&mut line)
+        .unwrap_or_else(|e| panic!("no answer before the rest of the body: {e}"));
+    line.trim_end().to_string()
+}
+
+#[test]
+fn a_rule_that_needs_no_body_refuses_an_upload_before_reading_it() {
+    let n = spawn_master();
+    let admin = n.admin_token();
+    docs(
+        &n,
+        &admin,
+        json!({"createRule": "@request.auth.id != ''", "updateRule": "@request.auth.id != ''",
+               "fields": [{"name": "title", "type": "text"},
+                          {"name": "files", "type": "file", "maxSelect": 3, "maxSize": 100000000}]}),
+    );
+    let (s, rec) = send(
+        &n,
+        "POST",
+        "/api/collections/docs/records",
+        Some(&admin),
+        Form::new().text("title", "mine"),
+    );
+    assert_eq!(s, 200, "{rec}");
+    let before = written_bytes(n.pid());
+    // A guest announces 50 MB and sends 64 KiB: the answer comes without the rest.
+    let line = answer_before_the_body(&n, "POST", "/api/collections/docs/records", 50_000_000);
+    assert!(line.starts_with("HTTP/1.1 400"), "{line}");
+    let path = format!("/api/collections/docs/records/{}", rec["id"].as_str().unwrap());
+    let line = answer_before_the_body(&n, "PATCH", &path, 50_000_000);
+    assert!(line.starts_with("HTTP/1.1 404"), "{line}");
+    let wrote = written_bytes(n.pid()) - before;
+    assert!(wrote < 1_000_000, "the refused uploads cost {wrote} bytes of writes");
+    assert!(files_under(&n.data_dir.join("storage")).is_empty());
+    // Signed in, the same upload goes through.
+    let (s, b) = send(
+        &n,
+        "POST",
+        "/api/collections/docs/records",
+        Some(&admin),
+        Form::new().part("files", part(&vec![1u8; 300_000], "a.bin", "application/octet-stream")),
+    );
+    assert_eq!(s, 200, "{b}");
+}
+
+#[test]
+fn a_multipart_body_has_at_most_100_parts_and_body_limit_of_text() {
+    let n = spawn_master_with(NodeOptions::default().env("BODY_LIMIT", "2000000"));
+    let admin = n.admin_token();
+    docs(&n, &admin, json!({}));
+    // 1,000 empty file parts: refused at the 101st, not after 1,000 temporary files.
+    let mut form = Form::new();
+    for i in 0..1000 {
+        form = form.part("files", part(b"", &format!("e{i}.bin"), "application/octet-stream"));
+    }
+    let (s, b) = send(&n, "POST", "/api/collections/docs/records", None, form);
+    assert_eq!(s, 400, "{b}");
+    assert!(b["message"].as_str().unwrap().contains("at most 100 parts"), "{b}");
+    // Text parts together are held to BODY_LIMIT (2 MB here): three of 1 MB are too many.
+    let mut form = Form::new();
+    for i in 0..3 {
+        form = form.text(format!("junk{i}"), "x".repeat(1_000_000));
+    }
+    let (s, b) = send(&n, "POST", "/api/collections/docs/records", None, form);
+    assert_eq!(s, 413, "{b}");
+    assert_eq!(n.get("/api/collections/docs/records", None).1["totalItems"], 0);
+    assert!(files_under(&n.data_dir.join("storage")).is_empty());
+}
+
+#[test]
+fn a_record_id_that_cannot_exist_places_nothing() {
+    use std::io::{BufRead, Write};
+    let n = spawn_master();
+    let admin = n.admin_token();
+    docs(&n, &admin, json!({}));
+    let storage = n.data_dir.join("storage");
+    let listing = || {
+        let mut v: Vec<PathBuf> = walk_all(&storage);
+        v.sort();
+        v
+    };
+    let before = listing();
+    for id in ["..", "a%2F..", "x.y"] {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", n.port())).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let body = "--B\r\nContent-Disposition: form-data; name=\"files\"; filename=\"a.txt\"\r\n\
+                    Content-Type: text/plain\r\n\r\nhello\r\n--B--\r\n";
+        write!(
+            s,
+            "PATCH /api/collections/docs/records/{id} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\
+             Content-Type: multipart/form-data; boundary=B\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .unwrap();
+        let mut line = String::new();
+        std::io::BufReader::new(s).read_line(&mut line).unwrap();
+        assert!(line.starts_with("HTTP/1.1 404"), "{id}: {line}");
+    }
+    assert_eq!(listing(), before, "nothing was written under storage/");
+}
+
+/// Every file and directory under `dir`.
+fn walk_all(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            let p = e.path();
+            out.push(p.clone());
+            if p.is_dir() {
+                out.extend(walk_all(&p));
+            }
+        }
+    }
+    out
+}

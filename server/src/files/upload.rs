@@ -36,9 +36,9 @@ impl Drop for Uploads {
     }
 }
 
-/// The most text (field values and `@jsonPayload`) one request may carry, all parts together:
-/// text is held in memory, files are not.
-const MAX_TEXT: usize = 10 * 1024 * 1024;
+/// The most parts one multipart body may have: each file part costs a temporary file, so a
+/// body of thousands of empty parts is refused at the 101st instead of costing disk work.
+pub const MAX_PARTS: usize = 100;
 
 pub fn is_multipart(req: &HttpRequest) -> bool {
     req.headers()
@@ -49,11 +49,14 @@ pub fn is_multipart(req: &HttpRequest) -> bool {
 
 /// Reads a multipart body: the JSON body (`@jsonPayload` merged with the text parts; a key sent
 /// twice becomes a list, as PocketBase) and the uploaded files. `max_file` caps each file part
-/// (by its field's `maxSize`), the storage's limit caps the request's total.
+/// (by its field's `maxSize`), the storage's limit caps the request's files, `text_limit`
+/// (`BODY_LIMIT`) its text parts together (text is held in memory, files are not), and
+/// [`MAX_PARTS`] the number of parts.
 pub async fn read(
     req: &HttpRequest,
     payload: actix_web::web::Payload,
     storage: &Storage,
+    text_limit: usize,
     max_file: impl Fn(&str) -> Option<u64>,
 ) -> ApiResult<(Map<String, Value>, Uploads)> {
     let mut parts = actix_multipart::Multipart::new(req.headers(), payload.into_inner());
@@ -63,8 +66,15 @@ pub async fn read(
     let mut text_total: usize = 0;
     let tmp_dir = storage.tmp_dir();
     tokio::fs::create_dir_all(&tmp_dir).await?;
+    let mut count = 0;
     while let Some(part) = parts.next().await {
         let mut part = part.map_err(|e| ApiError::bad_request(format!("Invalid multipart body: {e}")))?;
+        count += 1;
+        if count > MAX_PARTS {
+            return Err(ApiError::bad_request(format!(
+                "A multipart body may have at most {MAX_PARTS} parts."
+            )));
+        }
         let (name, filename) = match part.content_disposition() {
             Some(cd) => (
                 cd.get_name().unwrap_or_default().to_string(),
@@ -131,8 +141,8 @@ pub async fn read(
                 while let Some(chunk) = part.next().await {
                     let chunk = chunk.map_err(|e| ApiError::bad_request(format!("Invalid multipart body: {e}")))?;
                     text_total += chunk.len();
-                    if text_total > MAX_TEXT {
-                        return Err(ApiError::PayloadTooLarge(MAX_TEXT));
+                    if text_total > text_limit {
+                        return Err(ApiError::PayloadTooLarge(text_limit));
                     }
                     text.extend_from_slice(&chunk);
                 }

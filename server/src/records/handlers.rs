@@ -9,7 +9,7 @@ use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
 use super::expand::PathTree;
-use super::rules::{Action, auth_record, authorize, condition, matches};
+use super::rules::{self, Action, auth_record, authorize, condition, matches};
 use super::store::{self, Stored};
 use super::values::{self, Changes};
 use crate::auth::{Identity, password};
@@ -580,8 +580,14 @@ async fn create(
 ) -> actix_web::Result<HttpResponse> {
     let db = state.db(&req)?;
     let c = state.collection(&db, &path).await?;
-    // A caller the rule refuses outright does not get to upload first.
-    authorize(&c, Action::Create, &who)?;
+    // A caller the rule refuses outright does not get to upload first: a rule that does not
+    // depend on the body (`@request.auth.id != ""`) is decided before a byte of it is read.
+    let access = authorize(&c, Action::Create, &who)?;
+    if rules::decided_without_body(&state, &db, &c, &access, &who).await? == Some(false) {
+        return Err(
+            ApiError::bad_request("Failed to create record: the collection's createRule does not match.").into(),
+        );
+    }
     let (body, _uploads, pending) = read_body(&state, &req, payload, &c).await?;
     let rec = create_record(&state, &db, c.clone(), &who, body, pending).await?;
     Ok(HttpResponse::Ok().json(public_record(&c, &rec, &who)))
@@ -595,9 +601,18 @@ async fn update(
     payload: web::Payload,
 ) -> actix_web::Result<HttpResponse> {
     let (coll, id) = path.into_inner();
+    // An id no record can have is answered before anything of the body is read or placed.
+    if !store::is_valid_record_id(&id) {
+        return Err(ApiError::not_found("Record not found.").into());
+    }
     let db0 = state.db(&req)?;
     let c0 = state.collection(&db0, &coll).await?;
-    authorize(&c0, Action::Update, &who)?;
+    let access = authorize(&c0, Action::Update, &who)?;
+    // A rule that does not depend on the body is decided on the stored record first: a caller
+    // who may not update this record uploads nothing.
+    if !rules::record_allowed_without_body(&state, &db0, &c0, &access, &who, &id).await? {
+        return Err(ApiError::not_found("Record not found.").into());
+    }
     let (body, _uploads, files) = read_body(&state, &req, payload, &c0).await?;
     let body = body_object(body)?;
     let Target { db, c, schema, cond } = target(&state, &req, &coll, &who, Action::Update, Some(&body)).await?;
@@ -761,7 +776,8 @@ async fn read_body(
             .filter(|f| f.kind == crate::collections::model::FieldType::File)
             .map(|f| f.options.max_size.unwrap_or(crate::files::DEFAULT_MAX_SIZE))
     };
-    let (body, uploads) = crate::files::upload::read(req, payload, &state.storage, max_file).await?;
+    let (body, uploads) =
+        crate::files::upload::read(req, payload, &state.storage, state.settings.body_limit, max_file).await?;
     let pending = uploads
         .0
         .iter()

@@ -5,6 +5,8 @@
 //! that do not match, and create answers 400 when the new record does not match. Admins pass
 //! every rule.
 
+use std::sync::Arc;
+
 use rusqlite::{Connection, OptionalExtension, params_from_iter};
 use serde_json::{Map, Value, json};
 
@@ -140,4 +142,83 @@ pub fn check_rule(rule: Option<&str>, c: &Collection, schema: &Schema) -> Result
         }
         Err(e) => Err(e.to_string()),
     }
+}
+
+/// Whether `e` reads anything of the request body or of the record (its fields, or the new
+/// record's, which come from the body): only then must a rule wait for the body.
+fn needs_record_or_body(e: &Expr, record: bool) -> bool {
+    let operand = |o: &crate::query::parse::Operand| match o {
+        crate::query::parse::Operand::Body(_) => true,
+        crate::query::parse::Operand::Field(_) => record,
+        _ => false,
+    };
+    match e {
+        Expr::And(a, b) | Expr::Or(a, b) => needs_record_or_body(a, record) || needs_record_or_body(b, record),
+        Expr::Cmp { left, right, .. } => operand(left) || operand(right),
+    }
+}
+
+/// A create rule decided before the body is read: `Some(allowed)` when the rule depends on the
+/// caller alone (`@request.auth.*`, `@now`, literals), `None` when it reads the new record or
+/// the body and so must wait for them.
+pub async fn decided_without_body(
+    state: &crate::state::AppState,
+    db: &crate::db::Database,
+    c: &Collection,
+    access: &Access,
+    who: &Identity,
+) -> ApiResult<Option<bool>> {
+    let Access::Matching(e) = access else {
+        return Ok(Some(true));
+    };
+    if needs_record_or_body(e, true) {
+        return Ok(None);
+    }
+    let schema = state.schemas.get(db).await?;
+    let Some(cond) = condition(access, c, &schema, auth_record(who).as_ref(), None)? else {
+        return Ok(Some(true));
+    };
+    // No field of the record is named, so the condition holds or fails for every row alike:
+    // evaluated over one row with no columns.
+    let sql = format!("SELECT 1 FROM (SELECT 1) _t WHERE ({})", cond.sql);
+    let allowed = db
+        .read(move |conn| {
+            Ok(conn
+                .prepare(&sql)?
+                .query_row(params_from_iter(cond.params.iter()), |_| Ok(()))
+                .optional()?
+                .is_some())
+        })
+        .await?;
+    Ok(Some(allowed))
+}
+
+/// Whether the caller may change record `id` as far as can be told before the body is read:
+/// `false` when the record does not exist or a rule that does not read the body refuses it.
+/// A rule that reads `@request.body` is decided later, with the body.
+pub async fn record_allowed_without_body(
+    state: &crate::state::AppState,
+    db: &Arc<crate::db::Database>,
+    c: &Arc<Collection>,
+    access: &Access,
+    who: &Identity,
+    id: &str,
+) -> ApiResult<bool> {
+    let check = match access {
+        Access::Matching(e) if !needs_record_or_body(e, false) => {
+            let schema = state.schemas.get(db).await?;
+            condition(access, c, &schema, auth_record(who).as_ref(), None)?
+        }
+        _ => None,
+    };
+    let (c, id) = (c.clone(), id.to_string());
+    db.read(move |conn| {
+        let exists = conn
+            .prepare(&format!("SELECT 1 FROM {} WHERE \"id\" = ?1", quote_ident(&c.name)))?
+            .query_row([&id], |_| Ok(()))
+            .optional()?
+            .is_some();
+        Ok(exists && matches(conn, &c, &id, check.as_ref())?)
+    })
+    .await
 }
