@@ -222,7 +222,11 @@ pub async fn run(config: ServeConfig, secret: String, listener: TcpListener) -> 
             .wrap(actix_web::middleware::from_fn(head_as_get))
             .wrap(cors(&origins))
             .wrap(actix_web::middleware::from_fn(preflight_no_content))
-            .wrap(Logger::new("%a \"%r\" %s %b %Dms").log_target("vski::access"))
+            .wrap(
+                Logger::new("%a \"%{request}xi\" %s %b %Dms")
+                    .custom_request_replace("request", |req| access_log_line(req.method(), req.uri(), req.version()))
+                    .log_target("vski::access"),
+            )
             .configure(|cfg| configure(cfg, replica))
             .default_service(web::to(not_found))
     })
@@ -253,4 +257,39 @@ pub async fn run(config: ServeConfig, secret: String, listener: TcpListener) -> 
         .map_err(std::io::Error::other)?;
     log::info!("databases closed");
     Ok(())
+}
+
+/// Query parameters that carry a credential (`?token=` for files, `?auth=` for realtime):
+/// never written to the access log.
+const SECRET_PARAMS: [&str; 2] = ["token", "auth"];
+
+/// The request line of the access log, with the values of [`SECRET_PARAMS`] replaced by
+/// `[redacted]`.
+fn access_log_line(
+    method: &actix_web::http::Method,
+    uri: &actix_web::http::Uri,
+    version: actix_web::http::Version,
+) -> String {
+    let path = uri.path();
+    let query = uri.query().map(|q| {
+        q.split('&')
+            .map(|pair| {
+                // Compared decoded, as the handlers read it (`tok%65n` is `token`).
+                let key = form_urlencoded::parse(pair.as_bytes())
+                    .next()
+                    .map(|(k, _)| k.into_owned());
+                match (key, pair.split_once('=')) {
+                    (Some(k), Some((raw, _))) if SECRET_PARAMS.iter().any(|s| k.eq_ignore_ascii_case(s)) => {
+                        format!("{raw}=[redacted]")
+                    }
+                    _ => pair.to_string(),
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("&")
+    });
+    match query {
+        Some(q) => format!("{method} {path}?{q} {version:?}"),
+        None => format!("{method} {path} {version:?}"),
+    }
 }

@@ -565,3 +565,24 @@ fn hidden_fields_cannot_be_probed_by_filter_or_sort() {
     assert_eq!(s, 200, "{b}");
     assert_eq!(n.get("/api/collections/vault/records", None).1["totalItems"], 1);
 }
+
+#[test]
+fn a_sort_of_thousands_of_terms_is_a_400_not_a_500() {
+    let n = spawn_master();
+    let admin = n.admin_token();
+    let (s, b) = n.post(
+        "/api/collections",
+        Some(&admin),
+        &json!({"name": "posts", "listRule": "", "fields": [{"name": "title", "type": "text"}]}),
+    );
+    assert_eq!(s, 200, "{b}");
+    let many = vec!["title"; 2500].join(",");
+    let (s, b) = n.get(&format!("/api/collections/posts/records?sort={many}"), None);
+    assert_eq!(s, 400, "{b}");
+    assert_eq!(b["data"]["sort"]["code"], "validation_too_many_values", "{b}");
+    let sixteen = vec!["-title"; 16].join(",");
+    assert_eq!(
+        n.get(&format!("/api/collections/posts/records?sort={sixteen}"), None).0,
+        200
+    );
+}

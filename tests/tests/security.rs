@@ -672,3 +672,56 @@ fn the_start_line_says_what_runs_and_typos_are_warned_about() {
     assert!(log.contains("did you mean REPLICA_MODE?"), "{log}");
     assert!(log.contains("secret from DATA_DIR/.jwt_secret"), "{log}");
 }
+
+#[test]
+fn the_rules_of_superusers_cannot_be_opened() {
+    let m = spawn_master();
+    let admin = m.admin_token();
+    for rule in ["createRule", "listRule", "viewRule", "updateRule", "deleteRule"] {
+        let (s, b) = m.patch("/api/collections/_superusers", Some(&admin), &json!({ rule: "" }));
+        assert_eq!(s, 400, "{rule}: {b}");
+        assert_eq!(b["data"]["createRule"]["code"], "validation_immutable", "{b}");
+    }
+    // Nothing changed: a guest still cannot sign up as an admin.
+    let c = m.get("/api/collections/_superusers", Some(&admin)).1;
+    assert!(c["createRule"].is_null() && c["listRule"].is_null(), "{c}");
+    let (s, _) = m.post(
+        "/api/collections/_superusers/records",
+        None,
+        &json!({"email": "mallory@example.com", "password": "mallorypass123", "passwordConfirm": "mallorypass123"}),
+    );
+    assert_eq!(s, 403);
+    // Sending the rules as they are is not a change.
+    let (s, b) = m.patch(
+        "/api/collections/_superusers",
+        Some(&admin),
+        &json!({"createRule": null}),
+    );
+    assert_eq!(s, 200, "{b}");
+}
+
+#[test]
+fn tokens_in_urls_never_reach_the_access_log() {
+    let m = spawn_master_with(NodeOptions::default().env("RUST_LOG", "info"));
+    let admin = m.admin_token();
+    for (method, path) in [
+        ("GET", format!("/api/files/posts/abc/x.txt?token={admin}")),
+        // (a realtime stream is logged when it ends: a POST is answered at once)
+        ("POST", format!("/api/realtime?auth={admin}&x=1")),
+        ("GET", format!("/api/files/posts/abc/x.txt?thumb=1&TOKEN={admin}")),
+        ("GET", format!("/api/files/posts/abc/x.txt?tok%65n={admin}")),
+    ] {
+        m.request(method, &path, None, None, &[]);
+    }
+    wait_for("the access log lines", std::time::Duration::from_secs(30), || {
+        let log = m.log();
+        (log.matches("GET /api/files/").count() == 3 && log.contains("POST /api/realtime")).then_some(())
+    });
+    let log = m.log();
+    let signature = admin.rsplit('.').next().unwrap();
+    assert!(!log.contains(signature), "a token in the access log:\n{log}");
+    assert!(
+        log.contains("token=[redacted]") && log.contains("auth=[redacted]&x=1"),
+        "{log}"
+    );
+}

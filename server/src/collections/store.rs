@@ -309,7 +309,33 @@ pub fn update(conn: &Connection, id_or_name: &str, input: CollectionInput) -> Ap
             );
         }
     }
-    apply_rules(&mut c, &input);
+    if c.name == SUPERUSERS {
+        // The admins' collection is not for rules: opening it (a createRule of "") would let
+        // anyone sign up as an admin. Its rules stay null, whatever an update sends.
+        let changes_a_rule = [
+            &c.list_rule,
+            &c.view_rule,
+            &c.create_rule,
+            &c.update_rule,
+            &c.delete_rule,
+        ]
+        .into_iter()
+        .zip(&input.rules)
+        .any(|(now, given)| given.as_ref().is_some_and(|g| g != now));
+        if changes_a_rule {
+            field_error(
+                &mut errors,
+                "createRule",
+                "validation_immutable",
+                "The rules of _superusers are fixed: only admins manage admins.",
+            );
+        }
+        if let Some(t) = &input.triggers {
+            c.triggers = t.clone();
+        }
+    } else {
+        apply_rules(&mut c, &input);
+    }
     let mut new_columns = Vec::new();
     if let Some(inputs) = input.fields {
         let mut kept = HashSet::new();
