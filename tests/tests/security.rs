@@ -725,3 +725,33 @@ fn tokens_in_urls_never_reach_the_access_log() {
         "{log}"
     );
 }
+
+#[test]
+fn the_sign_in_limit_counts_an_account_once_however_it_is_named() {
+    let m = master();
+    m.admin_token();
+    let user = ok(signup(&m, "default", "users", None, "ada@example.com"));
+    let id = user["id"].as_str().unwrap().to_string();
+    let attempt = |identity: &str| {
+        raw_post(
+            &m,
+            "/api/collections/users/auth-with-password",
+            &json!({"identity": identity, "password": "wrong-password"}),
+        )
+        .0
+    };
+    // The allowance spent by email…
+    let started = std::time::Instant::now();
+    let by_email: Vec<u16> = (0..20).map(|_| attempt("ada@example.com")).collect();
+    assert!(by_email.iter().all(|s| *s == 400), "{by_email:?}");
+    // …is the record's: its id (or the email in other case) gets no fresh one. A slow machine
+    // may have earned one attempt back for each 3 s the first 20 took.
+    let refilled = (started.elapsed().as_secs_f64() / 3.0).ceil() as usize;
+    let by_id: Vec<u16> = (0..refilled + 3).map(|_| attempt(&id)).collect();
+    assert!(by_id.iter().filter(|s| **s == 400).count() <= refilled, "{by_id:?}");
+    assert_eq!(by_id.last(), Some(&429), "{by_id:?}");
+    assert_eq!(attempt("ADA@example.com"), 429);
+    // Another account is not affected.
+    ok(signup(&m, "default", "users", None, "bob@example.com"));
+    assert_eq!(attempt("bob@example.com"), 400);
+}

@@ -162,10 +162,18 @@ async fn authenticate(
         .and_then(Value::as_str)
         .unwrap_or_default()
         .to_string();
+    let found = if identity.is_empty() || identity.len() > 320 {
+        None
+    } else {
+        let (c, identity) = (c.clone(), identity.clone());
+        db.read(move |conn| record_store::find_auth(conn, &c, &identity))
+            .await?
+    };
+    // Counted per record when the identity names one, whichever way (email, username or id):
+    // each spelling of one account must not get an allowance of its own.
     let ip = req.peer_addr().map(|a| a.ip().to_string()).unwrap_or_default();
-    state
-        .sign_in
-        .check(&ip, &format!("{}/{}", db.name, c.name), &identity)?;
+    let key = found.as_ref().map_or(identity.as_str(), |r| r.id());
+    state.sign_in.check(&ip, &format!("{}/{}", db.name, c.name), key)?;
     let password = body
         .get("password")
         .and_then(Value::as_str)
@@ -191,12 +199,6 @@ async fn authenticate(
     if !errors.is_empty() {
         return Err(ApiError::validation(errors));
     }
-    let found = if identity.len() > 320 {
-        None
-    } else {
-        db.read(move |conn| record_store::find_auth(conn, &c, &identity))
-            .await?
-    };
     let hash = found
         .as_ref()
         .and_then(|r| r.password.clone())
