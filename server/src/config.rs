@@ -393,6 +393,17 @@ pub struct ServeConfig {
     #[arg(long, env = "WEBHOOK_RETRY_BASE_MS", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..=3_600_000))]
     pub webhook_retry_base_ms: u64,
 
+    /// Longest a cron SQL job may run, in seconds; past it the job is stopped (SQLite's
+    /// progress handler), its changes rolled back, and the run logged as an error.
+    #[arg(long, env = "CRON_SQL_TIMEOUT", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    pub cron_sql_timeout: u64,
+
+    /// Let HTTP cron jobs call loopback and link-local addresses (`localhost`, 127.0.0.0/8, ::1,
+    /// 169.254.0.0/16 with cloud metadata, fe80::/10). Off, such a job is refused when saved
+    /// and when it would run: an admin token must not reach the host's own services.
+    #[arg(long, env = "CRON_HTTP_ALLOW_LOCAL", default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    pub cron_http_allow_local: bool,
+
     /// Password sign-in attempts allowed per minute for one client IP and identity; past it the
     /// endpoint answers 429 with Retry-After. 0 turns the limit off.
     #[arg(long, env = "AUTH_RATE_LIMIT", default_value_t = 20)]

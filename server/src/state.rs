@@ -23,6 +23,10 @@ pub struct Settings {
     pub auth_token_ttl: u64,
     pub admin_token_ttl: u64,
     pub body_limit: usize,
+    /// `CRON_SQL_TIMEOUT`.
+    pub cron_sql_timeout: std::time::Duration,
+    /// `CRON_HTTP_ALLOW_LOCAL`.
+    pub cron_http_allow_local: bool,
 }
 
 /// State shared by every worker thread.
@@ -132,6 +136,8 @@ impl AppState {
                 auth_token_ttl: config.auth_token_ttl,
                 admin_token_ttl: config.admin_token_ttl,
                 body_limit: config.body_limit,
+                cron_sql_timeout: std::time::Duration::from_secs(config.cron_sql_timeout),
+                cron_http_allow_local: config.cron_http_allow_local,
             },
         };
         for db in state.dbs.list() {

@@ -217,7 +217,12 @@ fn target() -> (String, Seen) {
 
 #[test]
 fn an_http_job_calls_from_the_master_and_never_from_a_replica() {
-    let m = spawn_master_with(NodeOptions::default().env("JWT_SECRET", SECRET));
+    // The test's endpoint is on loopback: the operator's opt-in.
+    let m = spawn_master_with(
+        NodeOptions::default()
+            .env("JWT_SECRET", SECRET)
+            .env("CRON_HTTP_ALLOW_LOCAL", "true"),
+    );
     let admin = m.admin_token();
     let r = spawn_replica(&m, SECRET, NodeOptions::default().env("SYNC_INTERVAL", "1"));
     wait_for("replica ready", Duration::from_secs(30), || {
@@ -266,4 +271,63 @@ fn an_http_job_calls_from_the_master_and_never_from_a_replica() {
             .filter(|r| r["outcome"] == "error")
             .cloned()
     });
+}
+
+#[test]
+fn cron_sql_cannot_vacuum_load_extensions_or_run_forever() {
+    let m = spawn_master_with(NodeOptions::default().env("CRON_SQL_TIMEOUT", "1"));
+    let admin = m.admin_token();
+    let id = counter(&m, &admin);
+    // Refused when saved, not when run.
+    for sql in [
+        "VACUUM",
+        "-- tidy\nVACUUM INTO '/tmp/copy.db'",
+        "SELECT load_extension('/tmp/evil.so')",
+    ] {
+        let job = json!({"name": "bad", "schedule": "* * * * * *", "type": "sql", "sql": sql});
+        let (s, b) = m.post("/api/cron", Some(&admin), &job);
+        assert_eq!(s, 400, "{sql}: {b}");
+        assert_eq!(b["data"]["sql"]["code"], "validation_invalid_sql", "{sql}: {b}");
+    }
+    assert_eq!(m.get("/api/cron", Some(&admin)).1.as_array().unwrap().len(), 0);
+    // A job that never ends is stopped at CRON_SQL_TIMEOUT, its change rolled back, and logged.
+    let forever = "UPDATE counters SET n = (WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) \
+                   SELECT max(x) FROM c)";
+    let job = json!({"name": "forever", "schedule": "* * * * * *", "type": "sql", "sql": forever});
+    let (s, b) = m.post("/api/cron", Some(&admin), &job);
+    assert_eq!(s, 200, "{b}");
+    let run = wait_for("a stopped run", Duration::from_secs(60), || {
+        runs(&m, &admin, "forever")
+            .into_iter()
+            .find(|r| r["outcome"] == "error")
+    });
+    assert!(run["detail"].as_str().unwrap().contains("CRON_SQL_TIMEOUT"), "{run}");
+    assert_eq!(n(&m, &id), 0, "the stopped job's change was rolled back");
+    // The writer is free again: writes go through.
+    assert_eq!(m.delete("/api/cron/forever", Some(&admin)).0, 204);
+    let (s, b) = m.patch(
+        &format!("/api/collections/counters/records/{id}"),
+        Some(&admin),
+        &json!({"n": 5}),
+    );
+    assert_eq!(s, 200, "{b}");
+}
+
+#[test]
+fn an_http_job_to_this_host_needs_the_operators_opt_in() {
+    let m = spawn_master();
+    let admin = m.admin_token();
+    for url in [
+        "http://127.0.0.1:9/x",
+        "http://localhost/x",
+        "http://169.254.169.254/latest/meta-data/",
+        "http://[::1]/",
+    ] {
+        let job = json!({"name": "local", "schedule": "* * * * * *", "type": "http", "url": url});
+        let (s, b) = m.post("/api/cron", Some(&admin), &job);
+        assert_eq!(s, 400, "{url}: {b}");
+        assert_eq!(b["data"]["url"]["code"], "validation_local_url", "{url}: {b}");
+    }
+    let job = json!({"name": "remote", "schedule": "0 0 1 1 *", "type": "http", "url": "https://example.com/hook"});
+    assert_eq!(m.post("/api/cron", Some(&admin), &job).0, 200);
 }

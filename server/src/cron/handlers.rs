@@ -47,6 +47,17 @@ async fn create(state: web::Data<AppState>, who: Identity, body: web::Json<JobDe
     def.name = def.name.trim().to_string();
     // Every problem at once: the static checks, then the SQL against its database.
     let mut errors = store::check(&mut def);
+    if def.kind == "http"
+        && !state.settings.cron_http_allow_local
+        && def.url.as_deref().is_some_and(store::is_local_url)
+    {
+        crate::error::field_error(
+            &mut errors,
+            "url",
+            "validation_local_url",
+            "A loopback or link-local address: set CRON_HTTP_ALLOW_LOCAL=true to let jobs call this host.",
+        );
+    }
     if def.kind == "sql" && !errors.contains_key("sql") && !errors.contains_key("database") {
         match state.dbs.get(def.database()) {
             None => crate::error::field_error(

@@ -213,18 +213,49 @@ async fn run_sql(state: &AppState, def: &JobDef) -> Result<String, String> {
         .await
         .map_err(|e| e.to_string())?
         .map_err(|e| e.to_string())?;
+    let limit = state.settings.cron_sql_timeout;
     let changed = db
         .write_alone(move |conn| {
+            // A job past its time is interrupted by a watchdog; SQLite then rolls its
+            // transaction back (it runs alone, so nothing else with it). The watchdog is gone
+            // before the writer commits: a late interrupt finds no statement to stop.
+            let handle = conn.get_interrupt_handle();
+            let (done, finished) = std::sync::mpsc::channel::<()>();
+            let watchdog = std::thread::spawn(move || {
+                if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = finished.recv_timeout(limit) {
+                    handle.interrupt();
+                }
+            });
             let before = conn.total_changes();
-            conn.execute_batch(&sql)?;
-            Ok(conn.total_changes() - before)
+            let result = conn.execute_batch(&sql);
+            drop(done);
+            let _ = watchdog.join();
+            match result {
+                Err(rusqlite::Error::SqliteFailure(e, _)) if e.code == rusqlite::ErrorCode::OperationInterrupted => {
+                    Err(crate::error::ApiError::bad_request(format!(
+                        "ran past CRON_SQL_TIMEOUT ({} s) and was stopped; its changes were rolled back",
+                        limit.as_secs()
+                    )))
+                }
+                other => {
+                    other?;
+                    Ok(conn.total_changes() - before)
+                }
+            }
         })
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| match e {
+            crate::error::ApiError::BadRequest { message, .. } => message,
+            other => other.to_string(),
+        })?;
     Ok(format!("{changed} rows changed"))
 }
 
 async fn run_http(state: &AppState, def: &JobDef) -> Result<String, String> {
+    // Checked again at run time: the job may have been saved before the setting changed.
+    if !state.settings.cron_http_allow_local && def.url.as_deref().is_some_and(store::is_local_url) {
+        return Err("the URL is a loopback or link-local address and CRON_HTTP_ALLOW_LOCAL is off".into());
+    }
     let method =
         reqwest::Method::from_bytes(def.method.as_deref().unwrap_or("GET").as_bytes()).map_err(|e| e.to_string())?;
     let mut rb = state

@@ -179,6 +179,10 @@ fn authorize(ctx: AuthContext<'_>) -> Authorization {
     let user_table = |t: &str| !t.starts_with('_') && !t.to_ascii_lowercase().starts_with("sqlite_");
     let main = ctx.database_name.is_none_or(|d| d == "main");
     match ctx.action {
+        // `load_extension` would run any shared library as the server.
+        AuthAction::Function { function_name } if function_name.eq_ignore_ascii_case("load_extension") => {
+            Authorization::Deny
+        }
         AuthAction::Select | AuthAction::Read { .. } | AuthAction::Function { .. } | AuthAction::Recursive => {
             Authorization::Allow
         }
@@ -188,6 +192,44 @@ fn authorize(ctx: AuthContext<'_>) -> Authorization {
         AuthAction::Update { table_name, .. } if main && user_table(table_name) => Authorization::Allow,
         _ => Authorization::Deny,
     }
+}
+
+/// Whether `url` names a loopback or link-local host (literally: a name that resolves there is
+/// not caught here), which HTTP jobs may call only with `CRON_HTTP_ALLOW_LOCAL`.
+pub fn is_local_url(url: &str) -> bool {
+    let Ok(u) = reqwest::Url::parse(url) else { return false };
+    let Some(host) = u.host_str() else { return false };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    match host.parse::<std::net::IpAddr>() {
+        Ok(std::net::IpAddr::V4(ip)) => ip.is_loopback() || ip.is_link_local() || ip.is_unspecified(),
+        Ok(std::net::IpAddr::V6(ip)) => {
+            let mapped = ip
+                .to_ipv4_mapped()
+                .is_some_and(|v4| v4.is_loopback() || v4.is_link_local());
+            ip.is_loopback() || ip.is_unspecified() || (ip.segments()[0] & 0xffc0) == 0xfe80 || mapped
+        }
+        Err(_) => {
+            let d = host.trim_end_matches('.').to_ascii_lowercase();
+            d == "localhost" || d.ends_with(".localhost")
+        }
+    }
+}
+
+/// The first word of a statement, past whitespace and comments.
+fn first_keyword(sql: &str) -> &str {
+    let mut rest = sql;
+    loop {
+        rest = rest.trim_start();
+        if let Some(r) = rest.strip_prefix("--") {
+            rest = r.split_once('\n').map_or("", |(_, after)| after);
+        } else if let Some(r) = rest.strip_prefix("/*") {
+            rest = r.split_once("*/").map_or("", |(_, after)| after);
+        } else {
+            break;
+        }
+    }
+    let end = rest.find(|c: char| !c.is_ascii_alphabetic()).unwrap_or(rest.len());
+    &rest[..end]
 }
 
 /// Compiles every statement of `sql` against the database file at `path` (read-only, with the
@@ -210,7 +252,13 @@ pub fn check_sql(path: &Path, sql: &str) -> ApiResult<()> {
     use rusqlite::fallible_iterator::FallibleIterator;
     let mut batch = rusqlite::Batch::new(&conn, sql);
     let mut statements = 0;
-    while let Some(_stmt) = batch.next().map_err(invalid)? {
+    while let Some(stmt) = batch.next().map_err(invalid)? {
+        // VACUUM asks the authorizer nothing; it would rewrite the whole file under the writer.
+        if first_keyword(&stmt.expanded_sql().unwrap_or_default()).eq_ignore_ascii_case("vacuum") {
+            let mut errors = FieldErrors::new();
+            field_error(&mut errors, "sql", "validation_invalid_sql", "cron SQL may not VACUUM");
+            return Err(ApiError::validation(errors));
+        }
         statements += 1;
     }
     if statements == 0 {
@@ -358,8 +406,39 @@ mod tests {
             "SELEC 1",
             "",
             "UPDATE posts SET n = 1; DROP TABLE posts",
+            "VACUUM",
+            "vacuum main",
+            "/* c */ VACUUM INTO '/tmp/x.db'",
+            "SELECT load_extension('/tmp/x.so')",
+            "UPDATE posts SET n = LOAD_EXTENSION('x')",
         ] {
             assert!(check_sql(&path, bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn loopback_and_link_local_urls_are_local() {
+        for local in [
+            "http://localhost/x",
+            "http://LOCALHOST.:8080/",
+            "http://api.localhost/",
+            "http://127.0.0.1:3000/",
+            "http://127.1.2.3/",
+            "http://0.0.0.0/",
+            "http://169.254.169.254/latest/meta-data/",
+            "http://[::1]/",
+            "http://[fe80::1]/",
+            "http://[::ffff:127.0.0.1]/",
+        ] {
+            assert!(is_local_url(local), "{local}");
+        }
+        for remote in [
+            "https://example.com/hook",
+            "http://10.1.2.3/",
+            "http://[2001:db8::1]/",
+            "not a url",
+        ] {
+            assert!(!is_local_url(remote), "{remote}");
         }
     }
 }
