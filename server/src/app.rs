@@ -104,9 +104,10 @@ async fn preflight_no_content(
     Ok(res)
 }
 
-/// Adds `X-Db-Position` to the answer of every API request that addressed a replicated
-/// database, read after the handler ran, so a write's answer carries a position at or past
-/// the write.
+/// Adds `X-Db-Position` to the successful answer of every API request that addressed a
+/// replicated database, read after the handler ran, so a write's answer carries a position at or
+/// past the write. Refusals and 404s carry none: a guest must not watch a database's write count
+/// (or learn that it exists) through them.
 async fn db_position(
     req: ServiceRequest,
     next: Next<impl MessageBody + 'static>,
@@ -116,7 +117,12 @@ async fn db_position(
     let name = uses_db.then(|| requested_db_name(req.request()));
     let state = req.app_data::<web::Data<AppState>>().cloned();
     let mut res = next.call(req).await?;
-    if let Some(token) = name.zip(state).and_then(|(n, s)| s.position_token(&n)) {
+    let served = res.status().is_success();
+    if let Some(token) = name
+        .filter(|_| served)
+        .zip(state)
+        .and_then(|(n, s)| s.position_token(&n))
+    {
         if let Ok(v) = header::HeaderValue::from_str(&token) {
             res.headers_mut()
                 .insert(header::HeaderName::from_static("x-db-position"), v);

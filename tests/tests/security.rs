@@ -755,3 +755,29 @@ fn the_sign_in_limit_counts_an_account_once_however_it_is_named() {
     ok(signup(&m, "default", "users", None, "bob@example.com"));
     assert_eq!(attempt("bob@example.com"), 400);
 }
+
+#[test]
+fn positions_come_only_with_answers_that_served_data() {
+    let m = master();
+    let admin = m.admin_token();
+    let (s, b) = m.post(
+        "/api/collections",
+        Some(&admin),
+        &json!({"name": "secret", "fields": [{"name": "t", "type": "text"}]}),
+    );
+    assert_eq!(s, 200, "{b}");
+    let position = |path: &str, token: Option<&str>| {
+        let mut rb = m.http.get(format!("{}{path}", m.url));
+        if let Some(t) = token {
+            rb = rb.bearer_auth(t);
+        }
+        let r = rb.send().unwrap();
+        (r.status().as_u16(), r.headers().get("x-db-position").is_some())
+    };
+    // A guest refused or pointed at nothing learns nothing of the database's writes.
+    assert_eq!(position("/api/collections/secret/records", None), (403, false));
+    assert_eq!(position("/api/collections/nope/records", None), (404, false));
+    assert_eq!(position("/api/nothing-here", None), (404, false));
+    // An answer with data carries it.
+    assert_eq!(position("/api/collections/secret/records", Some(&admin)), (200, true));
+}
