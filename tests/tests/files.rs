@@ -130,11 +130,12 @@ fn upload_serve_replace_append_remove_and_delete() {
     let r = fetch(&n, &url, &[]);
     assert_eq!(r.status(), 200);
     assert_eq!(r.headers()["content-type"], "text/plain; charset=utf-8");
+    // Only images, video, audio and PDF are shown inline; text comes as an attachment.
     assert!(
         r.headers()["content-disposition"]
             .to_str()
             .unwrap()
-            .starts_with("inline")
+            .starts_with("attachment")
     );
     assert!(
         r.headers()["content-security-policy"]
@@ -631,4 +632,59 @@ fn walk_all(dir: &Path) -> Vec<PathBuf> {
         }
     }
     out
+}
+
+#[test]
+fn mime_types_are_checked_on_the_content_and_only_media_is_shown_inline() {
+    let n = spawn_master();
+    let admin = n.admin_token();
+    docs(&n, &admin, json!({}));
+    let png = b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR\0\0\0\x01\0\0\0\x01\x08\x06\0\0\0\x1f\x15\xc4\x89";
+    // `avatar` allows image/png and text/plain. A script declared as a PNG is not a PNG…
+    let (s, b) = send(
+        &n,
+        "POST",
+        "/api/collections/docs/records",
+        None,
+        Form::new().part("avatar", part(b"<script>alert(1)</script>", "x.png", "image/png")),
+    );
+    assert_eq!(s, 400, "{b}");
+    assert_eq!(b["data"]["avatar"]["code"], "validation_invalid_mime_type", "{b}");
+    // …and a PDF declared as text is a PDF.
+    let (s, b) = send(
+        &n,
+        "POST",
+        "/api/collections/docs/records",
+        None,
+        Form::new().part("avatar", part(b"%PDF-1.7\n%fake", "notes.txt", "text/plain")),
+    );
+    assert_eq!(s, 400, "{b}");
+    assert!(
+        b["data"]["avatar"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("application/pdf"),
+        "{b}"
+    );
+    // Real content of an allowed type passes.
+    let (s, rec) = send(
+        &n,
+        "POST",
+        "/api/collections/docs/records",
+        None,
+        Form::new().part("avatar", part(png, "dot.png", "image/png")).part(
+            "files",
+            part(b"<html><script>alert(1)</script></html>", "page.html", "text/html"),
+        ),
+    );
+    assert_eq!(s, 200, "{rec}");
+    let id = rec["id"].as_str().unwrap();
+    let disposition = |name: &str| {
+        let r = fetch(&n, &format!("/api/files/docs/{id}/{name}"), &[]);
+        assert_eq!(r.status(), 200);
+        r.headers()["content-disposition"].to_str().unwrap().to_string()
+    };
+    assert!(disposition(rec["avatar"].as_str().unwrap()).starts_with("inline"));
+    // HTML never renders as a page of this origin: it is downloaded.
+    assert!(disposition(rec["files"][0].as_str().unwrap()).starts_with("attachment"));
 }

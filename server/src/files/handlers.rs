@@ -71,7 +71,7 @@ async fn serve(
         },
     };
     let file = file.set_content_disposition(ContentDisposition {
-        disposition: if download {
+        disposition: if download || !shown_inline(&name) {
             DispositionType::Attachment
         } else {
             DispositionType::Inline
@@ -81,6 +81,16 @@ async fn serve(
     let mut resp = file.into_response(&req);
     harden(&mut resp);
     Ok(resp)
+}
+
+/// Whether a stored file named `name` is shown in the browser (`inline`): images, video, audio
+/// and PDF only. Anything else (HTML, SVG, scripts, text) is sent as an attachment, even where
+/// the CSP sandbox would hold, so that no upload is ever rendered as a page of this origin.
+pub fn shown_inline(name: &str) -> bool {
+    let mime = mime_guess::from_path(name).first_or_octet_stream();
+    let essence = mime.essence_str();
+    essence != "image/svg+xml"
+        && (["image/", "video/", "audio/"].iter().any(|p| essence.starts_with(p)) || essence == "application/pdf")
 }
 
 /// Uploaded content is never a page of this origin: no scripts, no sniffing.
@@ -141,7 +151,7 @@ async fn serve_object(
         .clone()
         .map(|t| if t.starts_with('"') { t } else { format!("\"{t}\"") });
     let disposition = ContentDisposition {
-        disposition: if download {
+        disposition: if download || !shown_inline(name) {
             DispositionType::Attachment
         } else {
             DispositionType::Inline

@@ -36,6 +36,34 @@ impl Drop for Uploads {
     }
 }
 
+/// Bytes of a file read to recognise its type.
+const SNIFF_BYTES: usize = 8192;
+
+/// The type a file part really has: the one its bytes show (magic numbers, the `infer` crate)
+/// when they show one, whatever the part declared. Bytes that show none keep a declared type
+/// only if it is one whose files always show themselves (`image/png` must look like a PNG), so
+/// text, JSON or CSV keep theirs and a script declared as an image becomes
+/// `application/octet-stream`.
+pub fn real_type(declared: &str, head: &[u8]) -> String {
+    if let Some(kind) = infer::get(head) {
+        return kind.mime_type().to_string();
+    }
+    let declared = declared.to_ascii_lowercase();
+    let recognisable = (["image/", "video/", "audio/", "font/"]
+        .iter()
+        .any(|p| declared.starts_with(p))
+        && declared != "image/svg+xml")
+        || matches!(
+            declared.as_str(),
+            "application/pdf" | "application/zip" | "application/gzip" | "application/x-tar" | "application/wasm"
+        );
+    if recognisable {
+        "application/octet-stream".to_string()
+    } else {
+        declared
+    }
+}
+
 /// The most parts one multipart body may have: each file part costs a temporary file, so a
 /// body of thousands of empty parts is refused at the 101st instead of costing disk work.
 pub const MAX_PARTS: usize = 100;
@@ -112,6 +140,8 @@ pub async fn read(
                 });
                 let mut size: u64 = 0;
                 let mut hasher = <sha2::Sha256 as sha2::Digest>::new();
+                // The first bytes, to tell the content's real type from the declared one.
+                let mut head: Vec<u8> = Vec::new();
                 while let Some(chunk) = part.next().await {
                     let chunk = chunk.map_err(|e| ApiError::bad_request(format!("Invalid multipart body: {e}")))?;
                     size += chunk.len() as u64;
@@ -127,11 +157,15 @@ pub async fn read(
                         return Err(ApiError::PayloadTooLarge(storage.upload_limit as usize));
                     }
                     sha2::Digest::update(&mut hasher, &chunk);
+                    if head.len() < SNIFF_BYTES {
+                        head.extend_from_slice(&chunk[..chunk.len().min(SNIFF_BYTES - head.len())]);
+                    }
                     file.write_all(&chunk).await?;
                 }
                 file.flush().await?;
                 file.sync_all().await?;
                 if let Some(u) = uploads.0.last_mut() {
+                    u.content_type = real_type(&u.content_type, &head);
                     u.size = size;
                     u.sha256 = crate::util::hex(&sha2::Digest::finalize(hasher));
                 }
@@ -174,4 +208,21 @@ pub async fn read(
         }
     }
     Ok((body, uploads))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::real_type;
+
+    #[test]
+    fn the_content_decides_the_type_where_it_can() {
+        let png = b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR";
+        assert_eq!(real_type("text/plain", png), "image/png");
+        assert_eq!(real_type("image/png", b"<script>"), "text/html");
+        assert_eq!(real_type("image/png", b"not an image"), "application/octet-stream");
+        assert_eq!(real_type("application/pdf", b"hello"), "application/octet-stream");
+        assert_eq!(real_type("text/csv", b"a,b\n1,2"), "text/csv");
+        assert_eq!(real_type("Application/JSON", b"{}"), "application/json");
+        assert_eq!(real_type("image/svg+xml", b"<svg/>"), "image/svg+xml");
+    }
 }
