@@ -191,6 +191,7 @@ pub async fn run(config: ServeConfig, secret: String, listener: TcpListener) -> 
     }
     if let Some(queue) = state.realtime_queue.lock().ok().and_then(|mut q| q.take()) {
         actix_web::rt::spawn(crate::realtime::dispatch::run(state.clone(), queue));
+        actix_web::rt::spawn(crate::realtime::revoke::sweep(state.clone()));
     }
     if let Some(hooks) = state.webhooks.clone() {
         actix_web::rt::spawn(crate::webhooks::deliver(state.clone(), hooks));

@@ -601,3 +601,89 @@ fn events_carry_expand_and_fields_as_lists_do() {
     );
     assert_eq!(list["items"][0], m["events"][0]["data"]["record"]);
 }
+
+/// A WebSocket of `token` subscribed to `notes`, its subscription confirmed.
+fn subscribed(n: &Node, token: &str) -> Ws {
+    let mut ws = websocket(n, &format!("auth={token}"));
+    ws_send(&mut ws, json!({"type": "SUBSCRIBE", "collection": "notes"}));
+    assert_eq!(ws_next(&mut ws, WAIT).unwrap()["type"], "SUBSCRIBED");
+    ws
+}
+
+/// Reads until the server closes `ws` (skipping events), and returns the close reason.
+fn closed_reason(ws: &mut Ws) -> String {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        if let Some(m) = ws_next(ws, Duration::from_millis(500)) {
+            if let Some(r) = m.get("closed") {
+                return r.as_str().unwrap_or_default().to_string();
+            }
+        }
+    }
+    panic!("the connection stayed open");
+}
+
+#[test]
+fn a_revoked_identity_loses_its_realtime_connection() {
+    let f = fixture(NodeOptions::default());
+    let n = &f.node;
+    // A password change (new token key) and a deleted user.
+    let mut alice = subscribed(n, &f.alice.1);
+    let mut bob = subscribed(n, &f.bob.1);
+    let (s, b) = n.patch(
+        &format!("/api/collections/users/records/{}", f.alice.0),
+        Some(&f.admin),
+        &json!({"password": "changed12345", "passwordConfirm": "changed12345"}),
+    );
+    assert_eq!(s, 200, "{b}");
+    assert!(closed_reason(&mut alice).contains("revoked"));
+    assert_eq!(
+        n.delete(&format!("/api/collections/users/records/{}", f.bob.0), Some(&f.admin))
+            .0,
+        204
+    );
+    assert!(closed_reason(&mut bob).contains("revoked"));
+    // A deleted admin, connected to another database than the one that holds admins.
+    let (s, b) = n.post("/api/databases", Some(&f.admin), &json!({"name": "other"}));
+    assert_eq!(s, 201, "{b}");
+    let (s, b) = n.post(
+        "/api/collections/_superusers/records",
+        Some(&f.admin),
+        &json!({"email": "temp@example.com", "password": "temppass1234", "passwordConfirm": "temppass1234"}),
+    );
+    assert_eq!(s, 200, "{b}");
+    let temp_id = b["id"].as_str().unwrap().to_string();
+    let (s, b) = n.post(
+        "/api/admins/auth-with-password",
+        None,
+        &json!({"identity": "temp@example.com", "password": "temppass1234"}),
+    );
+    assert_eq!(s, 200, "{b}");
+    let temp = b["token"].as_str().unwrap().to_string();
+    let mut ws = websocket(n, &format!("auth={temp}&db=other"));
+    ws_send(&mut ws, json!({"type": "SUBSCRIBE", "collection": "nothing"}));
+    let _ = ws_next(&mut ws, WAIT);
+    assert_eq!(
+        n.delete(
+            &format!("/api/collections/_superusers/records/{temp_id}"),
+            Some(&f.admin)
+        )
+        .0,
+        204
+    );
+    assert!(closed_reason(&mut ws).contains("revoked"));
+}
+
+#[test]
+fn an_expired_token_loses_its_realtime_connection() {
+    let f = fixture(NodeOptions::default().env("AUTH_TOKEN_TTL", "2"));
+    let n = &f.node;
+    let (id, token) = user(n, "carol@example.com");
+    let mut ws = subscribed(n, &token);
+    // Past the token's life (and the 5 s leeway), the connection is closed, whether or not
+    // anything commits.
+    let reason = closed_reason(&mut ws);
+    assert!(reason.contains("expired"), "{reason}");
+    // Nothing of carol's arrived after that: the connection is gone.
+    note(n, &f.admin, &id, "late");
+}

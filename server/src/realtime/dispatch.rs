@@ -162,6 +162,15 @@ async fn deliver(state: &AppState, db_name: &str, changeset: Vec<u8>) -> ApiResu
     };
     let changes = decode(&changeset)?;
     let schema = state.schemas.get(&db).await?;
+    // A commit that changed an auth collection may have revoked a subscriber: its identity is
+    // checked again before any event of this commit goes out.
+    if changes
+        .iter()
+        .any(|c| schema.get(&c.table).is_some_and(|c| c.is_auth()))
+    {
+        super::revoke::recheck(state, &clients, true).await;
+    }
+    let clients: Vec<_> = clients.into_iter().filter(|c| !c.is_closing()).collect();
     let messages = db
         .read(move |conn| Ok(render(conn, &schema, &changes, &clients)))
         .await?;

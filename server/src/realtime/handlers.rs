@@ -64,7 +64,8 @@ async fn connect(state: web::Data<AppState>, req: HttpRequest, body: web::Payloa
             .unwrap_or_default();
         let token = query.get("auth").map(String::as_str).or_else(|| bearer_token(&req));
         let who = identify_token(&state, token, &db.name).await?;
-        let Some((client, rx)) = state.realtime.connect(&db.name, Protocol::WebSocket, who) else {
+        let token = token.map(str::to_string);
+        let Some((client, rx)) = state.realtime.connect(&db.name, Protocol::WebSocket, who, token) else {
             return Ok(unavailable("too many realtime connections on this node"));
         };
         let (response, session, stream) =
@@ -83,7 +84,7 @@ async fn connect(state: web::Data<AppState>, req: HttpRequest, body: web::Payloa
         return Ok(response);
     }
     // Server-Sent Events, as PocketBase: the client is a guest until its subscription POST.
-    let Some((client, rx)) = state.realtime.connect(&db.name, Protocol::Sse, Identity::Guest) else {
+    let Some((client, rx)) = state.realtime.connect(&db.name, Protocol::Sse, Identity::Guest, None) else {
         return Ok(unavailable("too many realtime connections on this node"));
     };
     let hello = sse_frame(&client.id, "PB_CONNECT", &json!({"clientId": client.id}));
@@ -348,6 +349,9 @@ async fn set_subscriptions(
     if let Ok(mut w) = client.who.lock() {
         *w = who;
     }
+    if let Ok(mut t) = client.token.lock() {
+        *t = bearer_token(&req).map(str::to_string);
+    }
     if let Ok(mut s) = client.subs.lock() {
         *s = subs;
     }
@@ -356,7 +360,7 @@ async fn set_subscriptions(
 
 /// Whether a connection authenticated as `current` may continue as `next`: a guest may sign in,
 /// but a signed-in connection stays with its record.
-fn may_become(current: &Identity, next: &Identity) -> bool {
+pub(crate) fn may_become(current: &Identity, next: &Identity) -> bool {
     match (current, next) {
         (Identity::Guest, _) => true,
         (Identity::Admin(a), Identity::Admin(b)) => a.id() == b.id(),

@@ -18,6 +18,7 @@
 pub mod capture;
 pub mod dispatch;
 pub mod handlers;
+pub mod revoke;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -65,6 +66,8 @@ pub struct Client {
     pub protocol: Protocol,
     /// Who the client is; over SSE, set by the subscription POST.
     pub who: Mutex<Identity>,
+    /// The token `who` came from, re-checked while the connection lives (see `revoke.rs`).
+    pub token: Mutex<Option<String>>,
     pub subs: Mutex<Vec<Subscription>>,
     out: mpsc::Sender<String>,
     /// Set once, with the reason the client is being disconnected.
@@ -105,6 +108,11 @@ impl Client {
             }
             self.close.notified().await;
         }
+    }
+
+    /// Whether the client is being disconnected.
+    pub fn is_closing(&self) -> bool {
+        self.closed.lock().map(|c| c.is_some()).unwrap_or(true)
     }
 
     pub fn identity(&self) -> Identity {
@@ -216,6 +224,7 @@ impl Hub {
         db: &str,
         protocol: Protocol,
         who: Identity,
+        token: Option<String>,
     ) -> Option<(Arc<Client>, mpsc::Receiver<String>)> {
         let (out, rx) = mpsc::channel(self.buffer);
         let client = Arc::new(Client {
@@ -223,6 +232,7 @@ impl Hub {
             db: db.to_string(),
             protocol,
             who: Mutex::new(who),
+            token: Mutex::new(token),
             subs: Mutex::new(Vec::new()),
             out,
             closed: Mutex::new(None),
@@ -263,6 +273,14 @@ impl Hub {
     }
 
     /// The clients of `db` that hold at least one subscription.
+    /// Every connected client, of every database.
+    pub fn all(&self) -> Vec<Arc<Client>> {
+        self.clients
+            .read()
+            .map(|m| m.values().cloned().collect())
+            .unwrap_or_default()
+    }
+
     pub fn subscribers(&self, db: &str) -> Vec<Arc<Client>> {
         self.clients
             .read()
@@ -361,8 +379,8 @@ mod tests {
     #[tokio::test]
     async fn a_full_buffer_disconnects_only_that_client() {
         let (hub, _rx) = Hub::new(true, 2, std::time::Duration::from_secs(25), 10);
-        let (slow, _slow_rx) = hub.connect("default", Protocol::Sse, Identity::Guest).unwrap();
-        let (fast, mut fast_rx) = hub.connect("default", Protocol::Sse, Identity::Guest).unwrap();
+        let (slow, _slow_rx) = hub.connect("default", Protocol::Sse, Identity::Guest, None).unwrap();
+        let (fast, mut fast_rx) = hub.connect("default", Protocol::Sse, Identity::Guest, None).unwrap();
         for i in 0..3 {
             slow.send(format!("m{i}"));
             fast.send(format!("m{i}"));
@@ -375,7 +393,7 @@ mod tests {
         hub.disconnected(&fast);
         assert!(!hub.watching("default"));
         let (hub, _rx) = Hub::new(true, 2, std::time::Duration::from_secs(25), 1);
-        let _one = hub.connect("default", Protocol::Sse, Identity::Guest).unwrap();
-        assert!(hub.connect("default", Protocol::Sse, Identity::Guest).is_none());
+        let _one = hub.connect("default", Protocol::Sse, Identity::Guest, None).unwrap();
+        assert!(hub.connect("default", Protocol::Sse, Identity::Guest, None).is_none());
     }
 }
