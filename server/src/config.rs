@@ -349,6 +349,11 @@ pub struct ServeConfig {
     #[arg(long, env = "REALTIME_MAX_CLIENTS", default_value_t = 10_000)]
     pub realtime_max_clients: usize,
 
+    /// Realtime connections one client address (the TCP peer) may hold; past it 429. 0 = no
+    /// limit. Behind a reverse proxy every client has the proxy's address: raise it there.
+    #[arg(long, env = "REALTIME_MAX_PER_IP", default_value_t = 100)]
+    pub realtime_max_per_ip: usize,
+
     /// The largest total of files one request may upload, in bytes (each file is also held to
     /// its field's `maxSize`).
     #[arg(long, env = "FILE_UPLOAD_LIMIT", default_value_t = 100 * 1024 * 1024)]

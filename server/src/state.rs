@@ -65,6 +65,7 @@ impl AppState {
             config.realtime_client_buffer as usize,
             std::time::Duration::from_secs(config.realtime_ping_secs),
             config.realtime_max_clients,
+            config.realtime_max_per_ip,
         );
         // Realtime events come from committed changes: the changelog's changeset where one is
         // recorded, otherwise a session attached while clients are connected. A replica's

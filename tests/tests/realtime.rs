@@ -687,3 +687,45 @@ fn an_expired_token_loses_its_realtime_connection() {
     // Nothing of carol's arrived after that: the connection is gone.
     note(n, &f.admin, &id, "late");
 }
+
+#[test]
+fn one_address_cannot_take_every_realtime_slot() {
+    // Pings every second: the server notices a connection that went away when it next writes.
+    let n = spawn_master_with(
+        NodeOptions::default()
+            .env("REALTIME_MAX_PER_IP", "3")
+            .env("REALTIME_PING_SECS", "1"),
+    );
+    let from = |ip: [u8; 4]| {
+        reqwest::blocking::Client::builder()
+            .local_address(std::net::IpAddr::from(ip))
+            .timeout(None)
+            .build()
+            .unwrap()
+    };
+    let open = |client: &reqwest::blocking::Client| {
+        client
+            .get(format!("{}/api/realtime", n.url))
+            .header("Accept", "text/event-stream")
+            .send()
+            .unwrap()
+    };
+    let greedy = from([127, 0, 0, 1]);
+    let held: Vec<_> = (0..3).map(|_| open(&greedy)).collect();
+    assert!(held.iter().all(|r| r.status() == 200));
+    let refused = open(&greedy);
+    assert_eq!(refused.status(), 429);
+    let body: Value = refused.json().unwrap();
+    assert!(
+        body["message"].as_str().unwrap().contains("REALTIME_MAX_PER_IP"),
+        "{body}"
+    );
+    // Another address still gets a connection.
+    let other = from([127, 0, 0, 2]);
+    assert_eq!(open(&other).status(), 200);
+    // A slot is given back when its connection ends.
+    drop(held);
+    wait_for("a freed slot", Duration::from_secs(30), || {
+        (open(&greedy).status() == 200).then_some(())
+    });
+}

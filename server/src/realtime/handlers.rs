@@ -34,6 +34,23 @@ fn unavailable(message: &str) -> HttpResponse {
     error_body(StatusCode::SERVICE_UNAVAILABLE, message, json!({}))
 }
 
+/// The TCP peer's address (never `X-Forwarded-For`, which any client can write).
+fn peer(req: &HttpRequest) -> Option<std::net::IpAddr> {
+    req.peer_addr().map(|a| a.ip())
+}
+
+/// The answer to a connection the hub did not admit.
+fn refusal(refused: super::Refused) -> HttpResponse {
+    match refused {
+        super::Refused::Full => unavailable("too many realtime connections on this node"),
+        super::Refused::PerIp => error_body(
+            StatusCode::TOO_MANY_REQUESTS,
+            "too many realtime connections from this address (REALTIME_MAX_PER_IP)",
+            json!({}),
+        ),
+    }
+}
+
 const REPLICA_OFF: &str = "realtime is off on this replica (REPLICA_REALTIME=off): subscribe on the master";
 
 /// Removes the client from the hub when its connection ends, however it ends.
@@ -65,8 +82,12 @@ async fn connect(state: web::Data<AppState>, req: HttpRequest, body: web::Payloa
         let token = query.get("auth").map(String::as_str).or_else(|| bearer_token(&req));
         let who = identify_token(&state, token, &db.name).await?;
         let token = token.map(str::to_string);
-        let Some((client, rx)) = state.realtime.connect(&db.name, Protocol::WebSocket, who, token) else {
-            return Ok(unavailable("too many realtime connections on this node"));
+        let (client, rx) = match state
+            .realtime
+            .connect(&db.name, Protocol::WebSocket, who, token, peer(&req))
+        {
+            Ok(admitted) => admitted,
+            Err(refused) => return Ok(refusal(refused)),
         };
         let (response, session, stream) =
             actix_ws::handle(&req, body).map_err(|e| ApiError::bad_request(format!("WebSocket handshake: {e}")))?;
@@ -84,8 +105,12 @@ async fn connect(state: web::Data<AppState>, req: HttpRequest, body: web::Payloa
         return Ok(response);
     }
     // Server-Sent Events, as PocketBase: the client is a guest until its subscription POST.
-    let Some((client, rx)) = state.realtime.connect(&db.name, Protocol::Sse, Identity::Guest, None) else {
-        return Ok(unavailable("too many realtime connections on this node"));
+    let (client, rx) = match state
+        .realtime
+        .connect(&db.name, Protocol::Sse, Identity::Guest, None, peer(&req))
+    {
+        Ok(admitted) => admitted,
+        Err(refused) => return Ok(refusal(refused)),
     };
     let hello = sse_frame(&client.id, "PB_CONNECT", &json!({"clientId": client.id}));
     let mut ping = tokio::time::interval(state.realtime.ping);

@@ -68,6 +68,8 @@ pub struct Client {
     pub who: Mutex<Identity>,
     /// The token `who` came from, re-checked while the connection lives (see `revoke.rs`).
     pub token: Mutex<Option<String>>,
+    /// The peer address, for `REALTIME_MAX_PER_IP`.
+    pub ip: Option<std::net::IpAddr>,
     pub subs: Mutex<Vec<Subscription>>,
     out: mpsc::Sender<String>,
     /// Set once, with the reason the client is being disconnected.
@@ -124,6 +126,15 @@ impl Client {
     }
 }
 
+/// Why a connection was not admitted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refused {
+    /// The node holds `REALTIME_MAX_CLIENTS` connections.
+    Full,
+    /// The peer address holds `REALTIME_MAX_PER_IP` connections.
+    PerIp,
+}
+
 /// A committed change set of one database, or the news that its copy was replaced.
 pub enum Committed {
     Changes { db: String, changeset: Vec<u8> },
@@ -140,6 +151,10 @@ pub struct Hub {
     pub buffer: usize,
     pub ping: std::time::Duration,
     pub max_clients: usize,
+    /// `REALTIME_MAX_PER_IP`: connections one peer address may hold (0: no limit).
+    pub max_per_ip: usize,
+    /// Connections per peer address.
+    per_ip: Mutex<HashMap<std::net::IpAddr, usize>>,
     /// Whether this node serves subscriptions (always on a master; `REPLICA_REALTIME` on a replica).
     pub enabled: bool,
 }
@@ -151,6 +166,7 @@ impl Hub {
         buffer: usize,
         ping: std::time::Duration,
         max_clients: usize,
+        max_per_ip: usize,
     ) -> (Arc<Hub>, mpsc::UnboundedReceiver<Committed>) {
         let (queue, rx) = mpsc::unbounded_channel();
         let hub = Hub {
@@ -161,6 +177,8 @@ impl Hub {
             buffer,
             ping,
             max_clients,
+            max_per_ip,
+            per_ip: Mutex::new(HashMap::new()),
             enabled,
         };
         (Arc::new(hub), rx)
@@ -218,14 +236,16 @@ impl Hub {
         self.backlog.fetch_sub(1, Ordering::AcqRel);
     }
 
-    /// Registers a new client of `db`; `None` when the node is at `REALTIME_MAX_CLIENTS`.
+    /// Registers a new client of `db` connected from `ip`; refused when the node is at
+    /// `REALTIME_MAX_CLIENTS` or the address at `REALTIME_MAX_PER_IP`.
     pub fn connect(
         &self,
         db: &str,
         protocol: Protocol,
         who: Identity,
         token: Option<String>,
-    ) -> Option<(Arc<Client>, mpsc::Receiver<String>)> {
+        ip: Option<std::net::IpAddr>,
+    ) -> Result<(Arc<Client>, mpsc::Receiver<String>), Refused> {
         let (out, rx) = mpsc::channel(self.buffer);
         let client = Arc::new(Client {
             id: crate::util::random_id(30),
@@ -233,20 +253,29 @@ impl Hub {
             protocol,
             who: Mutex::new(who),
             token: Mutex::new(token),
+            ip,
             subs: Mutex::new(Vec::new()),
             out,
             closed: Mutex::new(None),
             close: Notify::new(),
         });
-        let mut clients = self.clients.write().ok()?;
+        let mut clients = self.clients.write().map_err(|_| Refused::Full)?;
         if clients.len() >= self.max_clients {
-            return None;
+            return Err(Refused::Full);
+        }
+        if let (Some(ip), true) = (ip, self.max_per_ip > 0) {
+            let mut per_ip = self.per_ip.lock().map_err(|_| Refused::Full)?;
+            let n = per_ip.entry(ip).or_default();
+            if *n >= self.max_per_ip {
+                return Err(Refused::PerIp);
+            }
+            *n += 1;
         }
         clients.insert(client.id.clone(), client.clone());
         if let Ok(mut w) = self.watching.write() {
             *w.entry(db.to_string()).or_default() += 1;
         }
-        Some((client, rx))
+        Ok((client, rx))
     }
 
     /// Forgets a client whose connection ended.
@@ -256,6 +285,14 @@ impl Hub {
             .write()
             .map(|mut c| c.remove(&client.id).is_some())
             .unwrap_or(false);
+        if let (true, Some(ip), Ok(mut per_ip)) = (removed, client.ip, self.per_ip.lock()) {
+            if let Some(n) = per_ip.get_mut(&ip) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    per_ip.remove(&ip);
+                }
+            }
+        }
         if removed {
             if let Ok(mut w) = self.watching.write() {
                 if let Some(n) = w.get_mut(&client.db) {
@@ -378,9 +415,13 @@ mod tests {
 
     #[tokio::test]
     async fn a_full_buffer_disconnects_only_that_client() {
-        let (hub, _rx) = Hub::new(true, 2, std::time::Duration::from_secs(25), 10);
-        let (slow, _slow_rx) = hub.connect("default", Protocol::Sse, Identity::Guest, None).unwrap();
-        let (fast, mut fast_rx) = hub.connect("default", Protocol::Sse, Identity::Guest, None).unwrap();
+        let (hub, _rx) = Hub::new(true, 2, std::time::Duration::from_secs(25), 10, 0);
+        let (slow, _slow_rx) = hub
+            .connect("default", Protocol::Sse, Identity::Guest, None, None)
+            .unwrap();
+        let (fast, mut fast_rx) = hub
+            .connect("default", Protocol::Sse, Identity::Guest, None, None)
+            .unwrap();
         for i in 0..3 {
             slow.send(format!("m{i}"));
             fast.send(format!("m{i}"));
@@ -392,8 +433,13 @@ mod tests {
         hub.disconnected(&slow);
         hub.disconnected(&fast);
         assert!(!hub.watching("default"));
-        let (hub, _rx) = Hub::new(true, 2, std::time::Duration::from_secs(25), 1);
-        let _one = hub.connect("default", Protocol::Sse, Identity::Guest, None).unwrap();
-        assert!(hub.connect("default", Protocol::Sse, Identity::Guest, None).is_none());
+        let (hub, _rx) = Hub::new(true, 2, std::time::Duration::from_secs(25), 1, 0);
+        let _one = hub
+            .connect("default", Protocol::Sse, Identity::Guest, None, None)
+            .unwrap();
+        assert!(
+            hub.connect("default", Protocol::Sse, Identity::Guest, None, None)
+                .is_err()
+        );
     }
 }
