@@ -131,7 +131,7 @@ pub async fn run(state: web::Data<AppState>, mut queue: mpsc::UnboundedReceiver<
                 }
             }
             Committed::Changes { db, changeset } => {
-                state.realtime.took();
+                state.realtime.took(changeset.len());
                 if let Err(e) = deliver(&state, &db, changeset).await {
                     log::warn!("realtime: cannot turn a commit of '{db}' into events: {e}");
                 }

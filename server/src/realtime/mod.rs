@@ -37,6 +37,10 @@ pub const MAX_SUBSCRIPTIONS: usize = 1000;
 /// dropped and every client of the database gets a `resync` instead.
 pub const MAX_BACKLOG: usize = 10_000;
 
+/// Bytes of changesets waiting for the dispatcher before it is considered overloaded (as with
+/// [`MAX_BACKLOG`]): a few large transactions must not hold hundreds of MB in the queue.
+pub const MAX_BACKLOG_BYTES: usize = 64 * 1024 * 1024;
+
 /// What a subscription asks for: the records of one collection, or one record of it, with the
 /// list options of a PocketBase topic.
 #[derive(Debug, Clone, PartialEq)]
@@ -148,6 +152,8 @@ pub struct Hub {
     watching: RwLock<HashMap<String, usize>>,
     queue: mpsc::UnboundedSender<Committed>,
     backlog: AtomicUsize,
+    /// Bytes of the changesets in the queue.
+    backlog_bytes: AtomicUsize,
     pub buffer: usize,
     pub ping: std::time::Duration,
     pub max_clients: usize,
@@ -174,6 +180,7 @@ impl Hub {
             watching: RwLock::new(HashMap::new()),
             queue,
             backlog: AtomicUsize::new(0),
+            backlog_bytes: AtomicUsize::new(0),
             buffer,
             ping,
             max_clients,
@@ -197,9 +204,16 @@ impl Hub {
         if changeset.is_empty() || !self.watching(db) {
             return;
         }
-        if self.backlog.fetch_add(1, Ordering::AcqRel) >= MAX_BACKLOG {
+        let bytes = changeset.len();
+        let behind = self.backlog.fetch_add(1, Ordering::AcqRel) >= MAX_BACKLOG;
+        let too_big = self.backlog_bytes.fetch_add(bytes, Ordering::AcqRel) + bytes > MAX_BACKLOG_BYTES;
+        if behind || too_big {
             self.backlog.fetch_sub(1, Ordering::AcqRel);
-            log::warn!("realtime dispatcher is {MAX_BACKLOG} commits behind: clients of '{db}' must resync");
+            self.backlog_bytes.fetch_sub(bytes, Ordering::AcqRel);
+            log::warn!(
+                "realtime dispatcher is too far behind ({MAX_BACKLOG} commits or {} MiB): clients of '{db}' must resync",
+                MAX_BACKLOG_BYTES >> 20
+            );
             self.resync(db);
             return;
         }
@@ -212,6 +226,7 @@ impl Hub {
             .is_err()
         {
             self.backlog.fetch_sub(1, Ordering::AcqRel);
+            self.backlog_bytes.fetch_sub(bytes, Ordering::AcqRel);
         }
     }
 
@@ -231,9 +246,10 @@ impl Hub {
         }
     }
 
-    /// Called by the dispatcher when it took a commit off the queue.
-    fn took(&self) {
+    /// Called by the dispatcher when it took a commit of `bytes` off the queue.
+    fn took(&self, bytes: usize) {
         self.backlog.fetch_sub(1, Ordering::AcqRel);
+        self.backlog_bytes.fetch_sub(bytes, Ordering::AcqRel);
     }
 
     /// Registers a new client of `db` connected from `ip`; refused when the node is at
@@ -411,6 +427,28 @@ mod tests {
         ] {
             assert!(parse_topic(bad).is_err(), "{bad}");
         }
+    }
+
+    #[tokio::test]
+    async fn the_commit_queue_is_bounded_in_bytes_and_overflow_becomes_a_resync() {
+        let (hub, mut rx) = Hub::new(true, 2, std::time::Duration::from_secs(25), 10, 0);
+        let _client = hub
+            .connect("default", Protocol::Sse, Identity::Guest, None, None)
+            .unwrap();
+        // 40 commits of 4 MiB with no dispatcher running: the queue holds at most 64 MiB.
+        for _ in 0..40 {
+            hub.publish("default", vec![7u8; 4 << 20]);
+        }
+        let (mut held, mut resyncs) = (0usize, 0usize);
+        while let Ok(c) = rx.try_recv() {
+            match c {
+                Committed::Changes { changeset, .. } => held += changeset.len(),
+                Committed::Resync { .. } => resyncs += 1,
+            }
+        }
+        assert!(held <= MAX_BACKLOG_BYTES, "{held} bytes queued");
+        assert_eq!(held, 16 * (4 << 20));
+        assert_eq!(resyncs, 24, "every dropped commit asks its clients to resync");
     }
 
     #[tokio::test]
