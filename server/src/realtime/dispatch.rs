@@ -162,13 +162,20 @@ async fn deliver(state: &AppState, db_name: &str, changeset: Vec<u8>) -> ApiResu
     };
     let changes = decode(&changeset)?;
     let schema = state.schemas.get(&db).await?;
-    // A commit that changed an auth collection may have revoked a subscriber: its identity is
+    // A commit that changed a subscriber's own auth record may have revoked it: its identity is
     // checked again before any event of this commit goes out.
-    if changes
+    let touched: std::collections::HashSet<&str> = changes
         .iter()
-        .any(|c| schema.get(&c.table).is_some_and(|c| c.is_auth()))
-    {
-        super::revoke::recheck(state, &clients, true).await;
+        .filter(|c| schema.get(&c.table).is_some_and(|c| c.is_auth()))
+        .map(|c| c.id.as_str())
+        .collect();
+    if !touched.is_empty() {
+        let affected: Vec<_> = clients
+            .iter()
+            .filter(|c| super::revoke::record_id(&c.identity()).is_some_and(|id| touched.contains(id.as_str())))
+            .cloned()
+            .collect();
+        super::revoke::recheck(state, &affected, true).await;
     }
     let clients: Vec<_> = clients.into_iter().filter(|c| !c.is_closing()).collect();
     let messages = db

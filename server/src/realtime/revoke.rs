@@ -2,9 +2,9 @@
 //!
 //! A connection keeps the token it authenticated with (`Client::token`), and its identity is
 //! checked again:
-//! - before the events of a commit that changed an auth collection of its database (a password
-//!   change rotates the token key, a deleted or changed record): by the dispatcher, so no event
-//!   of that commit or after it reaches a revoked client;
+//! - before the events of a commit that changed its own auth record (a password change rotates
+//!   the token key, a deleted or changed record): by the dispatcher, so no event of that commit
+//!   or after it reaches a revoked client;
 //! - every [`SWEEP`], for every signed-in connection: a token past its `exp` (plus leeway), and
 //!   for admins the `_superusers` record in `default`, which may change while their connection
 //!   is on another database.
@@ -20,12 +20,22 @@ use super::Client;
 use crate::auth::{Identity, identify_token};
 use crate::state::AppState;
 
+/// The id of the auth record (user or admin) behind `who`.
+pub fn record_id(who: &Identity) -> Option<String> {
+    match who {
+        Identity::Admin(a) => Some(a.id().to_string()),
+        Identity::User { record, .. } => Some(record.id().to_string()),
+        Identity::Guest | Identity::Replica(_) => None,
+    }
+}
+
 /// How often signed-in connections are checked for expiry and deleted admins.
 pub const SWEEP: Duration = Duration::from_secs(1);
 
 /// Checks the identity of each of `clients` that signed in; see the module doc. `deep` re-reads
-/// the record (a database read per client); otherwise only admins' records are re-read and the
-/// others' tokens verified.
+/// the record (a database read per client: the dispatcher passes only the clients whose record
+/// a commit changed); otherwise only admins' records are re-read and the others' tokens
+/// verified.
 pub async fn recheck(state: &AppState, clients: &[Arc<Client>], deep: bool) {
     for client in clients {
         let who = client.identity();

@@ -581,9 +581,11 @@ async fn create(
     let db = state.db(&req)?;
     let c = state.collection(&db, &path).await?;
     // A caller the rule refuses outright does not get to upload first: a rule that does not
-    // depend on the body (`@request.auth.id != ""`) is decided before a byte of it is read.
+    // depend on the body (`@request.auth.id != ""`) is decided before a byte of a multipart
+    // body is read. (A JSON body never reaches the disk; its rule is decided once, after.)
     let access = authorize(&c, Action::Create, &who)?;
-    if rules::decided_without_body(&state, &db, &c, &access, &who).await? == Some(false) {
+    let multipart = crate::files::upload::is_multipart(&req);
+    if multipart && rules::decided_without_body(&state, &db, &c, &access, &who).await? == Some(false) {
         return Err(
             ApiError::bad_request("Failed to create record: the collection's createRule does not match.").into(),
         );
@@ -609,8 +611,10 @@ async fn update(
     let c0 = state.collection(&db0, &coll).await?;
     let access = authorize(&c0, Action::Update, &who)?;
     // A rule that does not depend on the body is decided on the stored record first: a caller
-    // who may not update this record uploads nothing.
-    if !rules::record_allowed_without_body(&state, &db0, &c0, &access, &who, &id).await? {
+    // who may not update this record uploads nothing. (A JSON body is decided after, once.)
+    if crate::files::upload::is_multipart(&req)
+        && !rules::record_allowed_without_body(&state, &db0, &c0, &access, &who, &id).await?
+    {
         return Err(ApiError::not_found("Record not found.").into());
     }
     let (body, _uploads, files) = read_body(&state, &req, payload, &c0).await?;

@@ -279,6 +279,8 @@ pub struct Follower {
     /// apart), from its last answer: while set the replica is not ready, since it would serve
     /// every signed-in user as a guest.
     refused: Mutex<Option<String>>,
+    /// Whether `refused` holds a reason: read on every request, so an atomic.
+    refused_now: std::sync::atomic::AtomicBool,
     /// Streaming: when the master last answered the long-poll (it answers at least every
     /// [`STREAM_HOLD`]), and whether the stream is broken off now. A broken stream makes the
     /// replica stale, and its lag grow from the last contact.
@@ -344,6 +346,7 @@ impl Follower {
             ready: std::sync::atomic::AtomicBool::new(false),
             master_reachable: std::sync::atomic::AtomicBool::new(false),
             refused: Mutex::new(None),
+            refused_now: std::sync::atomic::AtomicBool::new(false),
             contact: Mutex::new((Instant::now(), None)),
         })
     }
@@ -427,13 +430,14 @@ impl Follower {
 
     /// Why the replica does not serve requests now, in words for `/health` and the 503s.
     pub fn unready_reason(&self) -> Option<String> {
+        let ready = self.ready.load(std::sync::atomic::Ordering::Acquire);
+        if ready && !self.refused_now.load(std::sync::atomic::Ordering::Acquire) {
+            return None;
+        }
         if let Some(refused) = self.refused.lock().ok().and_then(|r| r.clone()) {
             return Some(format!("replica is not ready: {refused}"));
         }
-        if !self.ready.load(std::sync::atomic::Ordering::Acquire) {
-            return Some("replica is not ready: it has no data from the master yet".into());
-        }
-        None
+        (!ready).then(|| "replica is not ready: it has no data from the master yet".into())
     }
 
     /// Notes the master's answer to a request: a 401 refuses this replica (see `refused`),
@@ -441,6 +445,8 @@ impl Follower {
     fn note_answer(&self, status: u16, refusal: &str) {
         if let Ok(mut r) = self.refused.lock() {
             *r = (status == 401).then(|| refusal.to_string());
+            self.refused_now
+                .store(r.is_some(), std::sync::atomic::Ordering::Release);
         }
     }
 
@@ -537,12 +543,8 @@ impl Follower {
     /// one (from its `Date` header), to tell clock skew from a wrong secret on a 401.
     async fn get_status(&self, state: &AppState) -> Result<(u16, Value, Option<i64>), String> {
         let resp = self
-            .request(state, reqwest::Method::GET, "/api/replica/status?checksum=0")
-            .map_err(|e| e.to_string())?
-            .timeout(Duration::from_secs(60))
-            .send()
-            .await
-            .map_err(|e| format!("GET {}: {}", self.master_url, transport_error(&e)))?;
+            .send_get(state, "/api/replica/status?checksum=0", Some(Duration::from_secs(60)))
+            .await?;
         let status = resp.status().as_u16();
         let skew = resp
             .headers()
@@ -573,19 +575,28 @@ impl Follower {
         path: &str,
         total: Option<Duration>,
     ) -> Result<(u16, Value), String> {
+        let resp = self.send_get(state, path, total).await?;
+        let status = resp.status().as_u16();
+        let body = resp.json::<Value>().await.unwrap_or(Value::Null);
+        Ok((status, body))
+    }
+
+    /// Sends a GET of `path` to the master, with an overall deadline when `total` is given.
+    async fn send_get(
+        &self,
+        state: &AppState,
+        path: &str,
+        total: Option<Duration>,
+    ) -> Result<reqwest::Response, String> {
         let mut rb = self
             .request(state, reqwest::Method::GET, path)
             .map_err(|e| e.to_string())?;
         if let Some(t) = total {
             rb = rb.timeout(t);
         }
-        let resp = rb
-            .send()
+        rb.send()
             .await
-            .map_err(|e| format!("GET {}: {}", self.master_url, transport_error(&e)))?;
-        let status = resp.status().as_u16();
-        let body = resp.json::<Value>().await.unwrap_or(Value::Null);
-        Ok((status, body))
+            .map_err(|e| format!("GET {}: {}", self.master_url, transport_error(&e)))
     }
 
     fn note<F: FnOnce(&mut DbSync)>(&self, db: &str, f: F) {
