@@ -729,3 +729,120 @@ fn one_address_cannot_take_every_realtime_slot() {
         (open(&greedy).status() == 200).then_some(())
     });
 }
+
+/// Every event a guest's WebSocket received before the next `marks` event, as
+/// `(collection, id, action)`.
+fn events_until_mark(ws: &mut Ws) -> Vec<(String, String, String)> {
+    let mut got = Vec::new();
+    loop {
+        let m = ws_next(ws, WAIT).expect("the mark's event");
+        assert!(m.get("closed").is_none(), "{m}");
+        let collection = m["collection"].as_str().unwrap_or_default().to_string();
+        if collection == "marks" {
+            return got;
+        }
+        for e in m["events"].as_array().into_iter().flatten() {
+            got.push((
+                collection.clone(),
+                e["id"].as_str().unwrap().to_string(),
+                e["data"]["action"].as_str().unwrap().to_string(),
+            ));
+        }
+    }
+}
+
+#[test]
+fn realtime_rules_read_the_real_tables_as_rest_does() {
+    let n = spawn_master();
+    let admin = n.admin_token();
+    let self_related = |name: &str, rule: &str| {
+        let (s, b) = n.post(
+            "/api/collections",
+            Some(&admin),
+            &json!({"name": name, "fields": [{"name": "locked", "type": "bool"}, {"name": "note", "type": "text"}]}),
+        );
+        assert_eq!(s, 200, "{b}");
+        let id = b["id"].clone();
+        let (s, b) = n.patch(
+            &format!("/api/collections/{name}"),
+            Some(&admin),
+            &json!({"listRule": rule, "viewRule": rule,
+                    "fields": [{"name": "locked", "type": "bool"}, {"name": "note", "type": "text"},
+                               {"name": "parent", "type": "relation", "collectionId": id}]}),
+        );
+        assert_eq!(s, 200, "{b}");
+    };
+    // A self-relation, a back-relation onto the same collection, and an @collection join.
+    self_related("folders", "parent.locked != true");
+    self_related("boxes", "boxes_via_parent.locked ?= true");
+    self_related("items", "@collection.items.locked != true");
+    let (s, b) = n.post(
+        "/api/collections",
+        Some(&admin),
+        &json!({"name": "marks", "listRule": "", "viewRule": "", "fields": [{"name": "n", "type": "number"}]}),
+    );
+    assert_eq!(s, 200, "{b}");
+    let mut guest = websocket(&n, "");
+    for c in ["folders", "boxes", "items", "marks"] {
+        ws_send(&mut guest, json!({"type": "SUBSCRIBE", "collection": c}));
+        assert_eq!(ws_next(&mut guest, WAIT).unwrap()["type"], "SUBSCRIBED");
+    }
+    let seen_by_guest = |c: &str, id: &str| n.get(&format!("/api/collections/{c}/records/{id}"), None).0 == 200;
+    let mut marks = 0;
+    // One write by the admin; the guest gets its event exactly when REST shows the guest the
+    // record (after a create or update, before a delete).
+    let mut step = |c: &str, action: &str, id: Option<&str>, body: Value| -> String {
+        let (id, visible) = match (action, id) {
+            ("create", None) => {
+                let (s, b) = n.post(&format!("/api/collections/{c}/records"), Some(&admin), &body);
+                assert_eq!(s, 200, "{b}");
+                let id = b["id"].as_str().unwrap().to_string();
+                let visible = seen_by_guest(c, &id);
+                (id, visible)
+            }
+            ("update", Some(id)) => {
+                let (s, b) = n.patch(&format!("/api/collections/{c}/records/{id}"), Some(&admin), &body);
+                assert_eq!(s, 200, "{b}");
+                (id.to_string(), seen_by_guest(c, id))
+            }
+            ("delete", Some(id)) => {
+                let visible = seen_by_guest(c, id);
+                let (s, _) = n.delete(&format!("/api/collections/{c}/records/{id}"), Some(&admin));
+                assert_eq!(s, 204);
+                (id.to_string(), visible)
+            }
+            _ => unreachable!(),
+        };
+        marks += 1;
+        let (s, _) = n.post("/api/collections/marks/records", Some(&admin), &json!({"n": marks}));
+        assert_eq!(s, 200);
+        let got = events_until_mark(&mut guest);
+        let expected: Vec<(String, String, String)> = if visible {
+            vec![(c.to_string(), id.clone(), action.to_string())]
+        } else {
+            vec![]
+        };
+        assert_eq!(
+            got, expected,
+            "{action} of {c}/{id}: REST shows it to the guest: {visible}"
+        );
+        id
+    };
+    // folders: a child of a locked folder is hidden, one of an open folder shown.
+    let locked = step("folders", "create", None, json!({"locked": true}));
+    let hidden = step("folders", "create", None, json!({"parent": locked}));
+    step("folders", "update", Some(&hidden), json!({"note": "still hidden"}));
+    let open = step("folders", "create", None, json!({}));
+    step("folders", "create", None, json!({"parent": open}));
+    step("folders", "delete", Some(&hidden), json!({}));
+    // boxes: shown once a locked box points at them.
+    let parent = step("boxes", "create", None, json!({}));
+    step("boxes", "create", None, json!({"parent": parent, "locked": true}));
+    step("boxes", "update", Some(&parent), json!({"note": "now shown"}));
+    // items: shown only while no item is locked.
+    let l = step("items", "create", None, json!({"locked": true}));
+    let x = step("items", "create", None, json!({}));
+    step("items", "update", Some(&x), json!({"note": "hidden by l"}));
+    step("items", "update", Some(&l), json!({"locked": false}));
+    step("items", "update", Some(&x), json!({"note": "shown"}));
+}

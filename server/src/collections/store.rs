@@ -60,6 +60,18 @@ impl Schema {
         self.triggered
     }
 
+    /// This schema with `c` in place of the collection of its id (or added): how a collection
+    /// being saved sees itself, for its own back-relations and `@collection` joins.
+    pub fn with(mut self, c: &Collection) -> Schema {
+        if let Some(old) = self.by_id.remove(&c.id) {
+            self.by_name.remove(&old.name);
+        }
+        let c = Arc::new(c.clone());
+        self.by_id.insert(c.id.clone(), c.clone());
+        self.by_name.insert(c.name.clone(), c);
+        self
+    }
+
     pub fn get(&self, id_or_name: &str) -> Option<Arc<Collection>> {
         self.by_name
             .get(id_or_name)
@@ -520,7 +532,7 @@ fn apply_rules(c: &mut Collection, input: &CollectionInput) {
 
 /// Checks every rule of `c` against its fields (run once the fields are final).
 fn validate_rules(conn: &Connection, c: &Collection, errors: &mut FieldErrors) -> ApiResult<()> {
-    let schema = load(conn)?;
+    let schema = load(conn)?.with(c);
     let rules = [
         &c.list_rule,
         &c.view_rule,

@@ -62,6 +62,9 @@ struct Compiler<'a> {
     /// Whether the comparison being compiled is an any-of form (`?=` …): then a json field is
     /// read as the set of its elements.
     any: bool,
+    /// The `@collection` joins the any-of comparisons made: (collection and alias as written,
+    /// the SQL alias, the quoted table), joined once around the whole condition.
+    joins: Vec<(String, String, String)>,
 }
 
 fn fail<T>(at: usize, message: impl Into<String>) -> Result<T, FilterError> {
@@ -95,9 +98,94 @@ impl Compiler<'_> {
         format!("_q{}", self.aliases)
     }
 
+    /// Whether a filter may read the records of `target` through a relation, a back-relation
+    /// or `@collection`: admins and rules may; everyone else only collections everyone may view.
+    fn may_read(&self, target: &Collection, through: &str, at: usize) -> Result<(), FilterError> {
+        if self.ctx.admin || target.view_rule.as_deref().map(str::trim) == Some("") {
+            return Ok(());
+        }
+        fail(
+            at,
+            format!(
+                "'{through}' leads to '{}', whose records are not public; it cannot be filtered through.",
+                target.name
+            ),
+        )
+    }
+
+    /// `<collection>_via_<field>` as seen from `c` (aliased `alias`): the records of another
+    /// collection (or of `c`) whose relation `field` points at this record, as a set.
+    fn back_relation(&mut self, c: &Collection, alias: &str, path: &[String], at: usize) -> Result<Term, FilterError> {
+        let name = &path[0];
+        let unknown = || fail(at, format!("Unknown field '{name}' in '{}'.", c.name));
+        let Some((source, via)) = name.rsplit_once("_via_") else {
+            return unknown();
+        };
+        let Some(source) = self.ctx.schema.get(source).filter(|s| s.name == source) else {
+            return unknown();
+        };
+        let relation = source.field(via).filter(|f| {
+            f.kind == FieldType::Relation
+                && f.options.collection_id.as_deref() == Some(c.id.as_str())
+                && (!f.hidden || self.ctx.admin)
+        });
+        let Some(relation) = relation else {
+            return fail(
+                at,
+                format!(
+                    "'{name}': '{}' has no relation field '{via}' to '{}'.",
+                    source.name, c.name
+                ),
+            );
+        };
+        self.may_read(&source, name, at)?;
+        let t = self.alias();
+        let col = format!("{t}.{}", quote_ident(via));
+        let link = if relation.is_multi() {
+            format!("{alias}.\"id\" IN (SELECT value FROM json_each({col}))")
+        } else {
+            format!("{col} = {alias}.\"id\"")
+        };
+        let inner = if path.len() == 1 {
+            Term::Scalar(format!("{t}.\"id\""))
+        } else {
+            self.field(&source, &t, &path[1..], at)?
+        };
+        Ok(joined(format!("{} {t}", quote_ident(&source.name)), Some(link), inner))
+    }
+
+    /// `@collection.<name>[:alias].<path>`. An any-of comparison reads it from the record joined
+    /// around the whole condition (one per name and alias, as PocketBase joins it); any other
+    /// comparison reads it as the set of that value over every record of the collection.
+    fn collection(&mut self, name: &str, join: &str, path: &[String], at: usize) -> Result<Term, FilterError> {
+        let Some(target) = self.ctx.schema.get(name).filter(|t| t.name == name) else {
+            return fail(at, format!("Unknown collection '{name}' in '@collection.{name}'."));
+        };
+        self.may_read(&target, &format!("@collection.{name}"), at)?;
+        let table = quote_ident(&target.name);
+        if self.any {
+            let key = format!("{name}:{join}");
+            let sql_alias = match self.joins.iter().find(|(k, _, _)| *k == key) {
+                Some((_, a, _)) => a.clone(),
+                None => {
+                    let a = format!("_c{}", self.joins.len() + 1);
+                    self.joins.push((key, a.clone(), table));
+                    a
+                }
+            };
+            return self.field(&target, &sql_alias, path, at);
+        }
+        let t = self.alias();
+        let inner = self.field(&target, &t, path, at)?;
+        Ok(joined(format!("{table} {t}"), None, inner))
+    }
+
     /// A column of `c` (seen as `alias`), following relations for longer paths.
     fn field(&mut self, c: &Collection, alias: &str, path: &[String], at: usize) -> Result<Term, FilterError> {
         let name = &path[0];
+        if name.contains("_via_") && c.field(name).is_none() {
+            return self.back_relation(c, alias, path, at);
+        }
         let col = format!("{alias}.{}", quote_ident(name));
         if path.len() == 1 {
             // Emails are private unless shown: only admins (and rules) may filter or sort by them.
@@ -138,17 +226,8 @@ impl Compiler<'_> {
         let Some(target) = target else {
             return fail(at, format!("The collection related by '{name}' no longer exists."));
         };
-        // Following a relation reads the target's records: outside admins and rules, only into
-        // collections everyone may view.
-        if !self.ctx.admin && target.view_rule.as_deref().map(str::trim) != Some("") {
-            return fail(
-                at,
-                format!(
-                    "'{name}' leads to '{}', whose records are not public; it cannot be filtered through.",
-                    target.name
-                ),
-            );
-        }
+        // Following a relation reads the target's records.
+        self.may_read(&target, name, at)?;
         let t = self.alias();
         let table = quote_ident(&target.name);
         let inner = self.field(&target, &t, &path[1..], at)?;
@@ -181,6 +260,7 @@ impl Compiler<'_> {
     fn operand(&mut self, c: &Collection, o: &Operand, at: usize) -> Result<Term, FilterError> {
         Ok(match o {
             Operand::Field(path) => return self.field(c, "_t", path, at),
+            Operand::Collection { name, alias, path } => return self.collection(name, alias, path, at),
             Operand::Str(s) => Term::Scalar(self.param(Sql::Text(s.clone()))),
             Operand::Num(n) => {
                 let v = if n.fract() == 0.0 && n.abs() < 9.0e15 {
@@ -324,6 +404,30 @@ impl Compiler<'_> {
     }
 }
 
+/// `inner` read through the records of `from` (a table and its alias) that `link` selects:
+/// always a set.
+fn joined(from: String, link: Option<String>, inner: Term) -> Term {
+    let wheres: Vec<String> = link.into_iter().collect();
+    match inner {
+        Term::Scalar(value) => Term::Set(SetQuery {
+            from: vec![from],
+            wheres,
+            value,
+        }),
+        Term::Set(inner) => {
+            let mut all_from = vec![from];
+            all_from.extend(inner.from);
+            let mut all_wheres = wheres;
+            all_wheres.extend(inner.wheres);
+            Term::Set(SetQuery {
+                from: all_from,
+                wheres: all_wheres,
+                value: inner.value,
+            })
+        }
+    }
+}
+
 /// Compiles `e` to a condition on collection `c`, whose table must be aliased `_t` in the query.
 pub fn compile(e: &Expr, c: &Collection, ctx: &Context) -> Result<Condition, FilterError> {
     let mut comp = Compiler {
@@ -331,12 +435,33 @@ pub fn compile(e: &Expr, c: &Collection, ctx: &Context) -> Result<Condition, Fil
         params: Vec::new(),
         aliases: 0,
         any: false,
+        joins: Vec::new(),
     };
-    let sql = comp.expr(c, e)?;
-    Ok(Condition {
-        sql,
-        params: comp.params,
-    })
+    let mut sql = comp.expr(c, e)?;
+    let mut params = comp.params;
+    // A collection with no records joins one record of nulls, as PocketBase's LEFT JOIN does,
+    // so `@collection.x.a ?= 1 || true` still holds.
+    match comp.joins.as_slice() {
+        [] => {}
+        // The usual case, written so that SQLite can look the joined record up by an index:
+        // an inner join, or else the record of nulls when the collection is empty. The
+        // condition appears twice, so its parameters are bound twice.
+        [(_, alias, table)] => {
+            sql = format!(
+                "(EXISTS (SELECT 1 FROM {table} {alias} WHERE {sql}) OR (NOT EXISTS (SELECT 1 FROM {table}) \
+                 AND EXISTS (SELECT 1 FROM (SELECT 1) _one LEFT JOIN {table} {alias} ON 0 WHERE {sql})))"
+            );
+            params.extend(params.clone());
+        }
+        joins => {
+            let joins: String = joins
+                .iter()
+                .map(|(_, alias, table)| format!(" LEFT JOIN {table} {alias} ON 1"))
+                .collect();
+            sql = format!("EXISTS (SELECT 1 FROM (SELECT 1) _one{joins} WHERE {sql})");
+        }
+    }
+    Ok(Condition { sql, params })
 }
 
 /// The SQL of one value of `c` (aliased `_t`) reached by a dotted path such as `author.name`,
@@ -358,6 +483,7 @@ pub fn scalar_path(c: &Collection, schema: &Schema, path: &str, admin: bool) -> 
         params: Vec::new(),
         aliases: 100,
         any: false,
+        joins: Vec::new(),
     };
     match comp.field(c, "_t", &parts, 0)? {
         Term::Scalar(sql) => Ok(sql),

@@ -87,6 +87,10 @@ mod properties {
         "@request.auth.name",
         "@request.body.name",
         "@request.nope",
+        "@collection.people.name",
+        "@collection.people:b.friend.tags",
+        "people_via_friend.age",
+        "@collection.nope.x",
         "'",
         "\\",
         ";",
@@ -124,6 +128,10 @@ mod properties {
         "@request.auth.tags",
         "@request.body.name",
         "'%a_'",
+        "people_via_friend.name",
+        "people_via_friends",
+        "@collection.people.age",
+        "@collection.people:x.friends.name",
     ];
     const OPS: &[&str] = &[
         "=", "!=", ">", ">=", "<", "<=", "~", "!~", "?=", "?!=", "?>", "?>=", "?<", "?<=", "?~", "?!~",
@@ -182,5 +190,175 @@ mod properties {
         fn arbitrary_text_never_panics(src in ".{0,200}") {
             let _ = parse(&src);
         }
+    }
+}
+
+#[cfg(test)]
+mod joins {
+    //! Back-relations and `@collection`, with PocketBase's meaning: `?=` forms read one joined
+    //! record shared by the whole condition, the others every record.
+
+    use rusqlite::Connection;
+    use serde_json::json;
+
+    use super::{Context, compile, parse};
+    use crate::collections::model::Collection;
+    use crate::collections::store::Schema;
+
+    fn collection(v: serde_json::Value) -> Collection {
+        let mut base = json!({"type": "base", "system": false, "indexes": [], "listRule": null, "viewRule": null,
+            "createRule": null, "updateRule": null, "deleteRule": null, "created": "", "updated": ""});
+        base.as_object_mut().unwrap().extend(v.as_object().unwrap().clone());
+        serde_json::from_value(base).expect("collection")
+    }
+
+    /// Teams, their members, and folders with a parent: ids that match `filter` on `of`.
+    fn matching(of: &str, filter: &str, auth: Option<&str>, admin: bool) -> Result<Vec<String>, String> {
+        let teams = collection(json!({"id": "teams_id", "name": "teams", "viewRule": "",
+            "fields": [{"id": "t1", "name": "name", "type": "text"}]}));
+        let members = collection(json!({"id": "members_id", "name": "members",
+            "fields": [{"id": "m1", "name": "team", "type": "relation", "collectionId": "teams_id"},
+                       {"id": "m2", "name": "user", "type": "text"},
+                       {"id": "m3", "name": "teams", "type": "relation", "collectionId": "teams_id", "maxSelect": 5}]}));
+        let folders = collection(json!({"id": "folders_id", "name": "folders", "viewRule": "",
+            "fields": [{"id": "f1", "name": "locked", "type": "bool"},
+                       {"id": "f2", "name": "parent", "type": "relation", "collectionId": "folders_id"}]}));
+        let empty = collection(json!({"id": "empty_id", "name": "empty",
+            "fields": [{"id": "e1", "name": "x", "type": "text"}]}));
+        let conn = Connection::open_in_memory().unwrap();
+        for c in [&teams, &members, &folders, &empty] {
+            conn.execute_batch(&c.create_table_sql()).unwrap();
+        }
+        conn.execute_batch(
+            "INSERT INTO teams (id, name) VALUES ('t1', 'one'), ('t2', 'two'), ('t3', 'three');
+             INSERT INTO members (id, team, user, teams) VALUES ('m1', 't1', 'ann', '[\"t3\"]'), ('m2', 't2', 'bob', '[\"t3\"]');
+             INSERT INTO folders (id, locked, parent) VALUES ('root', 1, ''), ('open', 0, ''), ('a', 0, 'root'), ('b', 0, 'open');",
+        )
+        .unwrap();
+        let schema = Schema::from_collections(vec![teams, members, folders, empty]);
+        let auth = auth.map(|id| json!({"id": id}).as_object().cloned().unwrap());
+        let ctx = Context {
+            schema: &schema,
+            auth: auth.as_ref(),
+            body: None,
+            now: String::new(),
+            admin,
+        };
+        let c = schema.get(of).unwrap();
+        let e = parse(filter).map_err(|e| e.to_string())?.unwrap();
+        let cond = compile(&e, &c, &ctx).map_err(|e| e.to_string())?;
+        let sql = format!("SELECT id FROM {of} _t WHERE {} ORDER BY id", cond.sql);
+        let mut stmt = conn.prepare(&sql).map_err(|e| format!("{sql}: {e}"))?;
+        let ids = stmt
+            .query_map(rusqlite::params_from_iter(cond.params.iter()), |r| r.get(0))
+            .unwrap()
+            .collect::<Result<Vec<String>, _>>()
+            .unwrap();
+        Ok(ids)
+    }
+
+    #[test]
+    fn any_of_collection_comparisons_share_one_joined_record() {
+        // ann is a member of t1 only: the two conditions hold of one members record.
+        let rule = "@collection.members.team ?= id && @collection.members.user ?= @request.auth.id";
+        assert_eq!(matching("teams", rule, Some("ann"), true).unwrap(), ["t1"]);
+        assert_eq!(matching("teams", rule, Some("bob"), true).unwrap(), ["t2"]);
+        assert!(matching("teams", rule, None, true).unwrap().is_empty());
+        // An alias joins the collection again, independently.
+        let loose = "@collection.members.team ?= id && @collection.members:other.user ?= @request.auth.id";
+        assert_eq!(matching("teams", loose, Some("ann"), true).unwrap(), ["t1", "t2"]);
+        // Through a multiple relation of the joined record.
+        let multi = "@collection.members.teams ?= id && @collection.members.user ?= 'bob'";
+        assert_eq!(matching("teams", multi, None, true).unwrap(), ["t3"]);
+    }
+
+    #[test]
+    fn other_collection_comparisons_hold_of_every_record() {
+        assert!(
+            matching("teams", "@collection.members.user = 'ann'", None, true)
+                .unwrap()
+                .is_empty()
+        );
+        assert_eq!(
+            matching("teams", "@collection.members.user != 'cy'", None, true)
+                .unwrap()
+                .len(),
+            3
+        );
+        // An empty join still lets the rest of the condition decide.
+        assert_eq!(
+            matching(
+                "teams",
+                "@collection.members.user ?= 'nobody' || name = 'two'",
+                None,
+                true
+            )
+            .unwrap(),
+            ["t2"]
+        );
+        for joined in [
+            "@collection.empty.x ?= 'a'",
+            "@collection.empty.x ?= 'a' && @collection.empty:b.x ?= 'b'",
+        ] {
+            let f = format!("({joined}) || name = 'two' || name = @request.auth.id");
+            assert_eq!(matching("teams", &f, Some("one"), true).unwrap(), ["t1", "t2"], "{f}");
+            assert!(matching("teams", joined, None, true).unwrap().is_empty());
+        }
+        assert_eq!(
+            matching("teams", "@collection.empty.x ?= null", None, true)
+                .unwrap()
+                .len(),
+            3
+        );
+    }
+
+    #[test]
+    fn back_relations_read_the_records_pointing_here() {
+        assert_eq!(
+            matching("teams", "members_via_team.user ?= 'bob'", None, true).unwrap(),
+            ["t2"]
+        );
+        assert_eq!(
+            matching("teams", "members_via_teams.user ?= 'bob'", None, true).unwrap(),
+            ["t3"]
+        );
+        assert_eq!(
+            matching("teams", "members_via_team ?= 'm1'", None, true).unwrap(),
+            ["t1"]
+        );
+        // A self back-relation: folders with a locked child, and a self-relation.
+        assert!(
+            matching("folders", "folders_via_parent.locked ?= true", None, true)
+                .unwrap()
+                .is_empty()
+        );
+        assert_eq!(
+            matching("folders", "folders_via_parent.locked ?= false", None, true).unwrap(),
+            ["open", "root"]
+        );
+        assert_eq!(matching("folders", "parent.locked = true", None, true).unwrap(), ["a"]);
+    }
+
+    #[test]
+    fn joins_are_checked_and_private_ones_refused_outside_rules() {
+        let e = matching("teams", "@collection.nope.x ?= 1", None, true).unwrap_err();
+        assert!(e.contains("Unknown collection 'nope'"), "{e}");
+        let e = matching("teams", "members_via_user ?= 1", None, true).unwrap_err();
+        assert!(e.contains("no relation field 'user'"), "{e}");
+        let e = matching("teams", "nobody_via_team ?= 1", None, true).unwrap_err();
+        assert!(e.contains("Unknown field"), "{e}");
+        // members is not public: a user's filter cannot read it, a rule can.
+        let e = matching("teams", "@collection.members.user ?= 'ann'", None, false).unwrap_err();
+        assert!(e.contains("not public"), "{e}");
+        let e = matching("teams", "members_via_team.user ?= 'ann'", None, false).unwrap_err();
+        assert!(e.contains("not public"), "{e}");
+        assert_eq!(
+            matching("teams", "@collection.teams.name ?= 'two' && name = 'one'", None, false).unwrap(),
+            ["t1"]
+        );
+        let e = matching("teams", "@collection.teams:a:b.name ?= 1", None, true).unwrap_err();
+        assert!(e.contains("not a collection reference"), "{e}");
+        let e = matching("teams", "@request.auth.id:isset = true", None, true).unwrap_err();
+        assert!(e.contains("not supported"), "{e}");
     }
 }

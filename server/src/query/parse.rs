@@ -25,6 +25,14 @@ pub enum Operand {
     Auth(Vec<String>),
     /// `@request.body.<field>` (rules of create and update).
     Body(Vec<String>),
+    /// `@collection.<name>[:alias].<path>`: the records of another collection (or of this one),
+    /// joined by nothing but the comparison. Comparisons naming the same collection and alias
+    /// share one joined record; another alias joins it again.
+    Collection {
+        name: String,
+        alias: String,
+        path: Vec<String>,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -163,7 +171,7 @@ fn lex(src: &str) -> Result<Vec<(Tok, usize)>, FilterError> {
                 i += 1;
                 let mut s = String::new();
                 while let Some(&ch) = chars.get(i) {
-                    if ch.is_ascii_alphanumeric() || ch == '_' || ch == '.' {
+                    if ch.is_ascii_alphanumeric() || ch == '_' || ch == '.' || ch == ':' {
                         s.push(ch);
                         i += 1;
                     } else {
@@ -293,11 +301,29 @@ impl Parser {
             Tok::Ident(s) if s == "null" => Operand::Null,
             Tok::Ident(s) => Operand::Field(path(&s, at)?),
             Tok::At(s) if s == "now" => Operand::Now,
+            Tok::At(s) if s.contains(':') && !s.starts_with("collection.") => {
+                return err(at, format!("Modifiers such as ':' are not supported in '@{s}'."));
+            }
             Tok::At(s) => {
                 let parts: Vec<&str> = s.split('.').collect();
                 match parts.as_slice() {
                     ["request", "auth", rest @ ..] => Operand::Auth(check_parts(rest, at)?),
                     ["request", "body", rest @ ..] if !rest.is_empty() => Operand::Body(check_parts(rest, at)?),
+                    ["collection", target, rest @ ..] if !rest.is_empty() => {
+                        let (name, alias) = target.split_once(':').unwrap_or((target, ""));
+                        let path = path(&rest.join("."), at)?;
+                        if name.is_empty() || name.contains(':') || alias.contains(':') {
+                            return err(at, format!("'@{s}' is not a collection reference."));
+                        }
+                        if rest.iter().any(|p| p.contains(':')) {
+                            return err(at, format!("Unexpected ':' in '@{s}'."));
+                        }
+                        Operand::Collection {
+                            name: name.to_string(),
+                            alias: alias.to_string(),
+                            path,
+                        }
+                    }
                     _ => return err(at, format!("Unknown variable '@{s}'.")),
                 }
             }

@@ -120,8 +120,9 @@ pub fn table_columns(conn: &Connection, table: &str) -> rusqlite::Result<Vec<Str
 
 /// The record of `c` that a row image holds (`values` of the table's `columns`, in order), if
 /// it matches `cond`: a row as a change left it, which may no longer be in the table. The row
-/// stands in for the table within the query, so a rule compiled for the table applies to it
-/// unchanged.
+/// is the query's `_t`, so a rule compiled for the table applies to it unchanged, and every
+/// relation, back-relation and `@collection` join of the rule reads the real tables, as a REST
+/// request does. (The row's own table is not shadowed: its name is not a collection's.)
 pub fn get_image(
     conn: &Connection,
     c: &Collection,
@@ -135,11 +136,10 @@ pub fn get_image(
     let names: Vec<String> = columns.iter().map(|n| quote_ident(n)).collect();
     let marks = vec!["?"; columns.len()].join(", ");
     let sql = format!(
-        "WITH {t}({}) AS (VALUES ({marks})) SELECT {} FROM {t} _t WHERE ({})",
+        "WITH \"event row\"({}) AS (VALUES ({marks})) SELECT {} FROM \"event row\" _t WHERE ({})",
         names.join(", "),
         select_list(c),
         cond.map_or("1", |c| c.sql.as_str()),
-        t = quote_ident(&c.name),
     );
     // A column added since the change reads NULL; one dropped since is left out.
     let mut params: Vec<Sql> = (0..columns.len())
