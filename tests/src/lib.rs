@@ -484,11 +484,21 @@ pub fn run_cli(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
 
 /// A replica token for `id`, signed with `secret` (what a replica mints for itself).
 pub fn replica_token(secret: &str, id: &str) -> String {
+    signed_replica_token(secret, id, 0, 600)
+}
+
+/// A replica token valid from an hour ago to an hour from now, so that a node whose clock is
+/// shifted (libfaketime) still takes it: what the harness reads `/health` details with.
+fn observer_token(secret: &str) -> String {
+    signed_replica_token(secret, "test-observer", 3600, 3600)
+}
+
+fn signed_replica_token(secret: &str, id: &str, issued_ago: u64, valid_for: u64) -> String {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_secs();
-    let claims = json!({"sub": id, "type": "replica", "iat": now, "exp": now + 600});
+    let claims = json!({"sub": id, "type": "replica", "iat": now - issued_ago, "exp": now + valid_for});
     let key = jsonwebtoken::EncodingKey::from_secret(secret.as_bytes());
     jsonwebtoken::encode(
         &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
@@ -496,6 +506,52 @@ pub fn replica_token(secret: &str, id: &str) -> String {
         &key,
     )
     .expect("sign")
+}
+
+/// Percent-encodes everything but unreserved characters (RFC 3986), for query values.
+pub fn urlencode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// One event of an SSE stream: its name, its data, and when it arrived.
+pub type SseEvent = (String, Value, Instant);
+
+/// Opens PocketBase's SSE stream at `url` (`…/api/realtime`, any query) on a thread of its own
+/// and returns the client id of its `PB_CONNECT` event and the events that follow. The stream
+/// ends when the receiver is dropped and the next event arrives.
+pub fn sse_stream(url: &str) -> (String, std::sync::mpsc::Receiver<SseEvent>) {
+    use std::io::BufRead;
+    let (tx, rx) = std::sync::mpsc::channel();
+    let url = url.to_string();
+    std::thread::spawn(move || {
+        let client = reqwest::blocking::Client::builder()
+            .timeout(None)
+            .build()
+            .expect("client");
+        let Ok(resp) = client.get(url).header("Accept", "text/event-stream").send() else {
+            return;
+        };
+        let mut event = String::new();
+        for line in std::io::BufReader::new(resp).lines() {
+            let Ok(line) = line else { return };
+            if let Some(e) = line.strip_prefix("event:") {
+                event = e.to_string();
+            } else if let Some(d) = line.strip_prefix("data:") {
+                let data = serde_json::from_str(d).unwrap_or(Value::Null);
+                if tx.send((std::mem::take(&mut event), data, Instant::now())).is_err() {
+                    return;
+                }
+            }
+        }
+    });
+    let (event, hello, _) = rx.recv_timeout(Duration::from_secs(10)).expect("PB_CONNECT");
+    assert_eq!(event, "PB_CONNECT");
+    (hello["clientId"].as_str().expect("clientId").to_string(), rx)
 }
 
 /// Changelog entries of `db` after `since` (all pages), decoded.
@@ -601,8 +657,24 @@ pub fn spawn_replica_of(master_url: &str, secret: &str, opts: NodeOptions) -> No
 
 impl Node {
     /// The replica's health document.
+    /// `/health` with its details (databases, versions, errors), which need an admin or replica
+    /// token: asked with a replica token signed by the node's secret.
     pub fn health(&self) -> Value {
-        self.get("/health", None).1
+        let token = self.secret().map(|s| observer_token(&s));
+        self.get("/health", token.as_deref()).1
+    }
+
+    /// The node's `JWT_SECRET`: as configured, or as a master generated it.
+    pub fn secret(&self) -> Option<String> {
+        self.opts
+            .env
+            .iter()
+            .rev()
+            .find(|(k, _)| k == "JWT_SECRET")
+            .map(|(_, v)| v.clone())
+            .or_else(|| std::fs::read_to_string(self.data_dir.join(".jwt_secret")).ok())
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty())
     }
 
     /// Local version of `db` on this replica (from `/health`), or -1 when unknown.

@@ -2,7 +2,7 @@
 //! events from committed changes, rules per subscriber, bounded buffers. Real processes on
 //! loopback; the WebSocket client is tungstenite.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -14,39 +14,15 @@ use vski_tests::*;
 const SECRET: &str = "realtime-shared-secret-0123456789";
 const WAIT: Duration = Duration::from_secs(10);
 
-/// An SSE client reading on its own thread: `(event, data)` pairs arrive on `events`.
+/// An SSE client reading on its own thread: `(event, data, arrival)` arrive on `events`.
 struct Sse {
     id: String,
-    events: mpsc::Receiver<(String, Value)>,
+    events: mpsc::Receiver<SseEvent>,
 }
 
 fn sse(node: &Node, db: &str) -> Sse {
-    let url = format!("{}/api/realtime?db={db}", node.url);
-    let (tx, events) = mpsc::channel();
-    std::thread::spawn(move || {
-        let client = reqwest::blocking::Client::builder().timeout(None).build().unwrap();
-        let Ok(resp) = client.get(url).header("Accept", "text/event-stream").send() else {
-            return;
-        };
-        let mut event = String::new();
-        for line in BufReader::new(resp).lines() {
-            let Ok(line) = line else { return };
-            if let Some(e) = line.strip_prefix("event:") {
-                event = e.to_string();
-            } else if let Some(d) = line.strip_prefix("data:") {
-                let data = serde_json::from_str(d).unwrap_or(Value::Null);
-                if tx.send((std::mem::take(&mut event), data)).is_err() {
-                    return;
-                }
-            }
-        }
-    });
-    let (event, data) = events.recv_timeout(WAIT).expect("PB_CONNECT");
-    assert_eq!(event, "PB_CONNECT");
-    Sse {
-        id: data["clientId"].as_str().unwrap().to_string(),
-        events,
-    }
+    let (id, events) = sse_stream(&format!("{}/api/realtime?db={db}", node.url));
+    Sse { id, events }
 }
 
 impl Sse {
@@ -60,7 +36,10 @@ impl Sse {
 
     /// The next event other than a ping, or `None` after `within`.
     fn next(&self, within: Duration) -> Option<(String, Value)> {
-        self.events.recv_timeout(within).ok()
+        self.events
+            .recv_timeout(within)
+            .ok()
+            .map(|(event, data, _)| (event, data))
     }
 
     /// Nothing arrives for a while.
@@ -568,15 +547,6 @@ fn a_rebootstrapped_replica_sends_resync_instead_of_a_flood() {
     assert!(seen.len() <= 2, "a resync, not a flood of events: {seen:?}");
 }
 
-fn urlencode(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
-}
-
 #[test]
 fn events_carry_expand_and_fields_as_lists_do() {
     let f = fixture(NodeOptions::default());
@@ -845,4 +815,130 @@ fn realtime_rules_read_the_real_tables_as_rest_does() {
     step("items", "update", Some(&x), json!({"note": "hidden by l"}));
     step("items", "update", Some(&l), json!({"locked": false}));
     step("items", "update", Some(&x), json!({"note": "shown"}));
+}
+
+#[test]
+fn a_database_with_costly_subscribers_does_not_delay_another_databases_events() {
+    let n = spawn_master();
+    let admin = n.admin_token();
+    let (s, b) = n.post("/api/databases", Some(&admin), &json!({"name": "quiet"}));
+    assert_eq!(s, 201, "{b}");
+    for db in ["default", "quiet"] {
+        let (s, b) = n.post(
+            &format!("/api/collections?db={db}"),
+            Some(&admin),
+            &json!({"name": "posts", "listRule": "", "viewRule": "", "fields": [{"name": "title", "type": "text"}]}),
+        );
+        assert_eq!(s, 200, "{b}");
+    }
+    let rows = 20;
+    let ids: Vec<String> = (0..rows)
+        .map(|i| {
+            let (s, b) = n.post(
+                "/api/collections/posts/records",
+                Some(&admin),
+                &json!({"title": i.to_string()}),
+            );
+            assert_eq!(s, 200, "{b}");
+            b["id"].as_str().unwrap().to_string()
+        })
+        .collect();
+    // Ten guests of `default`, each with 1,000 subscriptions whose filters differ (no two share
+    // a rule check) and match nothing; the first also holds one that matches everything.
+    let noisy: Vec<Sse> = (0..10)
+        .map(|c| {
+            let client = sse(&n, "default");
+            let mut topics: Vec<String> = (0..1000 - usize::from(c == 0))
+                .map(|k| {
+                    let options = json!({"query": {"filter": format!("title = 'never-{c}-{k}'")}}).to_string();
+                    format!("posts/*?options={}", urlencode(&options))
+                })
+                .collect();
+            if c == 0 {
+                topics.push("posts/*".into());
+            }
+            let topics: Vec<&str> = topics.iter().map(String::as_str).collect();
+            let (s, b) = client.subscribe(&n, None, &topics);
+            assert_eq!(s, 204, "{b}");
+            client
+        })
+        .collect();
+    let quiet = sse(&n, "quiet");
+    assert_eq!(quiet.subscribe(&n, None, &["posts/*"]).0, 204);
+    // One commit of 20 updates costs `default` 200,000 rule checks; `quiet`'s one event must
+    // not wait for them.
+    let (s, b) = n.patch(
+        "/api/collections/posts/records/bulk",
+        Some(&admin),
+        &json!({"ids": ids, "data": {"title": "edited"}}),
+    );
+    assert_eq!(s, 200, "{b}");
+    let (s, b) = n.post(
+        "/api/collections/posts/records?db=quiet",
+        Some(&admin),
+        &json!({"title": "quiet"}),
+    );
+    assert_eq!(s, 200, "{b}");
+    let (event, data) = quiet.next(Duration::from_secs(60)).expect("quiet's event");
+    assert_eq!((event.as_str(), &data["record"]["title"]), ("posts/*", &json!("quiet")));
+    assert!(
+        noisy[0].events.try_recv().is_err(),
+        "default's events were all rendered before quiet's event: quiet waited for them"
+    );
+    // default's events still arrive, all of them, to the one subscription that matches.
+    for _ in 0..rows {
+        let (event, data) = noisy[0].next(Duration::from_secs(300)).expect("default's event");
+        assert_eq!((event.as_str(), &data["action"]), ("posts/*", &json!("update")));
+    }
+    for other in &noisy[1..] {
+        if let Ok(e) = other.events.try_recv() {
+            panic!("an event for a subscription that matches nothing: {e:?}");
+        }
+    }
+}
+
+#[test]
+fn a_clients_subscriptions_are_bounded_in_number_and_bytes() {
+    let f = fixture(NodeOptions::default());
+    let n = &f.node;
+    let client = sse(n, "default");
+    assert_eq!(client.subscribe(n, Some(&f.alice.1), &["notes/*"]).0, 204);
+    // More than 1,000 topics, or more than 128 KiB of them: a 400 that leaves the set as it was.
+    let many: Vec<String> = (0..1001).map(|i| format!("notes/id{i:013}")).collect();
+    let many: Vec<&str> = many.iter().map(String::as_str).collect();
+    let (s, b) = client.subscribe(n, Some(&f.alice.1), &many);
+    assert_eq!(s, 400, "{b}");
+    assert!(b["message"].as_str().unwrap().contains("1000 subscriptions"), "{b}");
+    let long_filter = format!("title != '{}'", "x".repeat(1000));
+    let options = urlencode(&json!({"query": {"filter": long_filter}}).to_string());
+    let big: Vec<String> = (0..200).map(|i| format!("notes/id{i:013}?options={options}")).collect();
+    let big: Vec<&str> = big.iter().map(String::as_str).collect();
+    let (s, b) = client.subscribe(n, Some(&f.alice.1), &big);
+    assert_eq!(s, 400, "{b}");
+    assert!(b["message"].as_str().unwrap().contains("128 KiB"), "{b}");
+    // A topic named many times is one subscription.
+    let same = vec!["notes/*"; 5000];
+    assert_eq!(client.subscribe(n, Some(&f.alice.1), &same).0, 204);
+    note(n, &f.alice.1, &f.alice.0, "once");
+    let (event, data) = client.next(WAIT).expect("event");
+    assert_eq!((event.as_str(), &data["record"]["title"]), ("notes/*", &json!("once")));
+    client.quiet();
+    // Over WebSocket, the same bound: the subscription that would pass it is refused.
+    let mut ws = websocket(n, &format!("auth={}", f.alice.1));
+    let mut refused = None;
+    for i in 0..200 {
+        ws_send(
+            &mut ws,
+            json!({"type": "SUBSCRIBE", "collection": "notes", "id": format!("id{i:013}"), "filter": long_filter}),
+        );
+        let m = ws_next(&mut ws, WAIT).unwrap();
+        if m["type"] == "ERROR" {
+            refused = Some((i, m));
+            break;
+        }
+        assert_eq!(m["type"], "SUBSCRIBED", "{m}");
+    }
+    let (i, m) = refused.expect("a refusal");
+    assert!(m["message"].as_str().unwrap().contains("128 KiB"), "{m}");
+    assert!((100..=130).contains(&i), "refused at subscription {i}");
 }

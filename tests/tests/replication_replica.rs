@@ -753,7 +753,7 @@ fn dead_port() -> u16 {
 
 fn wait_error(r: &Node, needle: &str) -> Value {
     wait_for(&format!("lastError with {needle:?}"), TIMEOUT, || {
-        let h = r.get("/health", None).1;
+        let h = r.health();
         h["lastError"].as_str()?.contains(needle).then_some(h)
     })
 }
@@ -1325,6 +1325,7 @@ fn reads_on_a_replica_never_go_back_in_time_through_churn_and_kills() {
     let mut r = replica(&m, "1");
     // A reader polls the replica's position; connection errors (the replica is down) are skipped.
     let url = r.url.clone();
+    let observer = replica_token(SECRET, "reader");
     let reading = stop.clone();
     let reader = std::thread::spawn(move || {
         let c = reqwest::blocking::Client::builder()
@@ -1333,7 +1334,7 @@ fn reads_on_a_replica_never_go_back_in_time_through_churn_and_kills() {
             .unwrap();
         let mut seen = Vec::new();
         while !reading.load(std::sync::atomic::Ordering::Relaxed) {
-            if let Ok(resp) = c.get(format!("{url}/health")).send() {
+            if let Ok(resp) = c.get(format!("{url}/health")).bearer_auth(&observer).send() {
                 if let Ok(h) = resp.json::<Value>() {
                     if let Some(v) = h["dbs"]["default"]["localVersion"].as_i64() {
                         seen.push(v);

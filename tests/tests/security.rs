@@ -781,3 +781,59 @@ fn positions_come_only_with_answers_that_served_data() {
     // An answer with data carries it.
     assert_eq!(position("/api/collections/secret/records", Some(&admin)), (200, true));
 }
+
+#[test]
+fn health_details_are_for_admins_and_replicas_only() {
+    let m = master();
+    let admin = m.admin_token();
+    ok(m.post("/api/databases", Some(&admin), &json!({"name": "acmecorp"})));
+    let r = spawn_replica(&m, SECRET, NodeOptions::default().env("SYNC_MODE", "stream"));
+    wait_for("the replica to hold acmecorp", Duration::from_secs(60), || {
+        r.health()["dbs"].get("acmecorp").map(|_| ())
+    });
+    let user = {
+        ok(signup(&m, "default", "users", None, "someone@example.com"));
+        signin(&m, "default", "users", "someone@example.com")
+    };
+    for (node, mode) in [(&m, "master"), (&r, "replica")] {
+        // Guests, users and forged tokens: whether the node serves, and nothing about tenants,
+        // versions, the master's address or errors.
+        let forged = replica_token("not-the-secret-0123456789abcdef", "intruder");
+        for token in [None, Some(user.as_str()), Some(forged.as_str())] {
+            let (s, b) = node.get("/health", token);
+            assert_eq!(s, 200, "{b}");
+            assert_eq!(b["mode"], mode);
+            let text = b.to_string();
+            for secret in [
+                "acmecorp",
+                "dbs",
+                "masterUrl",
+                "replicaId",
+                "lastError",
+                "clients",
+                "Version",
+            ] {
+                assert!(
+                    !text.contains(secret),
+                    "{mode} /health shows {secret} to {token:?}: {text}"
+                );
+            }
+            if mode == "replica" {
+                assert_eq!(b["ready"], true, "{b}");
+                assert_eq!(b["stale"], false, "{b}");
+                assert!(b["lagMs"].is_u64(), "{b}");
+            }
+        }
+        // Admins and replica tokens see the details.
+        let observer = replica_token(SECRET, "observer");
+        for token in [admin.as_str(), observer.as_str()] {
+            let (s, b) = node.get("/health", Some(token));
+            assert_eq!(s, 200, "{b}");
+            assert!(b["realtime"]["clients"].is_u64(), "{b}");
+            if mode == "replica" {
+                assert!(b["dbs"]["acmecorp"]["localVersion"].is_i64(), "{b}");
+                assert_eq!(b["masterUrl"], m.url.as_str());
+            }
+        }
+    }
+}

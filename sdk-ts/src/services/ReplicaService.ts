@@ -1,6 +1,10 @@
 import type { SendOptions, VskiClient } from "../Client";
 
-/** A node's `/health`: its mode and, on a replica, its sync state per database. */
+/**
+ * A node's `/health`: its mode and, on a replica, whether it is ready and how stale it is
+ * (`lagMs`: its largest lag). `replicaId`, `masterUrl`, `lastError` and the sync state per
+ * database come only to admins (an admin token in the auth store).
+ */
 export interface NodeStatus {
   status: string;
   mode: "master" | "replica";
@@ -9,6 +13,7 @@ export interface NodeStatus {
   syncMode?: "stream" | "poll" | "manual";
   ready?: boolean;
   stale?: boolean;
+  lagMs?: number;
   dbs?: {
     [db: string]: { localVersion: number; masterVersion: number; lag: number; lagMs: number; [key: string]: any };
   };

@@ -178,8 +178,15 @@ describe("replicas", () => {
     const c = client(streaming.url);
     await waitFor("the replica to hold posts", async () => (await c.collection("posts").getList(1, 1, { requestKey: null })).page === 1);
     expect([c.replicaId, c.replicaMode]).toEqual(["r001", "replica"]);
+    // A guest learns the mode and staleness; an admin also the replica's identity and state.
     const status = await c.replica.status();
-    expect([status.mode, status.replicaId, status.syncMode]).toEqual(["replica", "r001", "stream"]);
+    expect([status.mode, status.replicaId, status.syncMode, status.dbs]).toEqual(["replica", undefined, "stream", undefined]);
+    expect(typeof status.lagMs).toBe("number");
+    const a = client(streaming.url);
+    await a.admins.authWithPassword(ADMIN.email, ADMIN.password);
+    const full = await a.replica.status();
+    expect([full.mode, full.replicaId, full.syncMode]).toEqual(["replica", "r001", "stream"]);
+    expect(full.dbs?.["default"]?.localVersion).toBeGreaterThan(0);
     const err = await c.collection("posts").create({ title: "nope" }).catch((e) => e);
     expect(err).toBeInstanceOf(sdk.ClientResponseError);
     expect([err.status, err.isReadOnlyReplica]).toEqual([403, true]);

@@ -1,5 +1,11 @@
 //! The dispatcher: turns committed changesets into events and hands each client the ones its
 //! rules let it see.
+//!
+//! A router ([`run`]) hands each commit to the lane of its database ([`lane`]): one task per
+//! database with clients, so rendering the events of one database (its rules, its subscribers,
+//! its read connections) never holds up another's. Within a lane, commits are rendered one at a
+//! time in commit order, and identical work is done once per commit: subscribers who are the
+//! same identity with the same subscription share one rule check and one rendered record.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -121,8 +127,40 @@ fn owned(v: rusqlite::types::ValueRef<'_>) -> Sql {
     }
 }
 
-/// Runs until the hub is dropped: one commit at a time, in commit order.
+/// Runs until the hub is dropped: routes each commit to its database's lane, starting lanes as
+/// databases gain clients and letting them end once a database has neither clients nor
+/// commits in flight (so a later lane of the same database never overtakes an earlier one).
 pub async fn run(state: web::Data<AppState>, mut queue: mpsc::UnboundedReceiver<Committed>) {
+    let mut lanes: HashMap<String, mpsc::UnboundedSender<Committed>> = HashMap::new();
+    let mut prune = tokio::time::interval(std::time::Duration::from_secs(10));
+    loop {
+        tokio::select! {
+            committed = queue.recv() => {
+                let Some(committed) = committed else { return };
+                let db = committed.db().to_string();
+                let tx = lanes.entry(db.clone()).or_insert_with(|| {
+                    let (tx, rx) = mpsc::unbounded_channel();
+                    actix_web::rt::spawn(lane(state.clone(), db.clone(), rx));
+                    tx
+                });
+                if let Err(mpsc::error::SendError(lost)) = tx.send(committed) {
+                    // The lane ended (it only does when its sender is dropped, or it panicked).
+                    lanes.remove(&db);
+                    if let Committed::Changes { changeset, .. } = lost {
+                        state.realtime.rendered(&db, changeset.len());
+                    }
+                    state.realtime.resync(&db);
+                }
+            }
+            _ = prune.tick() => {
+                lanes.retain(|db, _| state.realtime.watching(db) || state.realtime.pending(db) > 0);
+            }
+        }
+    }
+}
+
+/// The lane of database `db`: its commits, one at a time, in commit order.
+async fn lane(state: web::Data<AppState>, db: String, mut queue: mpsc::UnboundedReceiver<Committed>) {
     while let Some(committed) = queue.recv().await {
         match committed {
             Committed::Resync { db } => {
@@ -130,11 +168,12 @@ pub async fn run(state: web::Data<AppState>, mut queue: mpsc::UnboundedReceiver<
                     state.realtime.deliver(&client, resync_message(&client, &db));
                 }
             }
-            Committed::Changes { db, changeset } => {
-                state.realtime.took(changeset.len());
+            Committed::Changes { db: _, changeset } => {
+                let bytes = changeset.len();
                 if let Err(e) = deliver(&state, &db, changeset).await {
                     log::warn!("realtime: cannot turn a commit of '{db}' into events: {e}");
                 }
+                state.realtime.rendered(&db, bytes);
             }
         }
     }
@@ -272,6 +311,40 @@ fn visible(
     Ok(items.pop().map(|v| pick(v, &p.fields)))
 }
 
+/// What, besides the identity, decides the events a subscription gets (its topic name only
+/// labels them).
+#[derive(PartialEq, Eq, Hash)]
+struct SubKey<'a> {
+    record: Option<&'a str>,
+    filter: Option<&'a str>,
+    expand: Option<&'a str>,
+    fields: Option<&'a str>,
+}
+
+impl<'a> SubKey<'a> {
+    fn of(sub: &'a Subscription) -> SubKey<'a> {
+        SubKey {
+            record: sub.record.as_deref(),
+            filter: sub.filter.as_deref(),
+            expand: sub.expand.as_deref(),
+            fields: sub.fields.as_deref(),
+        }
+    }
+}
+
+/// Who a subscriber is, for rules and for the fields a record shows it: equal keys see equal
+/// events. A signed-in caller is its whole record as its token loaded it.
+fn identity_key(who: &Identity) -> String {
+    match who {
+        Identity::Guest => "guest".into(),
+        Identity::Replica(id) => format!("replica:{id}"),
+        Identity::Admin(_) | Identity::User { .. } => {
+            let kind = if who.is_admin() { "admin" } else { "user" };
+            format!("{kind}:{}", Value::Object(auth_record(who).unwrap_or_default()))
+        }
+    }
+}
+
 /// The row of `table` whose column `pk` is `id`, all columns in order.
 fn current_row(
     conn: &Connection,
@@ -307,9 +380,15 @@ fn render(
     let mut out = Vec::new();
     let mut columns: HashMap<String, Vec<String>> = HashMap::new();
     let mut images: HashMap<(String, String), Vec<Sql>> = HashMap::new();
-    // Rules, filters and shapes compiled once per (subscriber, subscription, collection).
-    let mut prepared: HashMap<(usize, usize, String), Option<Prepared>> = HashMap::new();
-    let subs: Vec<(Identity, Vec<Subscription>)> = clients.iter().map(|c| (c.identity(), c.subscriptions())).collect();
+    let subs: Vec<(Identity, Arc<Vec<Subscription>>)> =
+        clients.iter().map(|c| (c.identity(), c.subscriptions())).collect();
+    // Rules, filters and shapes compiled once per (identity, subscription, collection), shared
+    // by every client that is that identity with that subscription; `slots` maps
+    // (client, subscription, collection) to it.
+    let who_keys: Vec<String> = subs.iter().map(|(who, _)| identity_key(who)).collect();
+    let mut shared: HashMap<(&str, SubKey<'_>, String), usize> = HashMap::new();
+    let mut prepared: Vec<Option<Prepared>> = Vec::new();
+    let mut slots: HashMap<(usize, usize, String), usize> = HashMap::new();
     // WebSocket events gathered per (client, collection), in first-seen order.
     let mut ws: Vec<((usize, String), Vec<Value>)> = Vec::new();
     for change in changes {
@@ -342,27 +421,33 @@ fn render(
             // Deleted since, and not seen here: its delete event follows.
             continue;
         }
+        // The record each prepared subscription sees of this change, computed once.
+        let mut seen: HashMap<usize, Option<Value>> = HashMap::new();
         for (i, client) in clients.iter().enumerate() {
             let (who, subs) = &subs[i];
             let wanted = subs.iter().enumerate().filter(|(_, s)| {
                 (s.collection == c.name || s.collection == c.id) && s.record.as_ref().is_none_or(|r| *r == change.id)
             });
             for (j, sub) in wanted {
-                let p = prepared.entry((i, j, c.id.clone())).or_insert_with(|| {
-                    prepare(&c, schema, who, sub).unwrap_or_else(|e| {
-                        log::debug!("realtime: subscription of client {} skipped: {e}", client.id);
+                let slot = *slots.entry((i, j, c.id.clone())).or_insert_with(|| {
+                    *shared
+                        .entry((who_keys[i].as_str(), SubKey::of(sub), c.id.clone()))
+                        .or_insert_with(|| {
+                            prepared.push(prepare(&c, schema, who, sub).unwrap_or_else(|e| {
+                                log::debug!("realtime: subscription of client {} skipped: {e}", client.id);
+                                None
+                            }));
+                            prepared.len() - 1
+                        })
+                });
+                let Some(p) = prepared[slot].as_ref() else { continue };
+                let record = seen.entry(slot).or_insert_with(|| {
+                    visible(conn, schema, &c, cols, &image, who, p).unwrap_or_else(|e| {
+                        log::debug!("realtime: event for client {} skipped: {e}", client.id);
                         None
                     })
                 });
-                let Some(p) = p.as_ref() else { continue };
-                let record = match visible(conn, schema, &c, cols, &image, who, p) {
-                    Ok(Some(r)) => r,
-                    Ok(None) => continue,
-                    Err(e) => {
-                        log::debug!("realtime: event for client {} skipped: {e}", client.id);
-                        continue;
-                    }
-                };
+                let Some(record) = record.clone() else { continue };
                 let data = json!({"action": change.kind.as_str(), "record": record});
                 match client.protocol {
                     Protocol::Sse => out.push((client.clone(), sse_frame(&client.id, &sub.topic, &data))),

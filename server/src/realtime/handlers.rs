@@ -14,7 +14,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::dispatch::{access, shape, sse_frame};
-use super::{Client, Hub, MAX_SUBSCRIPTIONS, Protocol, Subscription, parse_topic};
+use super::{Client, Hub, MAX_SUBSCRIPTIONS, Protocol, Subscription, check_limits, parse_topic};
 use crate::auth::{Identity, bearer_token, identify_token};
 use crate::error::{ApiError, ApiResult, error_body};
 use crate::state::AppState;
@@ -252,7 +252,7 @@ async fn command(state: &AppState, client: &Arc<Client>, text: &str) {
             },
             "UNSUBSCRIBE" => {
                 if let Ok(mut subs) = client.subs.lock() {
-                    subs.retain(|s| match (&cmd.collection, &cmd.id) {
+                    Arc::make_mut(&mut subs).retain(|s| match (&cmd.collection, &cmd.id) {
                         (None, _) => false,
                         (Some(c), None) => s.collection != *c,
                         (Some(c), Some(id)) => !(s.collection == *c && s.record.as_ref() == Some(id)),
@@ -291,18 +291,19 @@ async fn subscribe(state: &AppState, client: &Client, cmd: Command) -> ApiResult
     let schema = state.schemas.get(&db).await?;
     access(&c, &schema, &client.identity(), &sub)?;
     shape(&c, &schema, &sub)?;
-    let mut subs = client
+    let mut current = client
         .subs
         .lock()
         .map_err(|_| ApiError::internal("realtime", "subscriptions lock"))?;
-    if subs.len() >= MAX_SUBSCRIPTIONS {
-        return Err(ApiError::bad_request(format!(
-            "a client holds at most {MAX_SUBSCRIPTIONS} subscriptions"
-        )));
-    }
     let answer = json!({"type": "SUBSCRIBED", "collection": sub.collection, "id": sub.record});
-    subs.retain(|s| !(s.collection == sub.collection && s.record == sub.record));
+    let mut subs: Vec<Subscription> = current
+        .iter()
+        .filter(|s| !(s.collection == sub.collection && s.record == sub.record))
+        .cloned()
+        .collect();
     subs.push(sub);
+    check_limits(&subs).map_err(ApiError::bad_request)?;
+    *current = Arc::new(subs);
     Ok(answer)
 }
 
@@ -334,7 +335,14 @@ async fn set_subscriptions(
         .client(&body.client_id)
         .filter(|c| c.protocol == Protocol::Sse)
         .ok_or_else(|| ApiError::not_found("Missing or invalid client id."))?;
-    if body.subscriptions.len() > MAX_SUBSCRIPTIONS {
+    // A topic named twice is one subscription, as in PocketBase.
+    let mut topics: Vec<&String> = Vec::with_capacity(body.subscriptions.len());
+    for t in &body.subscriptions {
+        if !topics.contains(&t) {
+            topics.push(t);
+        }
+    }
+    if topics.len() > MAX_SUBSCRIPTIONS {
         return Err(ApiError::bad_request(format!(
             "at most {MAX_SUBSCRIPTIONS} subscriptions per client"
         )));
@@ -350,8 +358,8 @@ async fn set_subscriptions(
         .get(&client.db)
         .ok_or_else(|| ApiError::not_found("Database not found."))?;
     let schema = state.schemas.get(&db).await?;
-    let mut subs = Vec::with_capacity(body.subscriptions.len());
-    for topic in &body.subscriptions {
+    let mut subs = Vec::with_capacity(topics.len());
+    for topic in topics {
         if topic == RESYNC_TOPIC {
             subs.push(Subscription {
                 topic: topic.clone(),
@@ -371,6 +379,7 @@ async fn set_subscriptions(
         }
         subs.push(sub);
     }
+    check_limits(&subs).map_err(ApiError::bad_request)?;
     if let Ok(mut w) = client.who.lock() {
         *w = who;
     }
@@ -378,7 +387,7 @@ async fn set_subscriptions(
         *t = bearer_token(&req).map(str::to_string);
     }
     if let Ok(mut s) = client.subs.lock() {
-        *s = subs;
+        *s = Arc::new(subs);
     }
     Ok(HttpResponse::NoContent().finish())
 }

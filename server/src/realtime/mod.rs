@@ -3,9 +3,10 @@
 //!
 //! Events come from committed changes, never from handler code: every committed write
 //! transaction of a database with connected clients hands its changeset to the [`Hub`]
-//! (`capture` on a master; the follower after each applied page on a replica), and one
-//! dispatcher task (`dispatch`) turns it into events, checks each against the subscriber's
-//! rules on a read connection, and queues it on the client's bounded buffer.
+//! (`capture` on a master; the follower after each applied page on a replica). A router task
+//! hands each commit to its database's lane (`dispatch`), one task per database with clients,
+//! which turns it into events, checks each against the subscriber's rules on a read connection
+//! of that database, and queues it on the client's bounded buffer.
 //!
 //! Architecture invariants:
 //! - The writer only ever hands over a changeset it already has (or captures one while clients
@@ -14,6 +15,9 @@
 //!   reason; it never slows the writer or the other clients.
 //! - An event is sent only after the rule it is checked against (listRule for a collection
 //!   subscription, viewRule for a record subscription) passed for that client, on committed data.
+//! - One database's subscribers never delay another database's events: each database's commits
+//!   are rendered by its own lane, in commit order, and queue against its own share of the
+//!   backlog ([`MAX_BACKLOG`] commits, [`MAX_LANE_BYTES`]).
 
 pub mod capture;
 pub mod dispatch;
@@ -33,13 +37,22 @@ pub use handlers::configure;
 /// Subscriptions one client may hold (as PocketBase).
 pub const MAX_SUBSCRIPTIONS: usize = 1000;
 
-/// Commits waiting for the dispatcher before it is considered overloaded: further commits are
-/// dropped and every client of the database gets a `resync` instead.
+/// Commits of one database waiting for (or in) its lane before the lane is considered
+/// overloaded: further commits are dropped and every client of the database gets a `resync`
+/// instead.
 pub const MAX_BACKLOG: usize = 10_000;
 
-/// Bytes of changesets waiting for the dispatcher before it is considered overloaded (as with
-/// [`MAX_BACKLOG`]): a few large transactions must not hold hundreds of MB in the queue.
+/// Bytes of changesets waiting, over every database (as with [`MAX_BACKLOG`]): a few large
+/// transactions must not hold hundreds of MB in the queue.
 pub const MAX_BACKLOG_BYTES: usize = 64 * 1024 * 1024;
+
+/// Bytes of changesets one database may have waiting: a quarter of [`MAX_BACKLOG_BYTES`], so a
+/// database whose subscribers are slow to serve cannot take the whole budget from the others.
+pub const MAX_LANE_BYTES: usize = MAX_BACKLOG_BYTES / 4;
+
+/// Bytes of topics, filters, expands and fields one client's subscriptions may hold together:
+/// with [`MAX_SUBSCRIPTIONS`], what bounds a client's memory.
+pub const MAX_SUBSCRIPTION_BYTES: usize = 128 * 1024;
 
 /// What a subscription asks for: the records of one collection, or one record of it, with the
 /// list options of a PocketBase topic.
@@ -54,6 +67,36 @@ pub struct Subscription {
     pub filter: Option<String>,
     pub expand: Option<String>,
     pub fields: Option<String>,
+}
+
+impl Subscription {
+    /// The bytes of text it holds, counted against [`MAX_SUBSCRIPTION_BYTES`].
+    pub fn bytes(&self) -> usize {
+        let opt = |o: &Option<String>| o.as_ref().map_or(0, String::len);
+        self.topic.len()
+            + self.collection.len()
+            + opt(&self.record)
+            + opt(&self.filter)
+            + opt(&self.expand)
+            + opt(&self.fields)
+    }
+}
+
+/// Checks a client's whole subscription set against [`MAX_SUBSCRIPTIONS`] and
+/// [`MAX_SUBSCRIPTION_BYTES`].
+pub fn check_limits(subs: &[Subscription]) -> Result<(), String> {
+    if subs.len() > MAX_SUBSCRIPTIONS {
+        return Err(format!("a client holds at most {MAX_SUBSCRIPTIONS} subscriptions"));
+    }
+    let bytes: usize = subs.iter().map(Subscription::bytes).sum();
+    if bytes > MAX_SUBSCRIPTION_BYTES {
+        return Err(format!(
+            "a client's subscriptions hold at most {} KiB of topics, filters, expands and fields ({} KiB asked)",
+            MAX_SUBSCRIPTION_BYTES >> 10,
+            bytes.div_ceil(1024)
+        ));
+    }
+    Ok(())
 }
 
 /// The two wire protocols.
@@ -74,7 +117,8 @@ pub struct Client {
     pub token: Mutex<Option<String>>,
     /// The peer address, for `REALTIME_MAX_PER_IP`.
     pub ip: Option<std::net::IpAddr>,
-    pub subs: Mutex<Vec<Subscription>>,
+    /// Shared with the lane rendering a commit, which takes a reference instead of a copy.
+    pub subs: Mutex<Arc<Vec<Subscription>>>,
     out: mpsc::Sender<String>,
     /// Set once, with the reason the client is being disconnected.
     closed: Mutex<Option<String>>,
@@ -125,7 +169,7 @@ impl Client {
         self.who.lock().map(|w| w.clone()).unwrap_or(Identity::Guest)
     }
 
-    pub fn subscriptions(&self) -> Vec<Subscription> {
+    pub fn subscriptions(&self) -> Arc<Vec<Subscription>> {
         self.subs.lock().map(|s| s.clone()).unwrap_or_default()
     }
 }
@@ -145,14 +189,23 @@ pub enum Committed {
     Resync { db: String },
 }
 
+impl Committed {
+    pub fn db(&self) -> &str {
+        match self {
+            Committed::Changes { db, .. } | Committed::Resync { db } => db,
+        }
+    }
+}
+
 /// The registry of connected clients and the queue of commits to turn into events.
 pub struct Hub {
     clients: RwLock<HashMap<String, Arc<Client>>>,
     /// Connected clients per database: commits of other databases are not captured.
     watching: RwLock<HashMap<String, usize>>,
     queue: mpsc::UnboundedSender<Committed>,
-    backlog: AtomicUsize,
-    /// Bytes of the changesets in the queue.
+    /// Per database, the commits and bytes of changesets published and not yet rendered.
+    backlog: Mutex<HashMap<String, (usize, usize)>>,
+    /// Bytes of the changesets not yet rendered, over every database.
     backlog_bytes: AtomicUsize,
     pub buffer: usize,
     pub ping: std::time::Duration,
@@ -179,7 +232,7 @@ impl Hub {
             clients: RwLock::new(HashMap::new()),
             watching: RwLock::new(HashMap::new()),
             queue,
-            backlog: AtomicUsize::new(0),
+            backlog: Mutex::new(HashMap::new()),
             backlog_bytes: AtomicUsize::new(0),
             buffer,
             ping,
@@ -205,13 +258,22 @@ impl Hub {
             return;
         }
         let bytes = changeset.len();
-        let behind = self.backlog.fetch_add(1, Ordering::AcqRel) >= MAX_BACKLOG;
-        let too_big = self.backlog_bytes.fetch_add(bytes, Ordering::AcqRel) + bytes > MAX_BACKLOG_BYTES;
-        if behind || too_big {
-            self.backlog.fetch_sub(1, Ordering::AcqRel);
-            self.backlog_bytes.fetch_sub(bytes, Ordering::AcqRel);
+        let admitted = self.backlog.lock().is_ok_and(|mut backlog| {
+            let (commits, lane_bytes) = backlog.entry(db.to_string()).or_default();
+            let total = self.backlog_bytes.load(Ordering::Acquire);
+            if *commits >= MAX_BACKLOG || *lane_bytes + bytes > MAX_LANE_BYTES || total + bytes > MAX_BACKLOG_BYTES {
+                return false;
+            }
+            *commits += 1;
+            *lane_bytes += bytes;
+            self.backlog_bytes.fetch_add(bytes, Ordering::AcqRel);
+            true
+        });
+        if !admitted {
             log::warn!(
-                "realtime dispatcher is too far behind ({MAX_BACKLOG} commits or {} MiB): clients of '{db}' must resync",
+                "realtime: the events of '{db}' are too far behind ({MAX_BACKLOG} commits, {} MiB of the \
+                 database or {} MiB in all): its clients must resync",
+                MAX_LANE_BYTES >> 20,
                 MAX_BACKLOG_BYTES >> 20
             );
             self.resync(db);
@@ -225,9 +287,16 @@ impl Hub {
             })
             .is_err()
         {
-            self.backlog.fetch_sub(1, Ordering::AcqRel);
-            self.backlog_bytes.fetch_sub(bytes, Ordering::AcqRel);
+            self.rendered(db, bytes);
         }
+    }
+
+    /// Commits of `db` published and not yet rendered.
+    pub fn pending(&self, db: &str) -> usize {
+        self.backlog
+            .lock()
+            .map(|b| b.get(db).map_or(0, |(n, _)| *n))
+            .unwrap_or(0)
     }
 
     /// Tells every client of `db` that its events stopped describing the data (the replica's
@@ -246,9 +315,17 @@ impl Hub {
         }
     }
 
-    /// Called by the dispatcher when it took a commit of `bytes` off the queue.
-    fn took(&self, bytes: usize) {
-        self.backlog.fetch_sub(1, Ordering::AcqRel);
+    /// Called by a lane when it rendered (or gave up on) a commit of `db` of `bytes`.
+    fn rendered(&self, db: &str, bytes: usize) {
+        if let Ok(mut backlog) = self.backlog.lock() {
+            if let Some((commits, lane_bytes)) = backlog.get_mut(db) {
+                *commits = commits.saturating_sub(1);
+                *lane_bytes = lane_bytes.saturating_sub(bytes);
+                if *commits == 0 {
+                    backlog.remove(db);
+                }
+            }
+        }
         self.backlog_bytes.fetch_sub(bytes, Ordering::AcqRel);
     }
 
@@ -270,7 +347,7 @@ impl Hub {
             who: Mutex::new(who),
             token: Mutex::new(token),
             ip,
-            subs: Mutex::new(Vec::new()),
+            subs: Mutex::new(Arc::new(Vec::new())),
             out,
             closed: Mutex::new(None),
             close: Notify::new(),
@@ -430,25 +507,45 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn the_commit_queue_is_bounded_in_bytes_and_overflow_becomes_a_resync() {
+    async fn the_commit_queue_is_bounded_in_bytes_per_database_and_overflow_becomes_a_resync() {
         let (hub, mut rx) = Hub::new(true, 2, std::time::Duration::from_secs(25), 10, 0);
-        let _client = hub
-            .connect("default", Protocol::Sse, Identity::Guest, None, None)
-            .unwrap();
-        // 40 commits of 4 MiB with no dispatcher running: the queue holds at most 64 MiB.
+        let dbs = ["default", "b", "c", "d", "e"];
+        let _clients: Vec<_> = dbs
+            .iter()
+            .map(|db| hub.connect(db, Protocol::Sse, Identity::Guest, None, None).unwrap())
+            .collect();
+        // 40 commits of 4 MiB to one database with no dispatcher running: it holds at most its
+        // share, and the other databases' commits are still taken.
         for _ in 0..40 {
             hub.publish("default", vec![7u8; 4 << 20]);
         }
-        let (mut held, mut resyncs) = (0usize, 0usize);
-        while let Ok(c) = rx.try_recv() {
-            match c {
-                Committed::Changes { changeset, .. } => held += changeset.len(),
-                Committed::Resync { .. } => resyncs += 1,
+        for db in &dbs[1..] {
+            for _ in 0..4 {
+                hub.publish(db, vec![7u8; 4 << 20]);
             }
         }
-        assert!(held <= MAX_BACKLOG_BYTES, "{held} bytes queued");
-        assert_eq!(held, 16 * (4 << 20));
-        assert_eq!(resyncs, 24, "every dropped commit asks its clients to resync");
+        let mut held: HashMap<String, usize> = HashMap::new();
+        let mut resyncs: HashMap<String, usize> = HashMap::new();
+        while let Ok(c) = rx.try_recv() {
+            match c {
+                Committed::Changes { db, changeset } => *held.entry(db).or_default() += changeset.len(),
+                Committed::Resync { db } => *resyncs.entry(db).or_default() += 1,
+            }
+        }
+        assert_eq!(held["default"], MAX_LANE_BYTES);
+        assert_eq!(
+            resyncs["default"], 36,
+            "every dropped commit asks its clients to resync"
+        );
+        for db in ["b", "c", "d"] {
+            assert_eq!(held[db], 4 * (4 << 20), "{db}");
+        }
+        // Over every database, the queue holds at most MAX_BACKLOG_BYTES.
+        assert_eq!(held.values().sum::<usize>(), MAX_BACKLOG_BYTES);
+        assert_eq!(resyncs["e"], 4);
+        assert_eq!(hub.pending("default"), 4);
+        hub.rendered("default", 4 << 20);
+        assert_eq!(hub.pending("default"), 3);
     }
 
     #[tokio::test]

@@ -2,7 +2,6 @@
 //! receives its event, on the master and on a streaming replica with `REPLICA_REALTIME=on`.
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -10,38 +9,23 @@ use vski_tests::{Node, Value, json};
 
 /// Opens an SSE subscription to `bench/*` on `url`; create events arrive as (record id, time).
 fn subscribe(url: &str) -> mpsc::Receiver<(String, Instant)> {
-    let (tx, rx) = mpsc::channel();
-    let (hello_tx, hello) = mpsc::channel();
-    let base = url.to_string();
-    std::thread::spawn(move || {
-        let client = reqwest::blocking::Client::builder()
-            .timeout(None)
-            .build()
-            .expect("client");
-        let resp = client.get(format!("{base}/api/realtime")).send().expect("stream");
-        for line in BufReader::new(resp).lines() {
-            let Ok(line) = line else { return };
-            let Some(data) = line.strip_prefix("data:") else {
-                continue;
-            };
-            let at = Instant::now();
-            let v: Value = serde_json::from_str(data).unwrap_or(Value::Null);
-            if let Some(id) = v["clientId"].as_str() {
-                let _ = hello_tx.send(id.to_string());
-            } else if let Some(id) = v["record"]["id"].as_str() {
-                if tx.send((id.to_string(), at)).is_err() {
-                    return;
-                }
-            }
-        }
-    });
-    let id = hello.recv_timeout(Duration::from_secs(10)).expect("PB_CONNECT");
+    let (id, events) = vski_tests::sse_stream(&format!("{url}/api/realtime"));
     let resp = reqwest::blocking::Client::new()
         .post(format!("{url}/api/realtime"))
         .json(&json!({"clientId": id, "subscriptions": ["bench/*"]}))
         .send()
         .expect("subscribe");
     assert_eq!(resp.status().as_u16(), 204);
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for (_, data, at) in events {
+            if let Some(id) = data["record"]["id"].as_str() {
+                if tx.send((id.to_string(), at)).is_err() {
+                    return;
+                }
+            }
+        }
+    });
     rx
 }
 

@@ -17,6 +17,8 @@ mod compare;
 mod lag;
 #[path = "../bench/realtime.rs"]
 mod realtime;
+#[path = "../bench/subscriptions.rs"]
+mod subscriptions;
 
 struct Args {
     seconds: u64,
@@ -59,7 +61,7 @@ fn parse_args() -> Args {
             "--suite" => {
                 args.suite = it
                     .next()
-                    .expect("--suite http|query|replication|replica|lag|fanout|realtime|catchup|bootstrap|compare|all")
+                    .expect("--suite http|query|replication|replica|lag|fanout|realtime|catchup|bootstrap|compare|subscriptions|all")
             }
             "--rounds" => args.rounds = it.next().and_then(|v| v.parse().ok()).expect("--rounds N"),
             "--sizes" => {
@@ -174,6 +176,13 @@ fn main() {
     }
     if args.suite == "fanout" {
         fanout_suite(&args);
+    }
+    if args.suite == "subscriptions" {
+        let node = spawn_master_with(NodeOptions::default().env("RUST_LOG", "warn"));
+        let pb = std::env::var("POCKETBASE_BIN")
+            .ok()
+            .map(|bin| compare::start_pocketbase(std::path::Path::new(&bin)));
+        subscriptions::suite(&compare::vski_server(&node), pb.as_ref().map(|p| &p.server));
     }
 }
 
