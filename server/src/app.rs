@@ -176,11 +176,27 @@ pub async fn run(config: ServeConfig, secret: String, listener: TcpListener) -> 
         actix_web::rt::spawn(crate::replica::follower::stream_loop(state.clone()));
     } else {
         match state.has_admins().await {
-            Ok(false) => log::warn!(
-                "no admin exists yet: create one with POST /api/admins/init, or stop the server and run `vski admin create EMAIL PASSWORD --data-dir {}`",
-                config.data_dir.display()
-            ),
-            Ok(true) => {}
+            Ok(false) => match state.installer.open() {
+                Ok(token) => {
+                    let host = match config.host.as_str() {
+                        "0.0.0.0" | "::" => "127.0.0.1",
+                        h => h,
+                    };
+                    log::warn!(
+                        "no admin exists yet. Create the first one (the installer token is also in {}, 0600, and stops working once an admin exists):\n  \
+                         curl -X POST http://{host}:{}/api/admins/init -H 'Authorization: Bearer {token}' -H 'Content-Type: application/json' -d '{{\"email\": \"you@example.com\", \"password\": \"a-long-password\"}}'\n  \
+                         or, with the server stopped: vski admin create EMAIL --password-stdin --data-dir {}",
+                        state.installer.path().display(),
+                        listener.local_addr()?.port(),
+                        config.data_dir.display()
+                    );
+                }
+                Err(e) => log::error!(
+                    "cannot write the installer token to {}: {e}; create the first admin with `vski admin create`",
+                    state.installer.path().display()
+                ),
+            },
+            Ok(true) => crate::auth::installer::remove(&config.data_dir),
             Err(e) => log::error!("cannot count admins: {e}"),
         }
         actix_web::rt::spawn(crate::replica::master::retention_loop(

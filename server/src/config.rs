@@ -41,8 +41,13 @@ pub enum AdminCommand {
     Create {
         /// Email address the administrator signs in with.
         email: String,
-        /// Password (at least 8 characters).
-        password: String,
+        /// Password (at least 8 characters). Prefer --password-stdin: a password given here
+        /// lands in the shell's history and the process list.
+        #[arg(required_unless_present = "password_stdin", conflicts_with = "password_stdin")]
+        password: Option<String>,
+        /// Read the password from the first line of standard input.
+        #[arg(long)]
+        password_stdin: bool,
         /// Directory that holds the databases.
         #[arg(long, env = "DATA_DIR", default_value = "./data")]
         data_dir: PathBuf,
@@ -50,6 +55,21 @@ pub enum AdminCommand {
         /// mistyped path cannot create a lone admin in a new directory).
         #[arg(long)]
         create: bool,
+    },
+    /// List the administrators: id, email, created.
+    List {
+        /// Directory that holds the databases.
+        #[arg(long, env = "DATA_DIR", default_value = "./data")]
+        data_dir: PathBuf,
+    },
+    /// Delete an administrator (its tokens stop working). Deleting the last one makes the next
+    /// start print a new installer token.
+    Delete {
+        /// Email address of the administrator.
+        email: String,
+        /// Directory that holds the databases.
+        #[arg(long, env = "DATA_DIR", default_value = "./data")]
+        data_dir: PathBuf,
     },
 }
 

@@ -149,43 +149,111 @@ fn secret_file(data_dir: &Path) -> std::io::Result<String> {
 /// `vski admin create`: creates the admin or sets its password, without a running server.
 ///
 /// Refuses a directory that does not exist (unless `create`), one a server is using, and a
-/// replica's (an admin written there would make the replica differ from its master).
+/// replica's (an admin written there would make the replica differ from its master). Input is
+/// checked before anything touches the disk, and a directory this call created is removed
+/// again when it fails: a failed command leaves nothing behind.
 pub async fn admin_create(
     data_dir: &Path,
     email: String,
     password: String,
     create: bool,
 ) -> Result<String, error::ApiError> {
+    auth::handlers::check_admin_input(&email, &password)?;
+    let id = with_admins(data_dir, create, move |db, c| async move {
+        auth::handlers::upsert_admin(&db, c, email, password, false).await
+    })
+    .await?
+    .id()
+    .to_string();
+    auth::installer::remove(data_dir);
+    Ok(id)
+}
+
+/// `vski admin list`: `(id, email, created)` of every admin, oldest first.
+pub async fn admin_list(data_dir: &Path) -> Result<Vec<(String, String, String)>, error::ApiError> {
+    with_admins(data_dir, false, |db, c| async move {
+        db.read(move |conn| {
+            let sql = format!(
+                "SELECT id, email, created FROM {} ORDER BY created, id",
+                util::quote_ident(&c.name)
+            );
+            let mut stmt = conn.prepare(&sql)?;
+            let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+            Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+        })
+        .await
+    })
+    .await
+}
+
+/// `vski admin delete`: deletes the admin `email`; its id, or a 400 when there is none.
+pub async fn admin_delete(data_dir: &Path, email: &str) -> Result<String, error::ApiError> {
+    let email = email.to_string();
+    with_admins(data_dir, false, move |db, c| async move {
+        db.write(move |conn| {
+            let found = records::store::find_auth(conn, &c, &email)?
+                .filter(|a| {
+                    a.data
+                        .get("email")
+                        .and_then(|e| e.as_str())
+                        .is_some_and(|e| e.eq_ignore_ascii_case(&email))
+                })
+                .ok_or_else(|| error::ApiError::bad_request(format!("There is no admin {email}.")))?;
+            let schema = collections::store::Schema::from_collections(vec![(*c).clone()]);
+            records::store::delete(conn, &schema, &c, found.id())?;
+            Ok(found.id().to_string())
+        })
+        .await
+    })
+    .await
+}
+
+/// Runs `f` on the `default` database and its `_superusers` collection of `data_dir`, as the
+/// server would (locked, with the changelog recorder, so what it writes replicates), and closes
+/// it. A directory created here (`create`) is removed again when `f` fails.
+async fn with_admins<T, F, Fut>(data_dir: &Path, create: bool, f: F) -> Result<T, error::ApiError>
+where
+    F: FnOnce(std::sync::Arc<db::Database>, std::sync::Arc<collections::model::Collection>) -> Fut,
+    Fut: std::future::Future<Output = Result<T, error::ApiError>>,
+{
     datadir::private_umask();
+    let existed = data_dir.exists();
     datadir::ensure(data_dir, create)?;
-    let _lock = datadir::lock(data_dir).map_err(|e| {
-        std::io::Error::new(
-            e.kind(),
-            format!("{e}: stop the server first, or create the admin through POST /api/admins/init"),
-        )
-    })?;
-    if datadir::is_replica_dir(data_dir) {
-        return Err(error::ApiError::bad_request(format!(
-            "{} belongs to a replica: create the admin on the master, and it replicates.",
-            data_dir.display()
-        )));
-    }
-    // The same recorder as the server's, so an admin created offline replicates too.
-    let recorder: std::sync::Arc<dyn db::writer::Recorder> = replica::recorder::ChangeRecorder::new();
-    let db = db::Database::open(db::DEFAULT_DB, data_dir.join("default.db"), 1, Some(recorder))?;
     let result = async {
-        db.write(|conn| collections::store::bootstrap(conn, db::DEFAULT_DB))
-            .await?;
-        let c = db
-            .read(|conn| collections::store::find_live(conn, collections::store::SUPERUSERS))
-            .await?
-            .ok_or_else(|| error::ApiError::internal("admin create", "_superusers missing"))?;
-        auth::handlers::upsert_admin(&db, std::sync::Arc::new(c), email, password, false).await
+        let _lock = datadir::lock(data_dir).map_err(|e| {
+            std::io::Error::new(
+                e.kind(),
+                format!("{e}: stop the server first, or use the admin API (POST /api/admins/init for the first admin)"),
+            )
+        })?;
+        if datadir::is_replica_dir(data_dir) {
+            return Err(error::ApiError::bad_request(format!(
+                "{} belongs to a replica: manage admins on the master, and they replicate.",
+                data_dir.display()
+            )));
+        }
+        // The same recorder as the server's, so an admin created offline replicates too.
+        let recorder: std::sync::Arc<dyn db::writer::Recorder> = replica::recorder::ChangeRecorder::new();
+        let db = db::Database::open(db::DEFAULT_DB, data_dir.join("default.db"), 1, Some(recorder))?;
+        let result = async {
+            db.write(|conn| collections::store::bootstrap(conn, db::DEFAULT_DB))
+                .await?;
+            let c = db
+                .read(|conn| collections::store::find_live(conn, collections::store::SUPERUSERS))
+                .await?
+                .ok_or_else(|| error::ApiError::internal("admin", "_superusers missing"))?;
+            f(db.clone(), std::sync::Arc::new(c)).await
+        }
+        .await;
+        let db2 = db.clone();
+        let _ = tokio::task::spawn_blocking(move || db2.close()).await;
+        result
     }
     .await;
-    let db2 = db.clone();
-    let _ = tokio::task::spawn_blocking(move || db2.close()).await;
-    result.map(|a| a.id().to_string())
+    if result.is_err() && !existed {
+        let _ = std::fs::remove_dir_all(data_dir);
+    }
+    result
 }
 
 /// `vski healthcheck`: whether the server at `host:port` answers `GET /health` with 200. A

@@ -30,15 +30,7 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Admin {
-            command:
-                AdminCommand::Create {
-                    email,
-                    password,
-                    data_dir,
-                    create,
-                },
-        } => {
+        Command::Admin { command } => {
             let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
                 Ok(rt) => rt,
                 Err(e) => {
@@ -46,11 +38,39 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            match rt.block_on(vski::admin_create(&data_dir, email.clone(), password, create)) {
-                Ok(id) => {
-                    println!("admin {email} saved (id {id})");
-                    ExitCode::SUCCESS
+            let done = match command {
+                AdminCommand::Create {
+                    email,
+                    password,
+                    password_stdin,
+                    data_dir,
+                    create,
+                } => {
+                    let password = match password {
+                        Some(p) => p,
+                        None => match read_password_line() {
+                            Ok(p) => p,
+                            Err(e) => {
+                                eprintln!("vski: cannot read the password from standard input: {e}");
+                                return ExitCode::FAILURE;
+                            }
+                        },
+                    };
+                    let _ = password_stdin;
+                    rt.block_on(vski::admin_create(&data_dir, email.clone(), password, create))
+                        .map(|id| println!("admin {email} saved (id {id})"))
                 }
+                AdminCommand::List { data_dir } => rt.block_on(vski::admin_list(&data_dir)).map(|admins| {
+                    for (id, email, created) in admins {
+                        println!("{id}  {email}  {created}");
+                    }
+                }),
+                AdminCommand::Delete { email, data_dir } => rt
+                    .block_on(vski::admin_delete(&data_dir, &email))
+                    .map(|id| println!("admin {email} deleted (id {id})")),
+            };
+            match done {
+                Ok(()) => ExitCode::SUCCESS,
                 Err(vski::error::ApiError::BadRequest { message, data }) => {
                     let details: Vec<String> = data.iter().map(|(k, v)| format!("{k}: {}", v.message)).collect();
                     eprintln!("vski: {message} {}", details.join("; "));
@@ -68,4 +88,11 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+/// The first line of standard input, without its line ending.
+fn read_password_line() -> std::io::Result<String> {
+    let mut line = String::new();
+    std::io::stdin().read_line(&mut line)?;
+    Ok(line.trim_end_matches(['\n', '\r']).to_string())
 }

@@ -51,6 +51,8 @@ pub struct AppState {
     pub cron: crate::cron::Cron,
     /// The hub's queue, taken by the dispatcher when the server starts.
     pub realtime_queue: std::sync::Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<crate::realtime::Committed>>>,
+    /// The one-time token that `POST /api/admins/init` needs while no admin exists.
+    pub installer: crate::auth::installer::Installer,
 }
 
 impl AppState {
@@ -125,6 +127,7 @@ impl AppState {
             sign_in: crate::auth::limit::SignInLimiter::new(config.auth_rate_limit),
             realtime,
             realtime_queue: std::sync::Mutex::new(Some(realtime_queue)),
+            installer: crate::auth::installer::Installer::new(&config.data_dir),
             cron: crate::cron::Cron::default(),
             storage: {
                 let mut storage = crate::files::Storage::new(&config.data_dir, config.file_upload_limit);

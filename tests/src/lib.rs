@@ -352,11 +352,19 @@ impl Node {
         self.request("DELETE", path, token, None, &[])
     }
 
+    /// The installer token a master with no admin keeps in its data directory ("" when none).
+    pub fn install_token(&self) -> String {
+        std::fs::read_to_string(self.data_dir.join(".install_token"))
+            .map(|t| t.trim().to_string())
+            .unwrap_or_default()
+    }
+
     /// Creates the first admin (`admin@example.com` / `adminpass123`) and returns its token.
     pub fn admin_token(&self) -> String {
+        let install = self.install_token();
         let (s, _) = self.post(
             "/api/admins/init",
-            None,
+            Some(&install).filter(|t| !t.is_empty()).map(String::as_str),
             &json!({"email": ADMIN_EMAIL, "password": ADMIN_PASSWORD}),
         );
         if s != 200 {
@@ -444,11 +452,18 @@ pub fn last_lines(text: &str, n: usize) -> &str {
 
 /// Runs the `vski` binary with `args` and `env` to completion; returns (exit code, stdout, stderr).
 pub fn run_cli(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
+    run_cli_with_input(args, env, "")
+}
+
+/// [`run_cli`] with `input` on the command's standard input.
+pub fn run_cli_with_input(args: &[&str], env: &[(&str, &str)], input: &str) -> (i32, String, String) {
+    let tmp_in = tempfile::NamedTempFile::new().expect("stdin file");
+    std::fs::write(tmp_in.path(), input).expect("write stdin");
     let mut cmd = Command::new(vski_bin());
     cmd.args(args)
         .env_clear()
         .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-        .stdin(Stdio::null());
+        .stdin(std::fs::File::open(tmp_in.path()).expect("stdin"));
     for (k, v) in env {
         cmd.env(k, v);
     }

@@ -105,20 +105,42 @@ fn bad_configuration_exits_with_one_clear_line() {
 fn admin_lifecycle() {
     let n = master();
     assert_eq!(n.get("/api/admins/has-admins", None).1, json!({"hasAdmins": false}));
+    // Whoever reaches the port first does not become the admin: init needs the installer token,
+    // which only the data directory and the start-up log hold.
+    let install = n.install_token();
+    assert!(install.len() >= 32, "{install:?}");
+    assert!(
+        n.log().contains(&format!("Authorization: Bearer {install}")),
+        "{}",
+        n.log()
+    );
+    let first = json!({"email": ADMIN_EMAIL, "password": ADMIN_PASSWORD});
+    for token in [None, Some("not-the-token"), Some(&install[1..])] {
+        let (s, b) = n.post("/api/admins/init", token, &first);
+        assert_eq!(s, 401, "{token:?}: {b}");
+        assert!(b["message"].as_str().unwrap().contains(".install_token"), "{b}");
+    }
+    assert_eq!(n.get("/api/admins/has-admins", None).1, json!({"hasAdmins": false}));
     for bad in [
         json!({"email": "x", "password": "longenough"}),
         json!({"email": "a@b.co", "password": "short"}),
         json!({}),
     ] {
-        let (s, b) = n.post("/api/admins/init", None, &bad);
+        let (s, b) = n.post("/api/admins/init", Some(&install), &bad);
         assert_eq!(s, 400, "{bad}: {b}");
     }
-    let (s, b) = n.post(
-        "/api/admins/init",
-        None,
-        &json!({"email": ADMIN_EMAIL, "password": ADMIN_PASSWORD}),
-    );
+    let (s, b) = n.post("/api/admins/init", Some(&install), &first);
     assert_eq!(s, 200, "{b}");
+    assert!(!n.data_dir.join(".install_token").exists(), "the token is used up");
+    assert_eq!(
+        n.post(
+            "/api/admins/init",
+            Some(&install),
+            &json!({"email": "again@example.com", "password": "password123"})
+        )
+        .0,
+        400
+    );
     assert!(b["token"].is_string() && b["admin"]["email"] == ADMIN_EMAIL);
     assert!(b["admin"].get("password").is_none() && b["admin"].get("tokenKey").is_none());
     assert_eq!(n.get("/api/admins/has-admins", None).1, json!({"hasAdmins": true}));
@@ -197,6 +219,79 @@ fn admin_create_works_offline() {
     };
     assert_eq!(login("newpassword2"), 200);
     assert_eq!(login("opspassword1"), 400);
+}
+
+#[test]
+fn admin_commands_read_the_password_from_stdin_list_delete_and_leave_nothing_when_they_fail() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().join("data");
+    let ds = d.to_str().unwrap();
+    let create = |email: &str, input: &str| {
+        run_cli_with_input(
+            &[
+                "admin",
+                "create",
+                email,
+                "--password-stdin",
+                "--data-dir",
+                ds,
+                "--create",
+            ],
+            &[],
+            input,
+        )
+    };
+    // A failure (a weak password, a bad email) leaves no directory behind.
+    for (email, input) in [("ops@example.com", "short\n"), ("not-an-email", "longenough1\n")] {
+        let (code, _, err) = create(email, input);
+        assert_ne!(code, 0);
+        assert!(err.contains("password") || err.contains("email"), "{err}");
+        assert!(!d.exists(), "a failed create left {ds} behind");
+    }
+    // A password and --password-stdin together, or neither: a usage error.
+    let (code, _, _) = run_cli(
+        &["admin", "create", "a@example.com", "pw12345678", "--password-stdin"],
+        &[],
+    );
+    assert_ne!(code, 0);
+    let (code, _, _) = run_cli(&["admin", "create", "a@example.com", "--data-dir", ds], &[]);
+    assert_ne!(code, 0);
+    for email in ["ops@example.com", "dev@example.com"] {
+        let (code, out, err) = create(email, "from stdin 123\n");
+        assert_eq!(code, 0, "{out} {err}");
+    }
+    let (code, out, err) = run_cli(&["admin", "list", "--data-dir", ds], &[]);
+    assert_eq!(code, 0, "{err}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 2, "{out}");
+    assert!(
+        lines[0].contains("ops@example.com") && lines[1].contains("dev@example.com"),
+        "{out}"
+    );
+    let (code, _, err) = run_cli(&["admin", "delete", "nobody@example.com", "--data-dir", ds], &[]);
+    assert_ne!(code, 0);
+    assert!(err.contains("no admin nobody@example.com"), "{err}");
+    let (code, _, err) = run_cli(&["admin", "delete", "DEV@example.com", "--data-dir", ds], &[]);
+    assert_eq!(code, 0, "{err}");
+    let (_, out, _) = run_cli(&["admin", "list", "--data-dir", ds], &[]);
+    assert_eq!(out.lines().count(), 1, "{out}");
+    // The password came from stdin, whole (spaces included), without its newline.
+    let n = Node::start(d, NodeOptions::default(), None);
+    let (s, b) = n.post(
+        "/api/admins/auth-with-password",
+        None,
+        &json!({"identity": "ops@example.com", "password": "from stdin 123"}),
+    );
+    assert_eq!(s, 200, "{b}");
+    assert_eq!(
+        n.post(
+            "/api/admins/auth-with-password",
+            None,
+            &json!({"identity": "dev@example.com", "password": "from stdin 123"})
+        )
+        .0,
+        400
+    );
 }
 
 fn forge(claims: Value, secret: &str) -> String {
@@ -816,8 +911,9 @@ fn rules_null_means_admins_only() {
         assert!(v.get("h").is_none(), "hidden field not shown: {v}");
     }
     assert_eq!(n.get("/api/collections/secret/records", Some(&t)).1["totalItems"], 1);
-    // users: guests can sign up but not list.
-    assert_eq!(n.get("/api/collections/users/records", None).0, 403);
+    // users: guests can sign up, and list nobody (the rule is `id = @request.auth.id`).
+    let (s, list) = n.get("/api/collections/users/records", None);
+    assert_eq!((s, list["totalItems"].clone()), (200, json!(0)), "{list}");
 }
 
 #[test]
@@ -982,4 +1078,55 @@ fn ctrl_c_during_a_write_burst_is_graceful_too() {
 #[test]
 fn kill_9_during_a_write_burst_loses_no_acknowledged_write() {
     burst_then(Node::kill);
+}
+
+#[test]
+fn the_default_users_collection_lets_a_user_read_edit_and_delete_only_itself() {
+    let n = master();
+    let signup = |email: &str| {
+        let (s, b) = n.post(
+            "/api/collections/users/records",
+            None,
+            &json!({"email": email, "password": "userpass1", "passwordConfirm": "userpass1"}),
+        );
+        assert_eq!(s, 200, "{b}");
+        let (s, login) = n.post(
+            "/api/collections/users/auth-with-password",
+            None,
+            &json!({"identity": email, "password": "userpass1"}),
+        );
+        assert_eq!(s, 200, "{login}");
+        (
+            b["id"].as_str().unwrap().to_string(),
+            login["token"].as_str().unwrap().to_string(),
+        )
+    };
+    let (me, token) = signup("me@example.com");
+    let (other, _) = signup("other@example.com");
+    let mine = format!("/api/collections/users/records/{me}");
+    let theirs = format!("/api/collections/users/records/{other}");
+    // Reads: itself only; a guest nothing.
+    assert_eq!(n.get(&mine, Some(&token)).0, 200);
+    assert_eq!(n.get(&theirs, Some(&token)).0, 404);
+    let (s, list) = n.get("/api/collections/users/records", Some(&token));
+    assert_eq!((s, list["totalItems"].clone()), (200, json!(1)), "{list}");
+    assert_eq!(n.get("/api/collections/users/records", None).1["totalItems"], 0);
+    // The password change Authentication.md describes, by the user.
+    let (s, b) = n.patch(
+        &mine,
+        Some(&token),
+        &json!({"oldPassword": "userpass1", "password": "changed123", "passwordConfirm": "changed123"}),
+    );
+    assert_eq!(s, 200, "{b}");
+    let (s, login) = n.post(
+        "/api/collections/users/auth-with-password",
+        None,
+        &json!({"identity": "me@example.com", "password": "changed123"}),
+    );
+    assert_eq!(s, 200, "{login}");
+    let token = login["token"].as_str().unwrap().to_string();
+    assert_eq!(n.patch(&theirs, Some(&token), &json!({"name": "x"})).0, 404);
+    assert_eq!(n.delete(&theirs, Some(&token)).0, 404);
+    assert_eq!(n.delete(&mine, Some(&token)).0, 204);
+    assert_eq!(n.get(&theirs, Some(&n.admin_token())).0, 200);
 }

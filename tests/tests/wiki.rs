@@ -31,7 +31,7 @@ fn run_page(page: &str, create_admin: bool) -> String {
     if create_admin {
         let (s, b) = node.post(
             "/api/admins/init",
-            None,
+            Some(&node.install_token()),
             &json!({"email": "admin@example.com", "password": "change-me-now"}),
         );
         assert_eq!(s, 200, "{b}");
@@ -41,6 +41,7 @@ fn run_page(page: &str, create_admin: bool) -> String {
         .arg("-c")
         .arg(&script)
         .env("VSKI", &node.url)
+        .env("DATA_DIR", &node.data_dir)
         .output()
         .expect("run bash");
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
@@ -131,7 +132,7 @@ fn replication_examples_run() {
     let master = spawn_master_with(NodeOptions::default().env("JWT_SECRET", secret));
     let (s, b) = master.post(
         "/api/admins/init",
-        None,
+        Some(&master.install_token()),
         &json!({"email": "admin@example.com", "password": "change-me-now"}),
     );
     assert_eq!(s, 200, "{b}");
@@ -172,7 +173,7 @@ fn deployment_examples_run() {
     let master = spawn_master();
     let (s, b) = master.post(
         "/api/admins/init",
-        None,
+        Some(&master.install_token()),
         &json!({"email": "admin@example.com", "password": "change-me-now"}),
     );
     assert_eq!(s, 200, "{b}");

@@ -23,12 +23,17 @@ export class AdminService {
     return r.hasAdmins === true;
   }
 
-  /** Creates the first admin (400 once one exists) and signs in as it. */
-  async init(email: string, password: string, options: SendOptions = {}): Promise<AdminAuthResponse> {
+  /**
+   * Creates the first admin and signs in as it. `installToken` is the one-time token the server
+   * keeps in `DATA_DIR/.install_token` (and prints at start) while no admin exists; 401 without
+   * it, 400 once an admin exists.
+   */
+  async init(email: string, password: string, installToken: string, options: SendOptions = {}): Promise<AdminAuthResponse> {
     const auth = await this.client.send<AdminAuthResponse>("/api/admins/init", {
       ...options,
       method: "POST",
       body: { email, password },
+      headers: { ...options.headers, Authorization: `Bearer ${installToken}` },
     });
     this.client.authStore.save(auth.token, auth.admin);
     return auth;

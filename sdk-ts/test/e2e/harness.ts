@@ -4,7 +4,7 @@
  * data directories, stopped when the test file ends.
  */
 import { spawn, type ChildProcess } from "node:child_process";
-import { mkdtempSync, rmSync } from "node:fs";
+import { mkdtempSync, readFileSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join, resolve } from "node:path";
 
@@ -63,6 +63,11 @@ export async function startNode(env: Record<string, string> = {}): Promise<Node>
   running.push(node);
   await waitFor("/health", async () => (await fetch(url + "/health")).status === 200);
   return node;
+}
+
+/** The installer token a master with no admin keeps in its data directory. */
+export function installToken(node: Node): string {
+  return readFileSync(join(node.dir, "data", ".install_token"), "utf8").trim();
 }
 
 /** A replica of `master` (its health answers 200 once it holds data). */

@@ -8,7 +8,7 @@ import { readFileSync } from "node:fs";
 import { join, resolve } from "node:path";
 import { chromium, type Browser } from "playwright-core";
 import { afterAll, beforeAll, expect, it } from "vitest";
-import { ADMIN, type Node, startNode, startReplica, stopAll, waitFor } from "./harness";
+import { ADMIN, type Node, startNode, startReplica, stopAll, waitFor, installToken } from "./harness";
 
 const CHROMIUM = process.env["CHROMIUM_PATH"] ?? "/usr/bin/chromium";
 const pbSdk = join(resolve(__dirname, "../.."), "node_modules/pocketbase/dist/pocketbase.umd.js");
@@ -50,7 +50,7 @@ beforeAll(async () => {
   master = await startNode();
   const r = await fetch(master.url + "/api/admins/init", {
     method: "POST",
-    headers: { "content-type": "application/json" },
+    headers: { "content-type": "application/json", authorization: `Bearer ${installToken(master)}` },
     body: JSON.stringify(ADMIN),
   });
   token = ((await r.json()) as { token: string }).token;

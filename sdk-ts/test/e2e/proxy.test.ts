@@ -10,7 +10,7 @@ import { tmpdir } from "node:os";
 import { join, resolve } from "node:path";
 import { pathToFileURL } from "node:url";
 import { afterAll, beforeAll, expect, it } from "vitest";
-import { ADMIN, type Node, startNode, startReplica, stopAll, waitFor } from "./harness";
+import { ADMIN, type Node, installToken, startNode, startReplica, stopAll, waitFor } from "./harness";
 
 type Sdk = typeof import("../../src/index");
 const repo = resolve(__dirname, "../../..");
@@ -33,7 +33,7 @@ beforeAll(async () => {
   sdk = (await import(pathToFileURL(join(__dirname, ".app/node_modules/@vski/sdk/dist/index.js")).href)) as Sdk;
   master = await startNode();
   const admin = new sdk.VskiClient(master.url, { authStore: new sdk.BaseAuthStore() });
-  await admin.admins.init(ADMIN.email, ADMIN.password);
+  await admin.admins.init(ADMIN.email, ADMIN.password, installToken(master));
   await admin.settings.collections.create({
     name: "posts",
     listRule: "",

@@ -5,7 +5,7 @@ import { createRequire } from "node:module";
 import { join, resolve } from "node:path";
 import { pathToFileURL } from "node:url";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { ADMIN, type Node, SECRET, startNode, startReplica, stopAll, waitFor } from "./harness";
+import { ADMIN, type Node, SECRET, installToken, startNode, startReplica, stopAll, waitFor } from "./harness";
 
 type Sdk = typeof import("../../src/index");
 
@@ -26,7 +26,11 @@ beforeAll(async () => {
   master = await startNode();
   const admin = client(master.url);
   expect(await admin.admins.hasAdmins()).toBe(false);
-  const init = await admin.admins.init(ADMIN.email, ADMIN.password);
+  // Without the installer token: 401, and still no admin.
+  const refused = await admin.admins.init(ADMIN.email, ADMIN.password, "wrong").catch((e) => e);
+  expect(refused.status).toBe(401);
+  expect(await admin.admins.hasAdmins()).toBe(false);
+  const init = await admin.admins.init(ADMIN.email, ADMIN.password, installToken(master));
   expect(init.admin.email).toBe(ADMIN.email);
   expect(await admin.admins.hasAdmins()).toBe(true);
   await admin.settings.collections.create({

@@ -7,7 +7,7 @@ import { readFileSync, writeFileSync } from "node:fs";
 import { join, resolve } from "node:path";
 import { promisify } from "node:util";
 import { afterAll, expect, it } from "vitest";
-import { startNode, startReplica, stopAll } from "./harness";
+import { startNode, startReplica, stopAll, installToken } from "./harness";
 
 const page = resolve(__dirname, "../../../wiki/SDK.md");
 const app = resolve(__dirname, ".app");
@@ -29,7 +29,7 @@ it("wiki/SDK.md runs as written", async () => {
   const master = await startNode();
   const init = await fetch(master.url + "/api/admins/init", {
     method: "POST",
-    headers: { "content-type": "application/json" },
+    headers: { "content-type": "application/json", authorization: `Bearer ${installToken(master)}` },
     body: JSON.stringify({ email: "admin@example.com", password: "change-me-now" }),
   });
   expect(init.status).toBe(200);

@@ -83,6 +83,27 @@ fn strings<const N: usize>(body: &Value, keys: [&str; N]) -> ApiResult<[String; 
     }
 }
 
+/// A 400 naming what is wrong with an admin's email or password, if anything.
+pub fn check_admin_input(email: &str, password: &str) -> ApiResult<()> {
+    let mut errors = FieldErrors::new();
+    if !crate::records::values::parse_email(email) {
+        field_error(
+            &mut errors,
+            "email",
+            "validation_invalid_email",
+            "Must be a valid email address.",
+        );
+    }
+    if let Err(msg) = password::check_strength(password) {
+        field_error(&mut errors, "password", "validation_length_out_of_range", msg);
+    }
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(ApiError::validation(errors))
+    }
+}
+
 /// Creates or updates the admin `email` with `password`. Used by `vski admin create` and by
 /// `/api/admins/init` (with `only_first`, which refuses when an admin exists).
 pub async fn upsert_admin(
@@ -92,21 +113,7 @@ pub async fn upsert_admin(
     password: String,
     only_first: bool,
 ) -> ApiResult<Stored> {
-    let mut errors = FieldErrors::new();
-    if !crate::records::values::parse_email(&email) {
-        field_error(
-            &mut errors,
-            "email",
-            "validation_invalid_email",
-            "Must be a valid email address.",
-        );
-    }
-    if let Err(msg) = password::check_strength(&password) {
-        field_error(&mut errors, "password", "validation_length_out_of_range", msg);
-    }
-    if !errors.is_empty() {
-        return Err(ApiError::validation(errors));
-    }
+    check_admin_input(&email, &password)?;
     let hash = password::hash_async(password).await?;
     db.write(move |conn| {
         use rusqlite::types::Value as Sql;
@@ -137,11 +144,31 @@ pub async fn upsert_admin(
     .await
 }
 
-async fn init_admin(state: web::Data<AppState>, body: web::Json<Value>) -> ApiResult<HttpResponse> {
-    let [email, password] = strings(&body, ["email", "password"])?;
+/// `POST /api/admins/init`: the first admin, for the holder of the installer token (see
+/// `installer.rs`). Once an admin exists: 400, whatever the token.
+async fn init_admin(state: web::Data<AppState>, req: HttpRequest, body: web::Json<Value>) -> ApiResult<HttpResponse> {
     let db = default_db(&state)?;
+    if state.has_admins().await? {
+        return Err(ApiError::bad_request("An admin already exists."));
+    }
+    if !state.installer.accepts(crate::auth::bearer_token(&req)) {
+        let why = if state.installer.is_open() {
+            format!(
+                "Creating the first admin needs the installer token: send it as `Authorization: Bearer <token>`. \
+                 It is in {} on the server and in its start-up log.",
+                state.installer.path().display()
+            )
+        } else {
+            "Creating the first admin needs the installer token, which the server makes when it starts \
+             with no admin: restart it, or stop it and run `vski admin create`."
+                .to_string()
+        };
+        return Err(ApiError::Unauthorized(why));
+    }
+    let [email, password] = strings(&body, ["email", "password"])?;
     let c = state.collection(&db, SUPERUSERS).await?;
     let admin = upsert_admin(&db, c.clone(), email, password, true).await?;
+    state.installer.close();
     let token = mint_for(&state, TokenType::Admin, DEFAULT_DB, &c, &admin)?;
     Ok(HttpResponse::Ok().json(json!({"token": token, "admin": admin_json(&admin)})))
 }

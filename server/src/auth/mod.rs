@@ -2,6 +2,7 @@
 //! the admin and user sign-in endpoints.
 
 pub mod handlers;
+pub mod installer;
 pub mod limit;
 pub mod password;
 pub mod token;

@@ -160,14 +160,19 @@ pub fn bootstrap(conn: &Connection, db_name: &str) -> ApiResult<()> {
     if db_name != DEFAULT_DB {
         return Ok(());
     }
-    for (name, system, create_rule) in [(SUPERUSERS, true, None), (USERS, false, Some(String::new()))] {
+    // `users` gets PocketBase's defaults: anyone may sign up, a user may list, view, update and
+    // delete only itself. A directory made by an older vski keeps the rules it has.
+    let own = || Some(Some("id = @request.auth.id".to_string()));
+    let users_rules = [own(), own(), Some(Some(String::new())), own(), own()];
+    let admins_only = [Some(None), Some(None), Some(None), Some(None), Some(None)];
+    for (name, system, rules) in [(SUPERUSERS, true, admins_only), (USERS, false, users_rules)] {
         if find_any(conn, name)?.is_some() {
             continue;
         }
         let input = CollectionInput {
             name: Some(name.to_string()),
             kind: Some(CollectionType::Auth),
-            rules: [Some(None), Some(None), Some(create_rule), Some(None), Some(None)],
+            rules,
             ..Default::default()
         };
         create_in(conn, input, system)?;

@@ -1,6 +1,6 @@
 //! HTTP benchmark of a real `vski` master: create, view and list records over keep-alive
 //! connections, printed as requests/second next to PocketBase's figures on the same kind of
-//! machine (from `shared/spec/replication.md`).
+//! machine (from `spec/replication.md`).
 //!
 //! Run with `tests/bench` (builds the release binary first). Options:
 //! `--seconds N` per measurement (default 5), `--concurrency 1,16` (default).
@@ -178,7 +178,7 @@ fn main() {
         fanout_suite(&args);
     }
     if args.suite == "subscriptions" {
-        let node = spawn_master_with(NodeOptions::default().env("RUST_LOG", "warn"));
+        let node = spawn_master_with(NodeOptions::default().env("RUST_LOG", "warn,vski::app=info"));
         let pb = std::env::var("POCKETBASE_BIN")
             .ok()
             .map(|bin| compare::start_pocketbase(std::path::Path::new(&bin)));
