@@ -60,7 +60,9 @@ export class BaseAuthStore {
 
   /** Whether the token is an admin (superuser) token. */
   get isAdmin(): boolean {
-    return getTokenPayload(this.token)["type"] === "admin";
+    const type = getTokenPayload(this.token)["type"];
+    // vski's admin token, or PocketBase's superuser token (an `auth` token of `_superusers`).
+    return type === "admin" || (type === "auth" && this.record?.["collectionName"] === "_superusers");
   }
 
   get isSuperuser(): boolean {

@@ -779,9 +779,16 @@ pub struct Burst {
     handles: Vec<std::thread::JoinHandle<Vec<String>>>,
     /// Set by [`Burst::expect_stop`]: from then on a failed request ends a writer quietly.
     stopping: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// Writes acknowledged so far, over every writer.
+    acked: std::sync::Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl Burst {
+    /// Writes the server has acknowledged so far.
+    pub fn acked(&self) -> usize {
+        self.acked.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
     /// Says the server is about to be stopped or killed: failed requests are expected now.
     pub fn expect_stop(&self) {
         self.stopping.store(true, std::sync::atomic::Ordering::SeqCst);
@@ -799,11 +806,13 @@ pub fn write_burst(url: &str, threads: usize, limit: Duration) -> Burst {
 /// [`write_burst`] into the `posts` collection of database `db`.
 pub fn write_burst_in(url: &str, db: &str, threads: usize, limit: Duration) -> Burst {
     let stopping = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let counted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let handles = (0..threads)
         .map(|i| {
             let url = url.to_string();
             let db = db.to_string();
             let stopping = stopping.clone();
+            let counted = counted.clone();
             std::thread::spawn(move || {
                 let client = reqwest::blocking::Client::builder()
                     .timeout(Duration::from_secs(10))
@@ -823,6 +832,7 @@ pub fn write_burst_in(url: &str, db: &str, threads: usize, limit: Duration) -> B
                         Ok(r) if r.status().as_u16() == 200 => match r.json::<Value>() {
                             Ok(v) => {
                                 acked.push(v["id"].as_str().unwrap_or_default().to_string());
+                                counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                                 continue;
                             }
                             Err(e) => format!("unreadable 200: {e}"),
@@ -839,7 +849,11 @@ pub fn write_burst_in(url: &str, db: &str, threads: usize, limit: Duration) -> B
             })
         })
         .collect();
-    Burst { handles, stopping }
+    Burst {
+        handles,
+        stopping,
+        acked: counted,
+    }
 }
 
 /// Joins the writers of [`write_burst`] and returns every acknowledged id; a writer that

@@ -1037,8 +1037,10 @@ fn burst_then(stop: impl FnOnce(&mut Node)) {
     let _t = with_posts(&n);
     let url = n.url.clone();
     let burst = write_burst(&url, 6, Duration::from_secs(30));
-    wait_for("200 writes", Duration::from_secs(30), || {
-        (n.get("/api/collections/posts/records?perPage=1", None).1["totalItems"].as_i64()? >= 200).then_some(())
+    // Counted as the writers see them: a write committed but not yet answered when the server
+    // dies is not acknowledged.
+    wait_for("200 acknowledged writes", Duration::from_secs(30), || {
+        (burst.acked() >= 200).then_some(())
     });
     burst.expect_stop();
     stop(&mut n);
@@ -1129,4 +1131,67 @@ fn the_default_users_collection_lets_a_user_read_edit_and_delete_only_itself() {
     assert_eq!(n.delete(&theirs, Some(&token)).0, 404);
     assert_eq!(n.delete(&mine, Some(&token)).0, 204);
     assert_eq!(n.get(&theirs, Some(&n.admin_token())).0, 200);
+}
+
+/// The claims of a JWT, unverified.
+fn payload(token: &str) -> Value {
+    use base64::Engine;
+    let part = token.split('.').nth(1).expect("a JWT");
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(part)
+        .expect("base64url");
+    serde_json::from_slice(&bytes).expect("JSON claims")
+}
+
+#[test]
+fn a_pocketbase_style_superuser_token_is_an_admin_token_and_no_other_token_is() {
+    let n = master();
+    n.admin_token();
+    let (s, b) = n.post("/api/databases", Some(&n.admin_token()), &json!({"name": "other"}));
+    assert_eq!(s, 201, "{b}");
+    // PocketBase's SDK calls a session a superuser's when the token's type is `auth` and the
+    // record's collectionName is `_superusers`.
+    let (s, auth) = n.post(
+        "/api/collections/_superusers/auth-with-password",
+        None,
+        &json!({"identity": ADMIN_EMAIL, "password": ADMIN_PASSWORD}),
+    );
+    assert_eq!(s, 200, "{auth}");
+    let token = auth["token"].as_str().unwrap().to_string();
+    let claims = payload(&token);
+    assert_eq!(claims["type"], "auth", "{claims}");
+    assert_eq!(auth["record"]["collectionName"], "_superusers", "{auth}");
+    assert_eq!(claims["collectionId"], auth["record"]["collectionId"]);
+    // It is an admin's token, in every database, and refreshes as one.
+    for db in ["default", "other"] {
+        let (s, b) = n.request("GET", "/api/collections", Some(&token), None, &[("X-Dbname", db)]);
+        assert_eq!(s, 200, "{db}: {b}");
+    }
+    let (s, b) = n.post("/api/collections/_superusers/auth-refresh", Some(&token), &json!({}));
+    assert_eq!(s, 200, "{b}");
+    assert_eq!(payload(b["token"].as_str().unwrap())["type"], "auth");
+    assert_eq!(n.get("/api/admins/me", Some(&token)).0, 200);
+    // The same claims naming another database, or signed with another secret, are nobody's;
+    // a user's `auth` token stays a user's.
+    let mut elsewhere = claims.clone();
+    elsewhere["db"] = json!("other");
+    let mut foreign = claims.clone();
+    foreign["exp"] = json!(now() + 600);
+    let (_, reg) = n.post(
+        "/api/auth/register",
+        None,
+        &json!({"email": "u@example.com", "password": "userpass1", "passwordConfirm": "userpass1"}),
+    );
+    let user = reg["token"].as_str().unwrap().to_string();
+    let mut user_as_superuser = payload(&user);
+    user_as_superuser["collectionId"] = claims["collectionId"].clone();
+    for (name, t, want) in [
+        ("another database", forge(elsewhere, SECRET), 401),
+        ("another secret", forge(foreign, "another-secret-entirely"), 401),
+        ("a user's token", user.clone(), 403),
+        ("a user's id under _superusers", forge(user_as_superuser, SECRET), 401),
+    ] {
+        let (s, b) = n.get("/api/collections", Some(&t));
+        assert_eq!(s, want, "{name}: {b}");
+    }
 }

@@ -32,6 +32,32 @@ const PAGE = `<!doctype html>
     await pb.collection("notes").subscribe("*", (e) => window.events.push({ topic: "*", action: e.action, body: e.record.body, id: e.record.id }));
     return pb.realtime.clientId;
   };
+  window.superuser = async (url, email, password) => {
+    try {
+      return await superuser(url, email, password);
+    } catch (e) {
+      return { error: String(e) + " " + JSON.stringify(e.response ?? {}) };
+    }
+  };
+  const superuser = async (url, email, password) => {
+    // Both clients keep their session in the page's localStorage: one after the other.
+    const pb = new PocketBase(url);
+    await pb.collection("_superusers").authWithPassword(email, password);
+    const isSuperuser = pb.authStore.isSuperuser;
+    const collectionName = pb.authStore.record.collectionName;
+    const collections = await pb.collections.getFullList();
+    await pb.collection("_superusers").authRefresh();
+    const afterRefresh = pb.authStore.isSuperuser;
+    const user = new PocketBase(url);
+    await user.collection("users").authWithPassword("reader@example.com", "reader-pass-1");
+    return {
+      isSuperuser,
+      afterRefresh,
+      collectionName,
+      collections: collections.map((c) => c.name).includes("notes"),
+      userIsSuperuser: user.authStore.isSuperuser,
+    };
+  };
   window.ready = true;
 </script>`;
 
@@ -93,6 +119,24 @@ afterAll(async () => {
   await browser?.close();
   site?.close();
   stopAll();
+});
+
+it("the PocketBase SDK's isSuperuser is true after a _superusers sign-in, and false for a user", async () => {
+  const page = await browser.newPage();
+  await page.goto(siteUrl + "/");
+  await page.waitForFunction(() => (window as any).ready === true);
+  const out = await page.evaluate(
+    ([url, email, password]) => (window as any).superuser(url, email, password),
+    [master.url.replace("127.0.0.1", "localhost"), ADMIN.email, ADMIN.password],
+  );
+  expect(out).toEqual({
+    isSuperuser: true,
+    afterRefresh: true,
+    collectionName: "_superusers",
+    collections: true,
+    userIsSuperuser: false,
+  });
+  await page.close();
 });
 
 it.each([

@@ -247,9 +247,14 @@ describe("auth store, hooks, filter", () => {
     expect([store.isValid, store.isAdmin]).toEqual([true, true]);
     store.save(jwt({ type: "auth", exp: Date.now() / 1000 - 1 }), { id: "u" });
     expect([store.isValid, store.isAdmin]).toEqual([false, false]);
+    // PocketBase's superuser session: an `auth` token with a `_superusers` record.
+    store.save(jwt({ type: "auth", exp: Date.now() / 1000 + 60 }), { id: "s", collectionName: "_superusers" });
+    expect([store.isAdmin, store.isSuperuser]).toEqual([true, true]);
+    store.save(jwt({ type: "auth", exp: Date.now() / 1000 + 60 }), { id: "u", collectionName: "users" });
+    expect(store.isSuperuser).toBe(false);
     off();
     store.clear();
-    expect(seen.length).toBe(2);
+    expect(seen.length).toBe(4);
   });
 
   it("LocalAuthStore keeps the token in localStorage", () => {

@@ -40,8 +40,21 @@ fn admin_json(a: &Stored) -> Value {
     Value::Object(m)
 }
 
+/// An admin as PocketBase's `_superusers` routes answer it: a record of that collection, which
+/// PocketBase's SDK recognises (with an `auth` token) as a superuser's session.
+fn superuser_json(c: &Collection, a: &Stored) -> Value {
+    let mut v = admin_json(a);
+    if let Some(m) = v.as_object_mut() {
+        m.insert("collectionId".into(), json!(c.id));
+        m.insert("collectionName".into(), json!(SUPERUSERS));
+    }
+    v
+}
+
+/// Mints a token for `rec` of `c`. An `auth` token of `_superusers` is PocketBase's superuser
+/// token: an admin's (see `auth::identify_token`), with an admin's lifetime.
 fn mint_for(state: &AppState, kind: TokenType, db: &str, c: &Collection, rec: &Stored) -> ApiResult<String> {
-    let ttl = if kind == TokenType::Admin {
+    let ttl = if kind == TokenType::Admin || c.name == SUPERUSERS {
         state.settings.admin_token_ttl
     } else {
         state.settings.auth_token_ttl
@@ -269,8 +282,8 @@ async fn login(state: &AppState, req: &HttpRequest, coll: &str, body: &Value) ->
     let c = auth_collection(state, &db, coll).await?;
     let rec = authenticate(state, req, &db, c.clone(), body).await?;
     if c.name == SUPERUSERS {
-        let token = mint_for(state, TokenType::Admin, DEFAULT_DB, &c, &rec)?;
-        return Ok(HttpResponse::Ok().json(json!({"token": token, "record": admin_json(&rec)})));
+        let token = mint_for(state, TokenType::Auth, DEFAULT_DB, &c, &rec)?;
+        return Ok(HttpResponse::Ok().json(json!({"token": token, "record": superuser_json(&c, &rec)})));
     }
     let token = mint_for(state, TokenType::Auth, &db.name, &c, &rec)?;
     let who = Identity::User {
@@ -308,8 +321,8 @@ async fn refresh(state: &AppState, req: &HttpRequest, who: Identity, coll: &str)
             Ok(HttpResponse::Ok().json(json!({"token": token, "record": public_record(&c, record, &who)})))
         }
         Identity::Admin(a) if c.name == SUPERUSERS => {
-            let token = mint_for(state, TokenType::Admin, DEFAULT_DB, &c, a)?;
-            Ok(HttpResponse::Ok().json(json!({"token": token, "record": admin_json(a)})))
+            let token = mint_for(state, TokenType::Auth, DEFAULT_DB, &c, a)?;
+            Ok(HttpResponse::Ok().json(json!({"token": token, "record": superuser_json(&c, a)})))
         }
         Identity::Guest => Err(ApiError::Unauthorized(
             "The request requires a valid record authorization token.".into(),

@@ -94,8 +94,10 @@ pub async fn identify_token(state: &AppState, token: Option<&str>, requested: &s
     let (db_name, collection) = match claims.kind {
         TokenType::Replica => return Ok(Identity::Replica(claims.sub)),
         TokenType::Admin => (DEFAULT_DB.to_string(), None),
+        // A user's token acts only in its own database; PocketBase's superuser token (an `auth`
+        // token of `_superusers` in `default`, checked below) in every database.
         TokenType::Auth => match (&claims.db, &claims.collection_id) {
-            (Some(db), Some(c)) if db == requested => (db.clone(), Some(c.clone())),
+            (Some(db), Some(c)) if db == requested || db == DEFAULT_DB => (db.clone(), Some(c.clone())),
             _ => return Ok(Identity::Guest),
         },
     };
@@ -110,7 +112,8 @@ pub async fn identify_token(state: &AppState, token: Option<&str>, requested: &s
     let Some(coll) = coll.filter(|c| c.is_auth()) else {
         return Ok(Identity::Guest);
     };
-    if claims.kind == TokenType::Auth && coll.name == SUPERUSERS {
+    let superuser = claims.kind == TokenType::Auth && coll.name == SUPERUSERS && db_name == DEFAULT_DB;
+    if claims.kind == TokenType::Auth && !superuser && db_name != requested {
         return Ok(Identity::Guest);
     }
     let (c2, id) = (coll.clone(), claims.sub.clone());
@@ -123,6 +126,7 @@ pub async fn identify_token(state: &AppState, token: Option<&str>, requested: &s
     }
     Ok(match claims.kind {
         TokenType::Admin => Identity::Admin(record),
+        TokenType::Auth if superuser => Identity::Admin(record),
         _ => Identity::User {
             db: db_name,
             collection: coll,
