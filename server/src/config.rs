@@ -94,9 +94,9 @@ fn is_origin(s: &str) -> bool {
         && port.is_none_or(|p| p.parse::<u16>().is_ok())
 }
 
-/// Names vski reads that are not flags: the test harness's binary, crash points and the
-/// fault injector's trigger (`tests/fault/fault.c`).
-const INTERNAL_ENV: [&str; 3] = ["VSKI_BIN", "VSKI_CRASH_AT", "VSKI_FAULT_FILE"];
+/// Names vski reads that are not flags: the test harness's binary, crash points, the fault
+/// injector's trigger (`tests/fault/fault.c`), and the logger's.
+const INTERNAL_ENV: [&str; 5] = ["VSKI_BIN", "VSKI_CRASH_AT", "VSKI_FAULT_FILE", "RUST_LOG", "RUST_BACKTRACE"];
 /// Prefixes of vski's own variables: a variable with one of them that vski does not know is
 /// most likely a typo (`REPLICA_MOD=replica` would otherwise start a writable master).
 const OWN_PREFIXES: [&str; 4] = ["REPLICA_", "SYNC_", "MASTER_", "VSKI_"];
@@ -121,20 +121,34 @@ pub fn known_env_vars() -> Vec<String> {
     out
 }
 
-/// Warnings for variables named like vski's own that vski does not read, each with the
-/// closest known name.
+/// Warnings for variables that look meant for vski but that vski does not read, each with the
+/// closest known name: any name of vski's own families (`REPLICA_`, `SYNC_`, `MASTER_`,
+/// `VSKI_`), and any name a typo or two from one vski reads, in any case (`JWT_SECRT`,
+/// `CORS_ORIGIN`, `body_limit`). A short name must be closer: `HOST` and `PORT` are a letter
+/// away from many words.
 pub fn unknown_env_warnings(vars: impl Iterator<Item = String>) -> Vec<String> {
     let known = known_env_vars();
     let mut out = Vec::new();
     for name in vars {
-        if !OWN_PREFIXES.iter().any(|p| name.starts_with(p)) || known.contains(&name) {
+        if known.contains(&name) {
             continue;
         }
-        let closest = known
+        let upper = name.to_ascii_uppercase();
+        let Some((closest, distance)) = known
             .iter()
-            .min_by_key(|k| strsim::levenshtein(k, &name))
-            .map(String::as_str)
-            .unwrap_or("");
+            .map(|k| (k.as_str(), strsim::levenshtein(k, &upper)))
+            .min_by_key(|(_, d)| *d)
+        else {
+            continue;
+        };
+        let near = match name.len() {
+            0..=4 => 0,
+            5..=7 => 1,
+            _ => 2,
+        };
+        if !OWN_PREFIXES.iter().any(|p| upper.starts_with(p)) && distance > near {
+            continue;
+        }
         out.push(format!(
             "environment variable {name} is not one vski reads (did you mean {closest}?); it is ignored"
         ));

@@ -1195,3 +1195,30 @@ fn a_pocketbase_style_superuser_token_is_an_admin_token_and_no_other_token_is() 
         assert_eq!(s, want, "{name}: {b}");
     }
 }
+
+#[test]
+fn help_lists_the_commands_and_every_flag_of_serve() {
+    let (code, out, _) = run_cli(&["--help"], &[]);
+    assert_eq!(code, 0);
+    for command in ["serve", "admin", "healthcheck"] {
+        assert!(out.contains(command), "{out}");
+    }
+    let (code, out, _) = run_cli(&["serve", "--help"], &[]);
+    assert_eq!(code, 0);
+    // Every variable vski reads for `serve` is named beside its flag.
+    let wiki = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../wiki/Configuration.md")).unwrap();
+    let documented: Vec<&str> = wiki
+        .lines()
+        .filter(|l| l.starts_with("| `--"))
+        .filter_map(|l| l.split('`').nth(3))
+        .collect();
+    assert!(documented.len() > 30, "{documented:?}");
+    for var in documented {
+        assert!(out.contains(&format!("[env: {var}")), "{var} missing from serve --help");
+    }
+    let (code, out, _) = run_cli(&["admin", "--help"], &[]);
+    assert_eq!(code, 0);
+    for command in ["create", "list", "delete"] {
+        assert!(out.contains(command), "{out}");
+    }
+}

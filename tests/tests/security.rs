@@ -671,6 +671,31 @@ fn the_start_line_says_what_runs_and_typos_are_warned_about() {
     let log = typo.log();
     assert!(log.contains("did you mean REPLICA_MODE?"), "{log}");
     assert!(log.contains("secret from DATA_DIR/.jwt_secret"), "{log}");
+    // Any family: a name within a typo or two of one vski reads, in any case. Variables of the
+    // machine (EDITOR, HOSTNAME, LANG) are left alone.
+    let typos = spawn_master_with(
+        NodeOptions::default()
+            .env("JWT_SECRT", "x")
+            .env("CORS_ORIGIN", "https://app.example.com")
+            .env("body_limit", "1")
+            .env("EDITOR", "vim")
+            .env("HOSTNAME", "box")
+            .env("LANG", "C.UTF-8"),
+    );
+    let log = typos.log();
+    for (typo, meant) in [
+        ("JWT_SECRT", "JWT_SECRET"),
+        ("CORS_ORIGIN", "CORS_ORIGINS"),
+        ("body_limit", "BODY_LIMIT"),
+    ] {
+        assert!(
+            log.contains(&format!("{typo} is not one vski reads (did you mean {meant}?)")),
+            "{typo}: {log}"
+        );
+    }
+    for other in ["EDITOR", "HOSTNAME", "LANG"] {
+        assert!(!log.contains(&format!("variable {other} ")), "{other}: {log}");
+    }
 }
 
 #[test]
