@@ -10,8 +10,8 @@ use std::net::TcpListener;
 use actix_web::body::MessageBody;
 use actix_web::dev::{ServiceRequest, ServiceResponse};
 use actix_web::http::{Method, StatusCode, header};
+use actix_web::middleware::DefaultHeaders;
 use actix_web::middleware::Next;
-use actix_web::middleware::{DefaultHeaders, Logger};
 use actix_web::{App, HttpResponse, HttpServer, web};
 
 use crate::config::ServeConfig;
@@ -245,11 +245,7 @@ pub async fn run(config: ServeConfig, secret: String, listener: TcpListener) -> 
             .wrap(actix_web::middleware::from_fn(head_as_get))
             .wrap(cors(&origins))
             .wrap(actix_web::middleware::from_fn(preflight_no_content))
-            .wrap(
-                Logger::new("%a \"%{request}xi\" %s %b %Dms")
-                    .custom_request_replace("request", |req| access_log_line(req.method(), req.uri(), req.version()))
-                    .log_target("vski::access"),
-            )
+            .wrap(actix_web::middleware::from_fn(access_log))
             .configure(|cfg| configure(cfg, replica))
             .default_service(web::to(not_found))
     })
@@ -288,6 +284,43 @@ const SECRET_PARAMS: [&str; 2] = ["token", "auth"];
 
 /// The request line of the access log, with the values of [`SECRET_PARAMS`] replaced by
 /// `[redacted]`.
+/// The access log (target `vski::access`): the client (see `http::client_ip`), the request line
+/// with secrets redacted, the status, the body size and the time to the answer's head. At info,
+/// except health checks and replica traffic (`/health`, `/api/health`, `/api/replica/*`: load
+/// balancers and replicas ask all the time), which go at debug.
+async fn access_log(
+    req: ServiceRequest,
+    next: Next<impl MessageBody + 'static>,
+) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
+    let path = req.path();
+    let quiet = path == "/health" || path == "/api/health" || path.starts_with("/api/replica/");
+    let level = if quiet { log::Level::Debug } else { log::Level::Info };
+    if !log::log_enabled!(target: "vski::access", level) {
+        return next.call(req).await;
+    }
+    let started = std::time::Instant::now();
+    let trusted = req
+        .app_data::<web::Data<AppState>>()
+        .map(|s| s.settings.trusted_proxies.as_slice())
+        .unwrap_or(&[]);
+    let client = crate::http::client_ip(req.request(), trusted).map_or_else(|| "-".to_string(), |ip| ip.to_string());
+    let line = access_log_line(req.method(), req.uri(), req.version());
+    let res = next.call(req).await;
+    let ms = started.elapsed().as_secs_f64() * 1000.0;
+    let (status, bytes) = match &res {
+        Ok(r) => (
+            r.status().as_u16(),
+            match r.response().body().size() {
+                actix_web::body::BodySize::Sized(n) => n.to_string(),
+                _ => "-".to_string(),
+            },
+        ),
+        Err(e) => (e.as_response_error().status_code().as_u16(), "-".to_string()),
+    };
+    log::log!(target: "vski::access", level, "{client} \"{line}\" {status} {bytes} {ms:.3}ms");
+    res
+}
+
 fn access_log_line(
     method: &actix_web::http::Method,
     uri: &actix_web::http::Uri,

@@ -96,7 +96,13 @@ fn is_origin(s: &str) -> bool {
 
 /// Names vski reads that are not flags: the test harness's binary, crash points, the fault
 /// injector's trigger (`tests/fault/fault.c`), and the logger's.
-const INTERNAL_ENV: [&str; 5] = ["VSKI_BIN", "VSKI_CRASH_AT", "VSKI_FAULT_FILE", "RUST_LOG", "RUST_BACKTRACE"];
+const INTERNAL_ENV: [&str; 5] = [
+    "VSKI_BIN",
+    "VSKI_CRASH_AT",
+    "VSKI_FAULT_FILE",
+    "RUST_LOG",
+    "RUST_BACKTRACE",
+];
 /// Prefixes of vski's own variables: a variable with one of them that vski does not know is
 /// most likely a typo (`REPLICA_MOD=replica` would otherwise start a writable master).
 const OWN_PREFIXES: [&str; 4] = ["REPLICA_", "SYNC_", "MASTER_", "VSKI_"];
@@ -188,6 +194,7 @@ impl ServeConfig {
 
     /// Checks combinations clap cannot express. The message is printed as the one error line.
     pub fn validate(&self) -> Result<(), String> {
+        self.trusted_proxy_list()?;
         if self.is_replica() {
             let url = self.master_url.as_deref().unwrap_or("").trim();
             if url.is_empty() {
@@ -238,6 +245,20 @@ impl ServeConfig {
             }
         }
         Ok(())
+    }
+
+    /// The parsed `TRUSTED_PROXIES`, or the entry that is neither an address nor a CIDR.
+    pub fn trusted_proxy_list(&self) -> Result<Vec<ipnet::IpNet>, String> {
+        self.trusted_proxies
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(|s| {
+                s.parse::<ipnet::IpNet>()
+                    .or_else(|_| s.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+                    .map_err(|_| format!("TRUSTED_PROXIES: '{s}' is not an address or a CIDR such as 10.0.0.0/8"))
+            })
+            .collect()
     }
 
     /// The allowed origins; empty for `*` (any).
@@ -363,6 +384,16 @@ pub struct ServeConfig {
     /// list such as `https://app.example.com,http://localhost:5173`.
     #[arg(long, env = "CORS_ORIGINS", default_value = "*")]
     pub cors_origins: String,
+
+    /// Reverse proxies whose `X-Forwarded-For` is believed: comma-separated addresses or CIDRs
+    /// (`10.0.0.0/8,127.0.0.1`). A request from one of them is logged and rate-limited as the
+    /// client the header names; from anyone else the header is ignored. Default: none.
+    #[arg(long, env = "TRUSTED_PROXIES", default_value = "")]
+    pub trusted_proxies: String,
+
+    /// `text` (one line per entry) or `json` (one JSON object per line, for log shippers).
+    #[arg(long, env = "LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
+    pub log_format: String,
 
     /// Whether a replica serves realtime subscriptions from the changes it applies (`on`), or
     /// refuses them with 503 as VSKI does (`off`). A master always serves them.

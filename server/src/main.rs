@@ -7,7 +7,21 @@ use vski::config::{AdminCommand, Cli, Command};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    let mut logger = env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"));
+    if matches!(&cli.command, Command::Serve(c) if c.log_format == "json") {
+        // One JSON object per line, for log shippers.
+        logger.format(|buf, record| {
+            use std::io::Write;
+            let entry = serde_json::json!({
+                "time": buf.timestamp_millis().to_string(),
+                "level": record.level().as_str(),
+                "target": record.target(),
+                "message": record.args().to_string(),
+            });
+            writeln!(buf, "{entry}")
+        });
+    }
+    logger.init();
     for warning in vski::config::unknown_env_warnings(std::env::vars_os().filter_map(|(k, _)| k.into_string().ok())) {
         log::warn!("{warning}");
     }

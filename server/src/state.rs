@@ -27,6 +27,8 @@ pub struct Settings {
     pub cron_sql_timeout: std::time::Duration,
     /// `CRON_HTTP_ALLOW_LOCAL`.
     pub cron_http_allow_local: bool,
+    /// `TRUSTED_PROXIES`: peers whose `X-Forwarded-For` names the client.
+    pub trusted_proxies: Vec<ipnet::IpNet>,
 }
 
 /// State shared by every worker thread.
@@ -142,6 +144,7 @@ impl AppState {
                 body_limit: config.body_limit,
                 cron_sql_timeout: std::time::Duration::from_secs(config.cron_sql_timeout),
                 cron_http_allow_local: config.cron_http_allow_local,
+                trusted_proxies: config.trusted_proxy_list().map_err(ApiError::bad_request)?,
             },
         };
         for db in state.dbs.list() {

@@ -200,7 +200,9 @@ impl Node {
             let text = std::fs::read_to_string(&log).ok()?;
             let at = text.find("listening on http://")?;
             let rest = &text[at + "listening on ".len()..];
-            Some(rest.lines().next()?.trim().to_string())
+            // The URL ends the line, or (LOG_FORMAT=json) the message's string.
+            let url = rest.lines().next()?.split('"').next()?;
+            Some(url.trim().to_string())
         });
         let http = reqwest::blocking::Client::builder()
             .timeout(Duration::from_secs(30))

@@ -2001,3 +2001,27 @@ fn a_database_recreated_under_its_name_while_a_replica_was_stopped_is_bootstrapp
     assert_eq!(r.health()["dbs"]["reborn"]["bootstraps"], 1, "{}", r.health());
     assert!(r.log().contains("re-created on the master"), "{}", r.log());
 }
+
+#[test]
+fn a_replica_says_when_it_caught_up_after_a_bootstrap_and_after_a_restart() {
+    let m = master();
+    seed(&m);
+    let r = replica(&m, "1");
+    assert_replica_equals_master(&m, &r, SECRET, "default", TIMEOUT);
+    let version = r.replica_version("default");
+    let line = format!("'default' caught up with the master at version {version}");
+    wait_for("the caught-up line", TIMEOUT, || r.log().contains(&line).then_some(()));
+    // Said once, not each time it catches up with a new write.
+    let (s, b) = m.post("/api/collections/posts/records", None, &json!({"title": "later"}));
+    assert_eq!(s, 200, "{b}");
+    assert_replica_equals_master(&m, &r, SECRET, "default", TIMEOUT);
+    assert!(r.replica_version("default") > version);
+    assert_eq!(r.log().matches("'default' caught up").count(), 1, "{}", r.log());
+    // A restart (a new log) says it again.
+    let r = r.restart();
+    wait_for("the caught-up line after a restart", TIMEOUT, || {
+        r.log()
+            .contains("'default' caught up with the master at version")
+            .then_some(())
+    });
+}

@@ -862,3 +862,102 @@ fn health_details_are_for_admins_and_replicas_only() {
         }
     }
 }
+
+/// A client whose requests leave from `ip` (any 127.0.0.0/8 address is this machine).
+fn client_from(ip: [u8; 4]) -> reqwest::blocking::Client {
+    reqwest::blocking::Client::builder()
+        .local_address(std::net::IpAddr::from(ip))
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap()
+}
+
+#[test]
+fn the_client_address_comes_from_x_forwarded_for_only_through_a_trusted_proxy() {
+    let m = spawn_master_with(
+        NodeOptions::default()
+            .env("JWT_SECRET", SECRET)
+            .env("TRUSTED_PROXIES", "127.0.0.2/32")
+            .env("RUST_LOG", "info"),
+    );
+    m.admin_token();
+    ok(signup(&m, "default", "users", None, "ada@example.com"));
+    let attempt = |client: &reqwest::blocking::Client, forwarded: &str| {
+        client
+            .post(format!("{}/api/collections/users/auth-with-password", m.url))
+            .header("X-Forwarded-For", forwarded)
+            .json(&json!({"identity": "ada@example.com", "password": "wrong-password"}))
+            .send()
+            .unwrap()
+            .status()
+            .as_u16()
+    };
+    // A client that is no trusted proxy names a new address each time: the limit counts its
+    // own address all the same.
+    let direct = client_from([127, 0, 0, 1]);
+    let spoofed: Vec<u16> = (0..25).map(|i| attempt(&direct, &format!("198.51.100.{i}"))).collect();
+    assert!(
+        spoofed.contains(&429),
+        "a spoofed X-Forwarded-For escaped the limit: {spoofed:?}"
+    );
+    // Through the trusted proxy, clients are told apart by the header.
+    let proxy = client_from([127, 0, 0, 2]);
+    let first: Vec<u16> = (0..25).map(|_| attempt(&proxy, "203.0.113.7")).collect();
+    assert!(first.contains(&429), "{first:?}");
+    assert_eq!(
+        attempt(&proxy, "198.51.100.77, 203.0.113.8"),
+        400,
+        "another client behind the proxy"
+    );
+    // The access log names the client the same way.
+    let log = m.log();
+    assert!(
+        log.contains("203.0.113.8 \"POST /api/collections/users/auth-with-password"),
+        "{log}"
+    );
+    assert!(
+        !log.contains("198.51.100.1 \""),
+        "an untrusted header reached the log: {log}"
+    );
+    assert!(
+        log.contains("127.0.0.1 \"POST /api/collections/users/auth-with-password"),
+        "{log}"
+    );
+    // A malformed list stops the server at start with one line.
+    let (code, _, err) = run_cli(
+        &["serve", "--port", "0", "--data-dir", "/nonexistent-vski-dir"],
+        &[("TRUSTED_PROXIES", "10.0.0.0/8,not-a-cidr")],
+    );
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("TRUSTED_PROXIES: 'not-a-cidr' is not an address or a CIDR"),
+        "{err}"
+    );
+}
+
+#[test]
+fn health_checks_log_at_debug_and_json_logs_are_json() {
+    let m = spawn_master_with(NodeOptions::default().env("RUST_LOG", "info"));
+    for _ in 0..3 {
+        assert_eq!(m.get("/health", None).0, 200);
+    }
+    assert_eq!(m.get("/api/collections/users/records", None).0, 200);
+    let log = m.log();
+    assert!(log.contains("\"GET /api/collections/users/records"), "{log}");
+    assert!(!log.contains("\"GET /health"), "health checks at info: {log}");
+    let json = spawn_master_with(NodeOptions::default().env("RUST_LOG", "info").env("LOG_FORMAT", "json"));
+    assert_eq!(json.get("/api/collections/users/records", None).0, 200);
+    wait_for("the access line", Duration::from_secs(10), || {
+        json.log().contains("GET /api/collections/users/records").then_some(())
+    });
+    let log = json.log();
+    let mut access = 0;
+    for line in log.lines().filter(|l| !l.trim().is_empty()) {
+        let entry: Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        assert!(entry["level"].is_string() && entry["time"].is_string(), "{entry}");
+        if entry["target"] == "vski::access" {
+            access += 1;
+        }
+    }
+    assert!(access >= 1, "{log}");
+}

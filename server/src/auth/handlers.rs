@@ -211,7 +211,9 @@ async fn authenticate(
     };
     // Counted per record when the identity names one, whichever way (email, username or id):
     // each spelling of one account must not get an allowance of its own.
-    let ip = req.peer_addr().map(|a| a.ip().to_string()).unwrap_or_default();
+    let ip = crate::http::client_ip(req, &state.settings.trusted_proxies)
+        .map(|a| a.to_string())
+        .unwrap_or_default();
     let key = found.as_ref().map_or(identity.as_str(), |r| r.id());
     state.sign_in.check(&ip, &format!("{}/{}", db.name, c.name), key)?;
     let password = body

@@ -34,9 +34,10 @@ fn unavailable(message: &str) -> HttpResponse {
     error_body(StatusCode::SERVICE_UNAVAILABLE, message, json!({}))
 }
 
-/// The TCP peer's address (never `X-Forwarded-For`, which any client can write).
-fn peer(req: &HttpRequest) -> Option<std::net::IpAddr> {
-    req.peer_addr().map(|a| a.ip())
+/// The client's address for `REALTIME_MAX_PER_IP`: the TCP peer, or behind a proxy of
+/// `TRUSTED_PROXIES` the client its `X-Forwarded-For` names (see `http::client_ip`).
+fn peer(state: &AppState, req: &HttpRequest) -> Option<std::net::IpAddr> {
+    crate::http::client_ip(req, &state.settings.trusted_proxies)
 }
 
 /// The answer to a connection the hub did not admit.
@@ -84,7 +85,7 @@ async fn connect(state: web::Data<AppState>, req: HttpRequest, body: web::Payloa
         let token = token.map(str::to_string);
         let (client, rx) = match state
             .realtime
-            .connect(&db.name, Protocol::WebSocket, who, token, peer(&req))
+            .connect(&db.name, Protocol::WebSocket, who, token, peer(&state, &req))
         {
             Ok(admitted) => admitted,
             Err(refused) => return Ok(refusal(refused)),
@@ -107,7 +108,7 @@ async fn connect(state: web::Data<AppState>, req: HttpRequest, body: web::Payloa
     // Server-Sent Events, as PocketBase: the client is a guest until its subscription POST.
     let (client, rx) = match state
         .realtime
-        .connect(&db.name, Protocol::Sse, Identity::Guest, None, peer(&req))
+        .connect(&db.name, Protocol::Sse, Identity::Guest, None, peer(&state, &req))
     {
         Ok(admitted) => admitted,
         Err(refused) => return Ok(refusal(refused)),

@@ -151,6 +151,13 @@ pub struct DbSync {
     failures: u32,
     #[serde(skip)]
     retry_at: Option<Instant>,
+    /// Whether this copy was at the master's version since start or its last snapshot (the
+    /// log says so once each time).
+    #[serde(skip)]
+    caught_up: bool,
+    /// Set when the master's version was just reached, for `Follower::note` to log.
+    #[serde(skip)]
+    announce: bool,
 }
 
 /// Versions whose hashes a replica keeps per database to judge position tokens.
@@ -173,6 +180,7 @@ impl DbSync {
     fn restarted(&mut self, version: i64, hash: &str) {
         self.recent.clear();
         self.applied(version, hash);
+        self.caught_up = false;
     }
 
     /// The hash prefix of this copy's history at `version`, when it is still known.
@@ -204,6 +212,8 @@ impl DbSync {
         self.lag = (master - local).max(0);
         if self.lag == 0 {
             self.behind_since = None;
+            self.announce |= !self.caught_up;
+            self.caught_up = true;
         } else if self.behind_since.is_none() {
             self.behind_since = Some(Instant::now());
         }
@@ -599,9 +609,15 @@ impl Follower {
             .map_err(|e| format!("GET {}: {}", self.master_url, transport_error(&e)))
     }
 
+    /// Changes the sync state of `db`; logs when the change brought the copy to the master's
+    /// version for the first time since start or its last snapshot.
     fn note<F: FnOnce(&mut DbSync)>(&self, db: &str, f: F) {
         if let Ok(mut m) = self.dbs.lock() {
-            f(m.entry(db.to_string()).or_default());
+            let s = m.entry(db.to_string()).or_default();
+            f(s);
+            if std::mem::take(&mut s.announce) {
+                log::info!("'{db}' caught up with the master at version {}", s.local_version);
+            }
         }
     }
 
