@@ -2025,3 +2025,56 @@ fn a_replica_says_when_it_caught_up_after_a_bootstrap_and_after_a_restart() {
             .then_some(())
     });
 }
+
+/// An HTTP server that is not vski: it answers every request with `status` and an nginx-like
+/// `Server` header, as a proxy that refuses `/api/replica/*` does.
+fn not_vski(status: u16) -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { continue };
+            let _ = conn.set_read_timeout(Some(Duration::from_secs(5)));
+            let mut buf = [0u8; 4096];
+            let _ = std::io::Read::read(&mut conn, &mut buf);
+            let body = "<html>forbidden</html>";
+            let answer = format!(
+                "HTTP/1.1 {status} Nope\r\nServer: nginx/1.22.1\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = std::io::Write::write_all(&mut conn, answer.as_bytes());
+        }
+    });
+    port
+}
+
+#[test]
+fn a_replica_pointed_at_a_proxy_or_a_replica_says_what_it_reached() {
+    let m = master();
+    seed(&m);
+    let r1 = replica(&m, "1");
+    assert_replica_equals_master(&m, &r1, SECRET, "default", TIMEOUT);
+    let at_replica = spawn_replica_of(
+        &r1.url,
+        SECRET,
+        NodeOptions::default().env("SYNC_INTERVAL", "1").unready(),
+    );
+    let h = wait_error(&at_replica, "reached a replica");
+    assert!(
+        h["lastError"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("MASTER_URL {} reached a replica", r1.url)),
+        "{h}"
+    );
+    let proxy = format!("http://127.0.0.1:{}", not_vski(403));
+    let at_proxy = spawn_replica_of(
+        &proxy,
+        SECRET,
+        NodeOptions::default().env("SYNC_INTERVAL", "1").unready(),
+    );
+    let h = wait_error(&at_proxy, "it is not a vski node");
+    let e = h["lastError"].as_str().unwrap();
+    assert!(e.contains("answered 403") && e.contains("Server: nginx/1.22.1"), "{h}");
+    assert_eq!(at_proxy.get("/health", None).0, 503);
+}

@@ -556,6 +556,35 @@ impl Follower {
             .send_get(state, "/api/replica/status?checksum=0", Some(Duration::from_secs(60)))
             .await?;
         let status = resp.status().as_u16();
+        // Every vski answer says which role sent it: anything else is not the master.
+        let mode = resp.headers().get("x-replica-mode").and_then(|v| v.to_str().ok());
+        match mode {
+            Some("master") => {}
+            Some("replica") => {
+                let id = resp
+                    .headers()
+                    .get("x-replica-id")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("?");
+                return Err(format!(
+                    "MASTER_URL {} reached a replica (REPLICA_ID {id}), not the master: point MASTER_URL at the master itself",
+                    self.master_url
+                ));
+            }
+            _ => {
+                let server = resp
+                    .headers()
+                    .get(reqwest::header::SERVER)
+                    .and_then(|v| v.to_str().ok())
+                    .map(|s| format!(", Server: {s}"))
+                    .unwrap_or_default();
+                return Err(format!(
+                    "MASTER_URL {} answered {status} to /api/replica/status without X-Replica-Mode{server}: it is not a vski \
+                     node (a proxy, which must not publish /api/replica/*?); point MASTER_URL at the master itself",
+                    self.master_url
+                ));
+            }
+        }
         let skew = resp
             .headers()
             .get(reqwest::header::DATE)
