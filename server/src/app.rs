@@ -116,16 +116,34 @@ async fn db_position(
     let uses_db = path.starts_with("/api/") && !path.starts_with("/api/replica/") && path != "/api/health";
     let name = uses_db.then(|| requested_db_name(req.request()));
     let state = req.app_data::<web::Data<AppState>>().cloned();
+    let write = matches!(
+        *req.method(),
+        Method::POST | Method::PUT | Method::PATCH | Method::DELETE
+    );
     let mut res = next.call(req).await?;
     let served = res.status().is_success();
-    if let Some(token) = name
-        .filter(|_| served)
-        .zip(state)
-        .and_then(|(n, s)| s.position_token(&n))
-    {
+    let Some((name, state)) = name.filter(|_| served).zip(state) else {
+        return Ok(res);
+    };
+    if let Some(token) = state.position_token(&name) {
         if let Ok(v) = header::HeaderValue::from_str(&token) {
             res.headers_mut()
                 .insert(header::HeaderName::from_static("x-db-position"), v);
+        }
+        // The same position as a cookie, for clients that send nothing back themselves: the
+        // replicas behind the same origin hold their next reads until they reached it.
+        if write && state.settings.position_cookie && state.follower.is_none() {
+            let cookie = actix_web::cookie::Cookie::build(crate::replica::position::cookie_name(&name), token)
+                .path("/")
+                .http_only(true)
+                .same_site(actix_web::cookie::SameSite::Lax)
+                .max_age(actix_web::cookie::time::Duration::seconds(
+                    crate::replica::position::COOKIE_MAX_AGE_SECS,
+                ))
+                .finish();
+            if let Ok(v) = header::HeaderValue::from_str(&cookie.to_string()) {
+                res.headers_mut().append(header::SET_COOKIE, v);
+            }
         }
     }
     Ok(res)

@@ -391,6 +391,13 @@ pub struct ServeConfig {
     #[arg(long, env = "TRUSTED_PROXIES", default_value = "")]
     pub trusted_proxies: String,
 
+    /// `on`: a write's answer also sets a cookie per database with its position
+    /// (`vski_position_<db>`, HttpOnly, SameSite=Lax, 5 minutes), which replicas treat like
+    /// `X-Min-Db-Position`: clients that know nothing of positions (PocketBase's SDK) read their
+    /// own writes through a proxy. Replicas honour the cookie whatever this says.
+    #[arg(long, env = "POSITION_COOKIE", default_value = "off", value_parser = ["on", "off"])]
+    pub position_cookie: String,
+
     /// `text` (one line per entry) or `json` (one JSON object per line, for log shippers).
     #[arg(long, env = "LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     pub log_format: String,

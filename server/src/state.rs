@@ -29,6 +29,8 @@ pub struct Settings {
     pub cron_http_allow_local: bool,
     /// `TRUSTED_PROXIES`: peers whose `X-Forwarded-For` names the client.
     pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// `POSITION_COOKIE=on`: writes set the position cookie of their database.
+    pub position_cookie: bool,
 }
 
 /// State shared by every worker thread.
@@ -145,6 +147,7 @@ impl AppState {
                 cron_sql_timeout: std::time::Duration::from_secs(config.cron_sql_timeout),
                 cron_http_allow_local: config.cron_http_allow_local,
                 trusted_proxies: config.trusted_proxy_list().map_err(ApiError::bad_request)?,
+                position_cookie: config.position_cookie == "on",
             },
         };
         for db in state.dbs.list() {

@@ -2078,3 +2078,80 @@ fn a_replica_pointed_at_a_proxy_or_a_replica_says_what_it_reached() {
     assert!(e.contains("answered 403") && e.contains("Server: nginx/1.22.1"), "{h}");
     assert_eq!(at_proxy.get("/health", None).0, 503);
 }
+
+#[test]
+fn a_position_cookie_gives_read_your_writes_to_clients_that_send_nothing_back() {
+    let m = spawn_master_with(
+        NodeOptions::default()
+            .env("JWT_SECRET", SECRET)
+            .env("POSITION_COOKIE", "on"),
+    );
+    seed(&m);
+    // Polls once a minute: without a position, a read right after a write misses it.
+    let r = replica(&m, "60");
+    assert_replica_equals_master(&m, &r, SECRET, "default", TIMEOUT);
+    let write = |title: &str| {
+        let resp = m
+            .http
+            .post(format!("{}/api/collections/posts/records", m.url))
+            .json(&json!({"title": title}))
+            .send()
+            .unwrap();
+        assert_eq!(resp.status().as_u16(), 200);
+        let position = resp.headers()["x-db-position"].to_str().unwrap().to_string();
+        let cookie = resp.headers()["set-cookie"].to_str().unwrap().to_string();
+        let id = resp.json::<Value>().unwrap()["id"].as_str().unwrap().to_string();
+        (id, position, cookie)
+    };
+    let read = |id: &str, headers: &[(&str, String)]| {
+        let mut rb = r.http.get(format!("{}/api/collections/posts/records/{id}", r.url));
+        for (k, v) in headers {
+            rb = rb.header(*k, v);
+        }
+        rb.send().unwrap().status().as_u16()
+    };
+    let (id1, p1, cookie) = write("first");
+    for part in [
+        "vski_position_default=",
+        "HttpOnly",
+        "SameSite=Lax",
+        "Path=/",
+        "Max-Age=300",
+    ] {
+        assert!(cookie.contains(part), "{part} missing from {cookie}");
+    }
+    assert!(cookie.contains(&p1), "{cookie} holds {p1}");
+    let cookie_of = |set: &str| set.split(';').next().unwrap().to_string();
+    assert_eq!(read(&id1, &[]), 404, "the replica polls once a minute");
+    // The cookie, sent back as a browser would, is a minimum position.
+    assert_eq!(read(&id1, &[("Cookie", cookie_of(&cookie))]), 200);
+    // The header wins over the cookie.
+    let (id2, _, cookie2) = write("second");
+    assert_eq!(
+        read(
+            &id2,
+            &[("X-Min-Db-Position", p1.clone()), ("Cookie", cookie_of(&cookie2))]
+        ),
+        404
+    );
+    assert_eq!(read(&id2, &[("Cookie", cookie_of(&cookie2))]), 200);
+    // A cookie that holds no position is no position (a header would be a 400).
+    assert_eq!(read(&id2, &[("Cookie", "vski_position_default=garbage".into())]), 200);
+    // Reads set no cookie, and without POSITION_COOKIE writes set none.
+    let resp = m
+        .http
+        .get(format!("{}/api/collections/posts/records", m.url))
+        .send()
+        .unwrap();
+    assert!(resp.headers().get("set-cookie").is_none());
+    let plain = master();
+    seed(&plain);
+    let resp = plain
+        .http
+        .post(format!("{}/api/collections/posts/records", plain.url))
+        .json(&json!({"title": "x"}))
+        .send()
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    assert!(resp.headers().get("set-cookie").is_none());
+}

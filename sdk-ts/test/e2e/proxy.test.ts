@@ -1,11 +1,15 @@
 /**
  * The SDK behind the HAProxy recipe of deploy/ (rendered with deploy/render, run by the real
  * haproxy): one URL for everything. The client pins itself to the replica that first answered
- * and reads its own writes through replicas that poll only once a minute.
+ * and reads its own writes through replicas that poll only once a minute. PocketBase's own
+ * SDK, unchanged, in Chromium, on a page served through the same origin, reads its writes too:
+ * the master sets the position cookie (POSITION_COOKIE=on) and the replicas honour it.
  */
 import { execFileSync, spawn, type ChildProcess } from "node:child_process";
-import { mkdtempSync, writeFileSync } from "node:fs";
+import { mkdtempSync, readFileSync, writeFileSync } from "node:fs";
+import { createServer as createHttpServer, type Server } from "node:http";
 import { createServer } from "node:net";
+import { chromium } from "playwright-core";
 import { tmpdir } from "node:os";
 import { join, resolve } from "node:path";
 import { pathToFileURL } from "node:url";
@@ -18,6 +22,32 @@ let sdk: Sdk;
 let master: Node;
 let haproxy: ChildProcess | undefined;
 let proxyUrl = "";
+let site: Server | undefined;
+
+const CHROMIUM = process.env["CHROMIUM_PATH"] ?? "/usr/bin/chromium";
+const pbSdk = join(resolve(__dirname, "../.."), "node_modules/pocketbase/dist/pocketbase.umd.js");
+const PAGE = `<!doctype html>
+<meta charset="utf-8">
+<script src="/app/pocketbase.umd.js"></script>
+<script>
+  // Create, then read back at once, through whatever node the proxy picks.
+  window.run = async (n) => {
+    const pb = new PocketBase(location.origin);
+    pb.autoCancellation(false);
+    let misses = 0;
+    for (let i = 0; i < n; i++) {
+      const made = await pb.collection("posts").create({ title: "pb " + i });
+      try {
+        const got = await pb.collection("posts").getOne(made.id);
+        if (got.title !== "pb " + i) misses++;
+      } catch (e) {
+        misses++;
+      }
+    }
+    return misses;
+  };
+  window.ready = true;
+</script>`;
 
 function freePort(): Promise<number> {
   return new Promise((ok) => {
@@ -31,7 +61,7 @@ function freePort(): Promise<number> {
 
 beforeAll(async () => {
   sdk = (await import(pathToFileURL(join(__dirname, ".app/node_modules/@vski/sdk/dist/index.js")).href)) as Sdk;
-  master = await startNode();
+  master = await startNode({ POSITION_COOKIE: "on" });
   const admin = new sdk.VskiClient(master.url, { authStore: new sdk.BaseAuthStore() });
   await admin.admins.init(ADMIN.email, ADMIN.password, installToken(master));
   await admin.settings.collections.create({
@@ -47,17 +77,30 @@ beforeAll(async () => {
   const port = await freePort();
   const cfg = join(mkdtempSync(join(tmpdir(), "vski-haproxy-")), "haproxy.cfg");
   const host = (n: Node) => n.url.replace("http://", "");
-  writeFileSync(
-    cfg,
-    execFileSync(join(repo, "deploy/render"), [
+  // The page and PocketBase's SDK, served under /app/ of the same origin as the API.
+  site = createHttpServer((req, res) => {
+    if (req.url === "/app/pocketbase.umd.js") {
+      res.writeHead(200, { "content-type": "text/javascript" });
+      res.end(readFileSync(pbSdk));
+    } else {
+      res.writeHead(200, { "content-type": "text/html" });
+      res.end(PAGE);
+    }
+  });
+  await new Promise<void>((ok) => site!.listen(0, "127.0.0.1", ok));
+  const sitePort = (site.address() as { port: number }).port;
+  const rendered = execFileSync(join(repo, "deploy/render"), [
       join(repo, "deploy/haproxy/haproxy.cfg.tmpl"),
       `LISTEN_PORT=${port}`,
       `MASTER_ADDR=${host(master)}`,
       `REPLICA1_ADDR=${host(r1)}`,
       `REPLICA2_ADDR=${host(r2)}`,
       "CHECK_INTERVAL=1",
-    ]),
-  );
+  ])
+    .toString()
+    .replace("    # 1. Writes first", "    use_backend site if { path_beg /app/ }\n    # 1. Writes first")
+    .concat(`\nbackend site\n    server site 127.0.0.1:${sitePort} no-check\n`);
+  writeFileSync(cfg, rendered);
   haproxy = spawn("haproxy", ["-db", "-f", cfg], { stdio: "ignore" });
   proxyUrl = `http://127.0.0.1:${port}`;
   await waitFor("haproxy", async () => (await fetch(proxyUrl + "/api/collections/posts/records")).status === 200);
@@ -65,6 +108,7 @@ beforeAll(async () => {
 
 afterAll(() => {
   haproxy?.kill("SIGKILL");
+  site?.close();
   stopAll();
 });
 
@@ -85,4 +129,20 @@ it("through the proxy the client keeps its replica pin and reads its own writes"
     if (got["title"] === `via proxy ${i}` && client.replicaId === pinned && client.replicaMode === "replica") seen++;
   }
   expect(seen).toBe(50);
+});
+
+it("PocketBase's SDK, unchanged, reads its own writes through the proxy: 0 of 60 missed", async () => {
+  const browser = await chromium.launch({
+    executablePath: CHROMIUM,
+    args: ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking"],
+  });
+  try {
+    const page = await browser.newPage();
+    await page.goto(proxyUrl + "/app/");
+    await page.waitForFunction(() => (window as any).ready === true);
+    const misses = await page.evaluate((n) => (window as any).run(n), 60);
+    expect(misses).toBe(0);
+  } finally {
+    await browser.close();
+  }
 });

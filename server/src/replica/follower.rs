@@ -1868,8 +1868,19 @@ pub async fn read_only_guard(
         let resp = error_body(StatusCode::FORBIDDEN, "replica is read-only", json!({}));
         return Ok(req.into_response(resp));
     }
-    if let Some(token) = req.headers().get("x-min-db-position") {
-        let token = token.to_str().unwrap_or("").to_string();
+    // The header, else the position cookie of the database (`POSITION_COOKIE`), which counts
+    // only when it holds a position: a browser cannot easily drop a stale HttpOnly cookie.
+    let min_position = match req.headers().get("x-min-db-position") {
+        Some(h) => Some(h.to_str().unwrap_or("").to_string()),
+        None => {
+            let name = crate::replica::position::cookie_name(&crate::http::requested_db_name(req.request()));
+            req.request()
+                .cookie(&name)
+                .map(|c| c.value().to_string())
+                .filter(|v| Position::parse(v).is_some())
+        }
+    };
+    if let Some(token) = min_position {
         if Position::parse(&token).is_none() {
             let resp = error_body(
                 StatusCode::BAD_REQUEST,

@@ -23,6 +23,16 @@ pub struct Position {
     pub hash: String,
 }
 
+/// The cookie that carries a database's position for clients that send no
+/// `X-Min-Db-Position` (`POSITION_COOKIE=on`).
+pub fn cookie_name(db: &str) -> String {
+    format!("vski_position_{db}")
+}
+
+/// How long a position cookie lives: long enough for the reads after a write, short enough
+/// that a browser does not keep waiting for old positions.
+pub const COOKIE_MAX_AGE_SECS: i64 = 300;
+
 /// The part of a chained hash that positions keep.
 pub fn prefix(hash: &str) -> String {
     hash.get(..HASH_CHARS).unwrap_or(hash).to_string()
