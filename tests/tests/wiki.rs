@@ -8,21 +8,28 @@ use std::time::Duration;
 use vski_tests::*;
 
 fn sh_blocks(page: &str) -> String {
+    let out = sh_block_list(page).concat();
+    assert!(!out.is_empty(), "{page} has no ```sh blocks");
+    out
+}
+
+/// The ```` ```sh ```` blocks of a wiki page, each as its text.
+fn sh_block_list(page: &str) -> Vec<String> {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../wiki").join(page);
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    let mut out = String::new();
-    let mut inside = false;
+    let mut out = Vec::new();
+    let mut block: Option<String> = None;
     for line in text.lines() {
-        if inside && line.trim_start().starts_with("```") {
-            inside = false;
-        } else if inside {
-            out.push_str(line);
-            out.push('\n');
-        } else if line.trim() == "```sh" {
-            inside = true;
+        match block.as_mut() {
+            Some(_) if line.trim_start().starts_with("```") => out.extend(block.take()),
+            Some(b) => {
+                b.push_str(line);
+                b.push('\n');
+            }
+            None if line.trim() == "```sh" => block = Some(String::new()),
+            None => {}
         }
     }
-    assert!(!out.is_empty(), "{page} has no ```sh blocks");
     out
 }
 
@@ -129,20 +136,29 @@ fn wiki_links_point_at_pages_that_exist() {
 #[test]
 fn replication_examples_run() {
     let secret = "wiki-shared-secret-0123456789";
+    // The page creates the admin itself (its first block, with the installer token in
+    // DATA_DIR), before the replica starts, as it says.
     let master = spawn_master_with(NodeOptions::default().env("JWT_SECRET", secret));
-    let (s, b) = master.post(
-        "/api/admins/init",
-        Some(&master.install_token()),
-        &json!({"email": "admin@example.com", "password": "change-me-now"}),
+    let blocks = sh_block_list("Replication.md");
+    let out = bash_within(Duration::from_secs(60))
+        .arg("-c")
+        .arg(format!("set -euo pipefail\n{}", blocks[0]))
+        .env("VSKI", &master.url)
+        .env("DATA_DIR", &master.data_dir)
+        .output()
+        .expect("run bash");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("admin@example.com"),
+        "the admin block: {out:?}"
     );
-    assert_eq!(s, 200, "{b}");
     let replica = spawn_replica(&master, secret, NodeOptions::default().env("SYNC_INTERVAL", "0"));
-    let script = format!("set -euo pipefail\n{}", sh_blocks("Replication.md"));
+    let script = format!("set -euo pipefail\n{}", blocks[1..].concat());
     let out = bash_within(Duration::from_secs(300))
         .arg("-c")
         .arg(&script)
         .env("VSKI", &master.url)
         .env("REPLICA", &replica.url)
+        .env("DATA_DIR", &master.data_dir)
         .output()
         .expect("run bash");
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
