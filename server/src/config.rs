@@ -23,6 +23,10 @@ pub enum Command {
         #[command(subcommand)]
         command: AdminCommand,
     },
+    /// Copy a PocketBase app into a running vski, over both HTTP APIs: collections (fields,
+    /// rules, indexes), records with their ids, files, and users (with new random passwords:
+    /// PocketBase never hands out password hashes). Passwords come from the environment.
+    ImportPocketbase(crate::import::pocketbase::Options),
     /// Exit 0 when the server on this machine answers GET /health with 200 (a replica that
     /// holds no data yet answers 503), 1 otherwise. For container health checks.
     Healthcheck {

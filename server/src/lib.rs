@@ -18,6 +18,7 @@ pub mod error;
 pub mod files;
 pub mod health;
 pub mod http;
+pub mod import;
 pub mod query;
 pub mod realtime;
 pub mod records;

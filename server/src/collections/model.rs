@@ -342,6 +342,20 @@ pub struct CollectionInput {
     pub triggers: Option<Vec<Trigger>>,
 }
 
+/// The options a field may carry, at the top level (PocketBase) or under `options` (VSKI).
+pub const OPTION_KEYS: [&str; 10] = [
+    "min",
+    "max",
+    "pattern",
+    "onlyInt",
+    "values",
+    "maxSelect",
+    "maxSize",
+    "mimeTypes",
+    "collectionId",
+    "cascadeDelete",
+];
+
 pub const RULE_KEYS: [&str; 5] = ["listRule", "viewRule", "createRule", "updateRule", "deleteRule"];
 
 #[derive(Debug, Clone)]

@@ -790,25 +790,9 @@ mod tests {
     }
 
     fn field() -> impl Strategy<Value = Value> {
-        let keys = proptest::sample::subsequence(
-            vec![
-                "min",
-                "max",
-                "pattern",
-                "onlyInt",
-                "values",
-                "maxSelect",
-                "maxSize",
-                "mimeTypes",
-                "collectionId",
-                "cascadeDelete",
-                "required",
-                "unique",
-                "hidden",
-                "system",
-            ],
-            0..3,
-        );
+        let mut all: Vec<&str> = crate::collections::model::OPTION_KEYS.to_vec();
+        all.extend(["required", "unique", "hidden", "system"]);
+        let keys = proptest::sample::subsequence(all, 0..3);
         (
             name(),
             0..TYPES.len(),

