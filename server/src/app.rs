@@ -179,6 +179,9 @@ pub async fn run(config: ServeConfig, secret: String, listener: TcpListener) -> 
     let state = web::Data::new(state);
     let replica = config.is_replica();
     let mut headers = vec![("X-Replica-Mode", if replica { "replica" } else { "master" }.to_string())];
+    if let (None, Some(url)) = (&state.follower, &config.public_url) {
+        headers.push(("X-Master-Url", url.trim_end_matches('/').to_string()));
+    }
     if let Some(f) = &state.follower {
         headers.push(("X-Replica-Id", f.replica_id.clone()));
         headers.push(("X-Master-Url", f.master_url.clone()));

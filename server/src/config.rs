@@ -367,7 +367,8 @@ pub struct ServeConfig {
     #[arg(long, env = "REPLICA_ID")]
     pub replica_id: Option<String>,
 
-    /// This node's public URL, reported to the master (replicas).
+    /// This node's public URL: a replica reports it to the master; a master names itself with
+    /// it in `X-Master-Url`.
     #[arg(long, env = "PUBLIC_URL")]
     pub public_url: Option<String>,
 

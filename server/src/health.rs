@@ -15,7 +15,30 @@ use crate::state::AppState;
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.service(resource("/health").route(web::get().to(health)))
-        .service(resource("/api/health").route(web::get().to(health)));
+        .service(resource("/api/health").route(web::get().to(health)))
+        .service(resource("/health/master").route(web::get().to(is_master)))
+        .service(resource("/health/replica").route(web::get().to(is_ready_replica)));
+}
+
+/// 200 only on the master (Patroni's `/primary`): a proxy that checks it sends writes to
+/// whichever node answers 200.
+async fn is_master(state: web::Data<AppState>) -> HttpResponse {
+    role_check(state.follower.is_none(), "master")
+}
+
+/// 200 only on a replica that holds data and whose master accepts it (Patroni's `/replica`).
+async fn is_ready_replica(state: web::Data<AppState>) -> HttpResponse {
+    let ready = state.follower.as_ref().is_some_and(|f| f.unready_reason().is_none());
+    role_check(ready, "ready replica")
+}
+
+fn role_check(yes: bool, what: &str) -> HttpResponse {
+    if yes {
+        HttpResponse::Ok().json(json!({"status": "ok", "code": 200, "message": format!("this node is the {what}")}))
+    } else {
+        HttpResponse::ServiceUnavailable().json(json!({"status": "unavailable", "code": 503,
+            "message": format!("this node is not the {what}")}))
+    }
 }
 
 /// 200 while the node can serve. A replica that never got data from its master, or whose token

@@ -2155,3 +2155,39 @@ fn a_position_cookie_gives_read_your_writes_to_clients_that_send_nothing_back() 
     assert_eq!(resp.status().as_u16(), 200);
     assert!(resp.headers().get("set-cookie").is_none());
 }
+
+#[test]
+fn role_checks_answer_200_only_on_the_master_or_on_a_ready_replica() {
+    let m = spawn_master_with(
+        NodeOptions::default()
+            .env("JWT_SECRET", SECRET)
+            .env("PUBLIC_URL", "https://master.example.com"),
+    );
+    seed(&m);
+    let r = replica(&m, "1");
+    assert_replica_equals_master(&m, &r, SECRET, "default", TIMEOUT);
+    let unready = spawn_replica_of(
+        &format!("http://127.0.0.1:{}", dead_port()),
+        SECRET,
+        NodeOptions::default().unready(),
+    );
+    for (node, name, master, replica) in [
+        (&m, "master", 200, 503),
+        (&r, "replica", 503, 200),
+        (&unready, "unsynced replica", 503, 503),
+    ] {
+        let (s, b) = node.get("/health/master", None);
+        assert_eq!(s, master, "{name} /health/master: {b}");
+        let (s, b) = node.get("/health/replica", None);
+        assert_eq!(s, replica, "{name} /health/replica: {b}");
+    }
+    // Every answer names the master as the node knows it.
+    assert_eq!(
+        m.headers("/api/collections/posts/records")["x-master-url"],
+        "https://master.example.com"
+    );
+    assert_eq!(
+        r.headers("/api/collections/posts/records")["x-master-url"],
+        m.url.as_str()
+    );
+}
