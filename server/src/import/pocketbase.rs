@@ -382,15 +382,24 @@ pub async fn run(o: &Options) -> Result<Report, String> {
     for c in &collections {
         let name = c["name"].as_str().unwrap_or_default();
         let auth = c["type"] == "auth";
-        let fields: Vec<&Value> = c["fields"].as_array().into_iter().flatten().collect();
-        let kind_of = |f: &str| -> String {
-            fields
-                .iter()
-                .find(|x| x["name"] == json!(f))
-                .and_then(|x| x["type"].as_str())
-                .unwrap_or("")
-                .to_string()
-        };
+        // The values carried over: the fields imported (by PocketBase type), the id, and an auth
+        // record's email, visibility and verification. Anything else stays behind.
+        let mut kinds: HashMap<String, String> = HashMap::new();
+        for f in c["fields"].as_array().into_iter().flatten() {
+            if let Ok(Some(_)) = field(f, auth, &names) {
+                kinds.insert(
+                    f["name"].as_str().unwrap_or_default().to_string(),
+                    f["type"].as_str().unwrap_or_default().to_string(),
+                );
+            }
+        }
+        let mut own = vec!["id"];
+        if auth {
+            own.extend(["email", "emailVisibility", "verified"]);
+        }
+        for k in own {
+            kinds.insert(k.to_string(), "builtin".to_string());
+        }
         let mut page = 1;
         loop {
             let got = ok(
@@ -407,14 +416,12 @@ pub async fn run(o: &Options) -> Result<Report, String> {
                 let mut rels = Map::new();
                 let mut files: Vec<(String, String)> = Vec::new();
                 for (k, v) in r.as_object().into_iter().flatten() {
-                    if ["collectionId", "collectionName", "expand", "created", "updated"].contains(&k.as_str()) {
-                        continue;
-                    }
-                    match kind_of(k).as_str() {
-                        "relation" => {
+                    match kinds.get(k).map(String::as_str) {
+                        None => {}
+                        Some("relation") => {
                             rels.insert(k.clone(), v.clone());
                         }
-                        "file" => {
+                        Some("file") => {
                             let names: Vec<String> = match v {
                                 Value::String(s) if !s.is_empty() => vec![s.clone()],
                                 Value::Array(a) => a.iter().filter_map(|x| x.as_str().map(str::to_string)).collect(),
@@ -422,8 +429,7 @@ pub async fn run(o: &Options) -> Result<Report, String> {
                             };
                             files.extend(names.into_iter().map(|n| (k.clone(), n)));
                         }
-                        "password" | "autodate" if auth || k == "created" || k == "updated" => {}
-                        _ => {
+                        Some(_) => {
                             body.insert(k.clone(), v.clone());
                         }
                     }
