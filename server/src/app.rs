@@ -149,6 +149,24 @@ async fn db_position(
     Ok(res)
 }
 
+/// Adds `X-Master-Url` to a replica's answers: the master it follows now, which may change
+/// when `MASTER_URL` lists several nodes. (A master names itself from `PUBLIC_URL`, a fixed
+/// header.)
+async fn replica_master_url(
+    req: ServiceRequest,
+    next: Next<impl MessageBody + 'static>,
+) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
+    let master = req
+        .app_data::<web::Data<AppState>>()
+        .and_then(|s| s.follower.as_ref().map(|f| f.master_url()));
+    let mut res = next.call(req).await?;
+    if let Some(v) = master.and_then(|m| header::HeaderValue::from_str(&m).ok()) {
+        res.headers_mut()
+            .insert(header::HeaderName::from_static("x-master-url"), v);
+    }
+    Ok(res)
+}
+
 /// Serves `HEAD` wherever `GET` is served: the request is routed as a GET, and the HTTP layer,
 /// which remembers that the request was a HEAD, sends the headers without the body.
 async fn head_as_get(
@@ -184,11 +202,10 @@ pub async fn run(config: ServeConfig, secret: String, listener: TcpListener) -> 
     }
     if let Some(f) = &state.follower {
         headers.push(("X-Replica-Id", f.replica_id.clone()));
-        headers.push(("X-Master-Url", f.master_url.clone()));
         log::info!(
             "replica '{}' of {} ({}; rounds every {} s, 0 = manual)",
             f.replica_id,
-            f.master_url,
+            f.master_url(),
             f.sync_mode(),
             f.interval
         );
@@ -258,6 +275,7 @@ pub async fn run(config: ServeConfig, secret: String, listener: TcpListener) -> 
                 actix_web::middleware::from_fn(crate::replica::follower::read_only_guard),
             ))
             .wrap(actix_web::middleware::from_fn(db_position))
+            .wrap(actix_web::middleware::from_fn(replica_master_url))
             .wrap(
                 headers
                     .iter()

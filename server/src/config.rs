@@ -192,6 +192,17 @@ impl ServeConfig {
         Ok(Some(std::sync::Arc::new(store)))
     }
 
+    /// `MASTER_URL` as a list: a replica follows whichever of them answers as the master.
+    pub fn master_urls(&self) -> Vec<String> {
+        self.master_url
+            .as_deref()
+            .unwrap_or("")
+            .split(',')
+            .map(|u| u.trim().trim_end_matches('/').to_string())
+            .filter(|u| !u.is_empty())
+            .collect()
+    }
+
     pub fn is_replica(&self) -> bool {
         self.replica_mode == "replica"
     }
@@ -200,14 +211,16 @@ impl ServeConfig {
     pub fn validate(&self) -> Result<(), String> {
         self.trusted_proxy_list()?;
         if self.is_replica() {
-            let url = self.master_url.as_deref().unwrap_or("").trim();
-            if url.is_empty() {
+            let urls = self.master_urls();
+            if urls.is_empty() {
                 return Err(
                     "REPLICA_MODE=replica needs MASTER_URL (the master's base URL, e.g. http://master:3001)".into(),
                 );
             }
-            if !(url.starts_with("http://") || url.starts_with("https://")) {
-                return Err(format!("MASTER_URL must start with http:// or https://, got '{url}'"));
+            for url in &urls {
+                if !(url.starts_with("http://") || url.starts_with("https://")) {
+                    return Err(format!("MASTER_URL must start with http:// or https://, got '{url}'"));
+                }
             }
             if self.jwt_secret.as_deref().unwrap_or("").is_empty() {
                 return Err("REPLICA_MODE=replica needs JWT_SECRET, the same value as on the master".into());
@@ -342,7 +355,8 @@ pub struct ServeConfig {
     #[arg(long, env = "REPLICA_MODE", default_value = "master", value_parser = ["master", "replica"])]
     pub replica_mode: String,
 
-    /// Base URL of the master (replica only, required there).
+    /// Base URL of the master (replica only, required there), or a comma list of the nodes that
+    /// may be the master: the replica follows whichever answers as the master.
     #[arg(long, env = "MASTER_URL")]
     pub master_url: Option<String>,
 

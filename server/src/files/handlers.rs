@@ -214,7 +214,7 @@ async fn serve_object(
 async fn proxy(follower: &crate::replica::follower::Follower, req: &HttpRequest) -> ApiResult<HttpResponse> {
     let path = req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/");
     // The follower's pooled client, as write forwarding uses.
-    let mut rb = follower.http().get(format!("{}{path}", follower.master_url));
+    let mut rb = follower.http().get(format!("{}{path}", follower.master_url()));
     for h in ["authorization", "range", "if-none-match", "x-dbname"] {
         if let Some(v) = req.headers().get(h).and_then(|v| v.to_str().ok()) {
             rb = rb.header(h, v);

@@ -48,7 +48,7 @@ pub async fn forward(
     let path = req.uri().path_and_query().map_or("/", |p| p.as_str()).to_string();
     let method =
         reqwest::Method::from_bytes(req.method().as_str().as_bytes()).map_err(actix_web::error::ErrorBadRequest)?;
-    let mut rb = f.http().request(method, format!("{}{path}", f.master_url));
+    let mut rb = f.http().request(method, format!("{}{path}", f.master_url()));
     for (k, v) in req.headers() {
         let name = k.as_str();
         if !NOT_RELAYED.contains(&name) && name != "x-forwarded-for" {

@@ -243,7 +243,10 @@ const VERIFY_EVERY: Duration = Duration::from_secs(300);
 
 /// A replica's configuration and sync state.
 pub struct Follower {
-    pub master_url: String,
+    /// `MASTER_URL`, as a list: the nodes that may be the master.
+    masters: Vec<String>,
+    /// The one of them this replica follows now: the last that answered as the master.
+    master: std::sync::RwLock<String>,
     pub replica_id: String,
     pub public_url: Option<String>,
     pub interval: u64,
@@ -329,12 +332,8 @@ impl Follower {
             .build()
             .map_err(std::io::Error::other)?;
         Ok(Follower {
-            master_url: config
-                .master_url
-                .clone()
-                .unwrap_or_default()
-                .trim_end_matches('/')
-                .to_string(),
+            master: std::sync::RwLock::new(config.master_urls().first().cloned().unwrap_or_default()),
+            masters: config.master_urls(),
             replica_id: replica_id(config)?,
             public_url: config.public_url.clone(),
             interval: config.sync_interval,
@@ -508,13 +507,28 @@ impl Follower {
         is_replicated_db(name) && !self.omit.contains(name)
     }
 
+    /// The master this replica follows now (one of `MASTER_URL`'s).
+    pub fn master_url(&self) -> String {
+        self.master.read().map(|m| m.clone()).unwrap_or_default()
+    }
+
     fn request(&self, state: &AppState, method: reqwest::Method, path: &str) -> ApiResult<reqwest::RequestBuilder> {
+        self.request_to(state, &self.master_url(), method, path)
+    }
+
+    fn request_to(
+        &self,
+        state: &AppState,
+        base: &str,
+        method: reqwest::Method,
+        path: &str,
+    ) -> ApiResult<reqwest::RequestBuilder> {
         let token = state
             .tokens
             .mint(&TokenKeys::claims(TokenType::Replica, &self.replica_id, 300))?;
         let mut rb = self
             .http
-            .request(method, format!("{}{path}", self.master_url))
+            .request(method, format!("{base}{path}"))
             .bearer_auth(token)
             .header("X-Replica-Id", &self.replica_id)
             .header("X-Replica-Sync-Mode", self.sync_mode());
@@ -533,7 +547,7 @@ impl Follower {
             .map_err(|e| e.to_string())?
             .send()
             .await
-            .map_err(|e| format!("GET {}: {}", self.master_url, transport_error(&e)))?;
+            .map_err(|e| format!("GET {}: {}", self.master_url(), transport_error(&e)))?;
         let status = resp.status().as_u16();
         if status != 200 {
             return Ok((status, Err(resp.json::<Value>().await.unwrap_or(Value::Null))));
@@ -550,10 +564,40 @@ impl Follower {
 
     /// The master's status without checksums, with how far the master's clock is ahead of this
     /// one (from its `Date` header), to tell clock skew from a wrong secret on a 401.
+    ///
+    /// With several `MASTER_URL`s, when the one followed now is down or is no master, the others
+    /// are asked in order, and the first that answers as the master is followed from then on.
     async fn get_status(&self, state: &AppState) -> Result<(u16, Value, Option<i64>), String> {
+        let current = self.master_url();
+        let first = self.status_of(state, &current).await;
+        if first.is_ok() || self.masters.len() < 2 {
+            return first;
+        }
+        let mut errors = vec![first.err().unwrap_or_default()];
+        for url in self.masters.iter().filter(|u| **u != current) {
+            match self.status_of(state, url).await {
+                Ok(answer) => {
+                    log::warn!("following the master at {url} (was {current}: {})", errors[0]);
+                    if let Ok(mut m) = self.master.write() {
+                        *m = url.clone();
+                    }
+                    return Ok(answer);
+                }
+                Err(e) => errors.push(e),
+            }
+        }
+        Err(format!("no MASTER_URL answers as the master: {}", errors.join("; ")))
+    }
+
+    /// The status of `base`, when it answers as a vski master (see [`Follower::get_status`]).
+    async fn status_of(&self, state: &AppState, base: &str) -> Result<(u16, Value, Option<i64>), String> {
         let resp = self
-            .send_get(state, "/api/replica/status?checksum=0", Some(Duration::from_secs(60)))
-            .await?;
+            .request_to(state, base, reqwest::Method::GET, "/api/replica/status?checksum=0")
+            .map_err(|e| e.to_string())?
+            .timeout(Duration::from_secs(60))
+            .send()
+            .await
+            .map_err(|e| format!("GET {base}: {}", transport_error(&e)))?;
         let status = resp.status().as_u16();
         // Every vski answer says which role sent it: anything else is not the master.
         let mode = resp.headers().get("x-replica-mode").and_then(|v| v.to_str().ok());
@@ -566,8 +610,7 @@ impl Follower {
                     .and_then(|v| v.to_str().ok())
                     .unwrap_or("?");
                 return Err(format!(
-                    "MASTER_URL {} reached a replica (REPLICA_ID {id}), not the master: point MASTER_URL at the master itself",
-                    self.master_url
+                    "MASTER_URL {base} reached a replica (REPLICA_ID {id}), not the master: point MASTER_URL at the master itself"
                 ));
             }
             _ => {
@@ -578,9 +621,8 @@ impl Follower {
                     .map(|s| format!(", Server: {s}"))
                     .unwrap_or_default();
                 return Err(format!(
-                    "MASTER_URL {} answered {status} to /api/replica/status without X-Replica-Mode{server}: it is not a vski \
-                     node (a proxy, which must not publish /api/replica/*?); point MASTER_URL at the master itself",
-                    self.master_url
+                    "MASTER_URL {base} answered {status} to /api/replica/status without X-Replica-Mode{server}: it is not a vski \
+                     node (a proxy, which must not publish /api/replica/*?); point MASTER_URL at the master itself"
                 ));
             }
         }
@@ -634,7 +676,7 @@ impl Follower {
         }
         rb.send()
             .await
-            .map_err(|e| format!("GET {}: {}", self.master_url, transport_error(&e)))
+            .map_err(|e| format!("GET {}: {}", self.master_url(), transport_error(&e)))
     }
 
     /// Changes the sync state of `db`; logs when the change brought the copy to the master's
@@ -759,7 +801,7 @@ pub fn health(f: &Follower) -> Value {
         "ready": f.is_ready(),
         "secondsSinceLastSync": (since_ok * 10.0).round() / 10.0,
         "replicaId": f.replica_id,
-        "masterUrl": f.master_url,
+        "masterUrl": f.master_url(),
         "syncInterval": f.interval,
         "syncMode": f.sync_mode(),
         "lastSuccessfulRound": last_ok,

@@ -571,7 +571,7 @@ pub async fn sync_loop(state: web::Data<AppState>) {
         match &result {
             Ok(()) => {
                 if failures > 0 {
-                    log::info!("sync with {} works again", f.master_url);
+                    log::info!("sync with {} works again", f.master_url());
                 }
                 failures = 0;
             }
@@ -579,7 +579,7 @@ pub async fn sync_loop(state: web::Data<AppState>) {
                 if !reachable || f.interval == 0 {
                     failures = failures.saturating_add(1);
                 }
-                log::warn!("sync round with {} failed: {e}", f.master_url);
+                log::warn!("sync round with {} failed: {e}", f.master_url());
             }
         }
         let wait = match (&result, failures) {

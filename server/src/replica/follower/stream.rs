@@ -35,7 +35,7 @@ pub async fn stream_loop(state: web::Data<AppState>) {
                     Err(e) => e,
                 };
                 if failures == 1 {
-                    log::warn!("stream from {} broke off ({why}); retrying", f.master_url);
+                    log::warn!("stream from {} broke off ({why}); retrying", f.master_url());
                 }
                 if let Ok(mut c) = f.contact.lock() {
                     c.1 = Some(format!("stream: {why}"));
@@ -46,7 +46,7 @@ pub async fn stream_loop(state: web::Data<AppState>) {
             }
         };
         if failures > 0 {
-            log::info!("stream from {} works again", f.master_url);
+            log::info!("stream from {} works again", f.master_url());
             failures = 0;
             // Back after a break: a full round now, not at the next interval (databases created
             // or deleted meanwhile, the schema check, and the health it reports).
