@@ -70,7 +70,11 @@ impl Installer {
         if let Ok(mut held) = self.token.lock() {
             *held = None;
         }
-        remove(self.path.parent().unwrap_or(Path::new(".")));
+        match std::fs::remove_file(&self.path) {
+            Ok(()) => log::info!("removed the installer token: an admin exists"),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => log::warn!("cannot remove {}: {e}", self.path.display()),
+        }
     }
 
     /// Where the token is kept.
@@ -81,11 +85,7 @@ impl Installer {
 
 /// Removes the token file of `data_dir`, if any (`vski admin create` made an admin).
 pub fn remove(data_dir: &Path) {
-    match std::fs::remove_file(data_dir.join(FILE)) {
-        Ok(()) => log::info!("removed the installer token: an admin exists"),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => log::warn!("cannot remove {}: {e}", data_dir.join(FILE).display()),
-    }
+    Installer::new(data_dir).close();
 }
 
 #[cfg(test)]

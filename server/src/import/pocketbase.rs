@@ -205,10 +205,9 @@ pub async fn run(o: &Options) -> Result<Report, String> {
     if o.db != crate::db::DEFAULT_DB {
         let (s, _) = vski.get("/api/collections").await?;
         if s == 404 {
-            let admin = vski.clone_without_db();
             ok(
                 "creating the database",
-                admin.post("/api/databases", &json!({"name": o.db})).await?,
+                vski.post("/api/databases", &json!({"name": o.db})).await?,
             )?;
         }
     }
@@ -256,12 +255,30 @@ pub async fn run(o: &Options) -> Result<Report, String> {
     // 1. Collections, without relations, rules or indexes.
     // Per collection, its relation fields: (as first added, not required; as in PocketBase).
     let mut relations: HashMap<String, Vec<(Value, Value)>> = HashMap::new();
+    // Per collection, the values its records carry over: the fields imported (by PocketBase
+    // type), the id, and an auth record's email, visibility and verification.
+    let mut kinds: HashMap<String, HashMap<String, String>> = HashMap::new();
     for c in &collections {
         let name = c["name"].as_str().unwrap_or_default().to_string();
         let auth = c["type"] == "auth";
         let mut plain = Vec::new();
+        let carried = kinds.entry(name.clone()).or_default();
+        let mut own = vec!["id"];
+        if auth {
+            own.extend(["email", "emailVisibility", "verified"]);
+        }
+        for k in own {
+            carried.insert(k.to_string(), "builtin".to_string());
+        }
         for f in c["fields"].as_array().into_iter().flatten() {
-            match field(f, auth, &names) {
+            let mapped = field(f, auth, &names);
+            if let Ok(Some(_)) = &mapped {
+                carried.insert(
+                    f["name"].as_str().unwrap_or_default().to_string(),
+                    f["type"].as_str().unwrap_or_default().to_string(),
+                );
+            }
+            match mapped {
                 Ok(Some(v)) if v["type"] == "relation" => {
                     let mut loose = v.clone();
                     loose["required"] = json!(false);
@@ -382,24 +399,7 @@ pub async fn run(o: &Options) -> Result<Report, String> {
     for c in &collections {
         let name = c["name"].as_str().unwrap_or_default();
         let auth = c["type"] == "auth";
-        // The values carried over: the fields imported (by PocketBase type), the id, and an auth
-        // record's email, visibility and verification. Anything else stays behind.
-        let mut kinds: HashMap<String, String> = HashMap::new();
-        for f in c["fields"].as_array().into_iter().flatten() {
-            if let Ok(Some(_)) = field(f, auth, &names) {
-                kinds.insert(
-                    f["name"].as_str().unwrap_or_default().to_string(),
-                    f["type"].as_str().unwrap_or_default().to_string(),
-                );
-            }
-        }
-        let mut own = vec!["id"];
-        if auth {
-            own.extend(["email", "emailVisibility", "verified"]);
-        }
-        for k in own {
-            kinds.insert(k.to_string(), "builtin".to_string());
-        }
+        let carried = &kinds[name];
         let mut page = 1;
         loop {
             let got = ok(
@@ -416,7 +416,7 @@ pub async fn run(o: &Options) -> Result<Report, String> {
                 let mut rels = Map::new();
                 let mut files: Vec<(String, String)> = Vec::new();
                 for (k, v) in r.as_object().into_iter().flatten() {
-                    match kinds.get(k).map(String::as_str) {
+                    match carried.get(k).map(String::as_str) {
                         None => {}
                         Some("relation") => {
                             rels.insert(k.clone(), v.clone());
@@ -519,16 +519,4 @@ pub async fn run(o: &Options) -> Result<Report, String> {
         )?;
     }
     Ok(report)
-}
-
-impl Api {
-    /// The same session without a database (for `/api/databases`).
-    fn clone_without_db(&self) -> Api {
-        Api {
-            base: self.base.clone(),
-            token: self.token.clone(),
-            http: self.http.clone(),
-            db: String::new(),
-        }
-    }
 }

@@ -333,14 +333,23 @@ impl<'a> SubKey<'a> {
 }
 
 /// Who a subscriber is, for rules and for the fields a record shows it: equal keys see equal
-/// events. A signed-in caller is its whole record as its token loaded it.
+/// events. A signed-in caller is its record as its token loaded it: the same record at the same
+/// `updated` holds the same fields, so two connections of one user share their checks until
+/// one of them sees the record changed.
 fn identity_key(who: &Identity) -> String {
+    let updated = |r: &store::Stored| {
+        r.data
+            .get("updated")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_string()
+    };
     match who {
         Identity::Guest => "guest".into(),
         Identity::Replica(id) => format!("replica:{id}"),
-        Identity::Admin(_) | Identity::User { .. } => {
-            let kind = if who.is_admin() { "admin" } else { "user" };
-            format!("{kind}:{}", Value::Object(auth_record(who).unwrap_or_default()))
+        Identity::Admin(a) => format!("admin:{}:{}", a.id(), updated(a)),
+        Identity::User { db, collection, record } => {
+            format!("user:{db}:{}:{}:{}", collection.id, record.id(), updated(record))
         }
     }
 }
